@@ -1,0 +1,41 @@
+"""Content digests as the OCI image spec defines them (`algorithm:hex`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Registered algorithms only: anything else cannot be verified, so it is refused up front.
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_DIGEST = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+
+
+class InvalidDigest(ValueError):
+    """A string that is not a digest this cache can verify."""
+
+
+def parse(digest: str) -> tuple[str, str]:
+    """Split `digest` into (algorithm, hex), refusing anything unverifiable."""
+    match = _DIGEST.match(digest)
+    if match is None or len(match.group(2)) != _HEX_LENGTH[match.group(1)]:
+        raise InvalidDigest(f"invalid digest {digest!r}")
+    return match.group(1), match.group(2)
+
+
+def is_digest(reference: str) -> bool:
+    """A manifest reference with a colon is a digest, never a tag (tags cannot hold one)."""
+    return ":" in reference
+
+
+def hasher(digest: str) -> hashlib._Hash:
+    """A fresh hash object of the algorithm `digest` uses."""
+    return hashlib.new(parse(digest)[0])
+
+
+def of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def matches(digest: str, data: bytes) -> bool:
+    algorithm, hex_ = parse(digest)
+    return hashlib.new(algorithm, data).hexdigest() == hex_

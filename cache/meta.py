@@ -1,0 +1,68 @@
+"""What each upstream repository's tags pointed at, and the tag lists it last answered.
+
+Kept apart from the content cache: these records are tiny, are never evicted by the LRU,
+and are keyed by upstream so one repository name on two registries never mixes.
+Tag records are also held in memory so a fresh tag is answered without SQLite.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+from cachetools import LRUCache
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: str
+    checked_at: float  # when the upstream last confirmed it (wall clock, shared by workers)
+
+
+class Metadata:
+    def __init__(self, directory: Path) -> None:
+        self._db = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
+        self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=16384)
+        self._lock = threading.Lock()
+
+    def cached_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        """Memory-only lookup for the hot path."""
+        with self._lock:
+            return self._tags.get((upstream, repo, tag))
+
+    def find_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
+        """Blocking."""
+        record = self._db.get(("tag", upstream, repo, tag))
+        if record is not None:
+            with self._lock:
+                self._tags[(upstream, repo, tag)] = record
+        return record
+
+    def set_tag(self, upstream: str, repo: str, tag: str, digest: str) -> TagRecord:
+        """Blocking."""
+        record = TagRecord(digest, time.time())
+        with self._db.transact():
+            self._db.set(("tag", upstream, repo, tag), record)
+            known = self._db.get(("tags", upstream, repo), ())
+            if tag not in known:
+                self._db.set(("tags", upstream, repo), tuple(sorted({*known, tag})))
+            repos = self._db.get(("repos",), ())
+            if (upstream, repo) not in repos:
+                self._db.set(("repos",), tuple(sorted({*repos, (upstream, repo)})))
+        with self._lock:
+            self._tags[(upstream, repo, tag)] = record
+        return record
+
+    def known_tags(self, upstream: str, repo: str) -> list[str]:
+        """Blocking: tags this cache has seen, for answering `tags/list` while offline."""
+        return list(self._db.get(("tags", upstream, repo), ()))
+
+    def repositories(self) -> list[tuple[str, str]]:
+        """Blocking: every (upstream, repository) with a cached tag."""
+        return list(self._db.get(("repos",), ()))
+
+    def close(self) -> None:
+        self._db.close()

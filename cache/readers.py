@@ -1,0 +1,54 @@
+"""Uniform readers over a cached blob file and a download in flight, for the HTTP layer."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from anyio import to_thread
+
+from cache.flight import Download
+
+
+class BlobReader(Protocol):
+    size: int | None
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`; b"" at the end. Raises if the bytes cannot be had."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileReader:
+    """A verified blob on disk. The open descriptor survives eviction of the file."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size: int | None = size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await to_thread.run_sync(os.pread, self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class DownloadReader:
+    """One client's view of a shared download."""
+
+    def __init__(self, download: Download) -> None:
+        self._download = download
+        self.size = download.size
+        download.acquire()
+        self._open = True
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self._download.read(offset, size)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._download.release()

@@ -1,0 +1,156 @@
+"""Blobs and manifests by digest in a size-bounded, least-recently-used diskcache.
+
+A blob enters the cache only by renaming a fully verified file into place, so a crash
+never leaves a partial blob visible and a large layer is never copied a second time.
+Hits are served from an in-memory map of digest to file path; their LRU bookkeeping is
+queued and written to SQLite in one transaction every few seconds instead of once per hit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+from cachetools import LRUCache
+from diskcache.core import MODE_BINARY, UNKNOWN
+
+_MANIFEST = "manifest:"
+
+
+class StagedFile:
+    """A verified file on the cache's own filesystem, to be moved (not copied) into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+
+class _RenamingDisk(diskcache.Disk):
+    """Stores a `StagedFile` by renaming it to the cache's file name."""
+
+    def store(self, value: object, read: bool, key: object = UNKNOWN) -> tuple:
+        if isinstance(value, StagedFile):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return os.path.getsize(full_path), MODE_BINARY, filename, None
+        return super().store(value, read, key)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+class ContentStore:
+    """Content-addressed storage shared by every upstream: a digest names the same bytes anywhere."""
+
+    def __init__(self, directory: Path, max_size: int) -> None:
+        self.directory = directory
+        self.partial_dir = directory / "partial"
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(
+            str(directory / "content"),
+            size_limit=max_size,
+            eviction_policy="least-recently-used",
+            cull_limit=0,  # culled explicitly after each insert, down to the limit
+            disk=_RenamingDisk,
+        )
+        self._paths: LRUCache[str, tuple[str, int]] = LRUCache(maxsize=65536)
+        self._manifests: LRUCache[str, Manifest] = LRUCache(maxsize=4096)
+        self._touched: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def cached_blob_path(self, digest: str) -> tuple[str, int] | None:
+        """Memory-only lookup for the hot path; `None` means "ask `find_blob`"."""
+        with self._lock:
+            found = self._paths.get(digest)
+            if found is not None:
+                self._touched.add(digest)
+        return found
+
+    def find_blob(self, digest: str) -> tuple[str, int] | None:
+        """Blocking SQLite lookup; remembers the path so later hits stay in memory."""
+        handle = self._cache.get(digest, read=True)
+        if handle is None:
+            return None
+        with handle:
+            path = handle.name
+            size = os.fstat(handle.fileno()).st_size
+        with self._lock:
+            self._paths[digest] = (path, size)
+        return path, size
+
+    def forget_path(self, digest: str) -> None:
+        """Called when a remembered file has been evicted by another process."""
+        with self._lock:
+            self._paths.pop(digest, None)
+
+    def put_blob(self, digest: str, staged: Path) -> None:
+        """Blocking: move a verified file into the cache and evict down to the size limit."""
+        self._cache.set(digest, StagedFile(staged))
+        self._cull()
+
+    def has_blob(self, digest: str) -> bool:
+        return digest in self._cache
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def cached_manifest(self, digest: str) -> Manifest | None:
+        with self._lock:
+            found = self._manifests.get(digest)
+            if found is not None:
+                self._touched.add(_MANIFEST + digest)
+        return found
+
+    def find_manifest(self, digest: str) -> Manifest | None:
+        """Blocking SQLite lookup."""
+        stored = self._cache.get(_MANIFEST + digest)
+        if stored is None:
+            return None
+        media_type, body = stored
+        manifest = Manifest(digest, media_type, body)
+        with self._lock:
+            self._manifests[digest] = manifest
+        return manifest
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        """Blocking."""
+        self._cache.set(_MANIFEST + manifest.digest, (manifest.media_type, manifest.body))
+        with self._lock:
+            self._manifests[manifest.digest] = manifest
+        self._cull()
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def flush_touches(self) -> int:
+        """Blocking: record queued hits as recent uses, in one transaction."""
+        with self._lock:
+            keys, self._touched = self._touched, set()
+        if not keys:
+            return 0
+        with self._cache.transact():
+            for key in keys:
+                # A read refreshes access_time under the LRU policy; the value is not needed.
+                handle = self._cache.get(key, read=True)
+                if hasattr(handle, "close"):
+                    handle.close()
+        return len(keys)
+
+    def _cull(self) -> None:
+        # Remembered paths of evicted files fail to open and fall back to `find_blob`;
+        # remembered manifests stay correct, being immutable.
+        if self._cache.volume() > self._cache.size_limit:
+            self._cache.cull()
+
+    def volume(self) -> int:
+        return self._cache.volume()
+
+    def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,113 @@
+"""The ASGI application: wiring of config, cache, upstreams and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cache.meta import Metadata
+from cache.store import ContentStore
+from proxy import config as configuration
+from proxy import errors, logs
+from proxy.mirror import Mirror
+from proxy.routes import routes
+from proxy.routing import Router
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("pullproxy")
+TOUCH_INTERVAL = 2.0
+CONFIG_ENV = "PULLPROXY_CONFIG"
+
+
+async def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.RegistryError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return errors.unsupported(f"{request.method} is not supported on {request.url.path}").response()
+    return errors.RegistryError(exc.status_code, "UNSUPPORTED", f"no such endpoint {request.url.path}").response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", path=request.url.path)
+    return errors.RegistryError(500, "UNKNOWN", "internal error").response()
+
+
+def create_app(config: configuration.Config) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        config.cache_dir.mkdir(parents=True, exist_ok=True)
+        store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
+        meta = await to_thread.run_sync(Metadata, config.cache_dir)
+        upstreams = [Upstream(u) for u in config.upstreams]
+        app.state.router = Router(upstreams)
+        app.state.mirror = Mirror(store, meta, config.tag_ttl)
+        await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
+        flusher = asyncio.create_task(_flush_touches(store))
+        log.info(
+            "serving",
+            cache=str(config.cache_dir),
+            max_size=config.max_size,
+            upstreams=[f"{u.name}={u.url}" for u in config.upstreams],
+        )
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            for upstream in upstreams:
+                await upstream.aclose()
+            await to_thread.run_sync(store.flush_touches)
+            store.close()
+            meta.close()
+
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(logs.AccessLog)],
+        exception_handlers={
+            errors.RegistryError: _registry_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    """Partial files of downloads a crash interrupted (older than an hour: workers share the folder)."""
+    import time
+
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if entry.stat().st_mtime < time.time() - 3600:
+                os.unlink(entry.path)
+
+
+async def _flush_touches(store: ContentStore) -> None:
+    while True:
+        await asyncio.sleep(TOUCH_INTERVAL)
+        try:
+            await to_thread.run_sync(store.flush_touches)
+        except Exception:
+            log.exception("recording cache hits failed")
+
+
+def app_from_environment() -> Starlette:
+    """Factory for uvicorn's worker processes, which cannot be handed a config object."""
+    path = os.environ.get(CONFIG_ENV)
+    config = configuration.load(Path(path) if path else None)
+    logs.configure(config.log_format)
+    return create_app(config)

@@ -1,0 +1,265 @@
+"""The pull-through logic: answer from the cache, else from the upstream, verifying and storing.
+
+Concurrent requests for the same manifest share one upstream request; concurrent
+requests for the same blob share one download (see `cache.flight`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+from anyio import to_thread
+
+from cache import digests
+from cache.flight import Downloads, Source
+from cache.meta import Metadata
+from cache.readers import BlobReader, DownloadReader, FileReader
+from cache.store import ContentStore, Manifest
+from proxy import errors
+from proxy.mediatypes import manifest_media_type
+from proxy.routing import Route
+from proxy.upstream import (
+    TagPage,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+
+log = structlog.get_logger("pullproxy")
+T = TypeVar("T")
+
+HIT, MISS, STALE, REVALIDATED = "hit", "miss", "stale", "revalidated"
+
+
+@dataclass(slots=True)
+class Blob:
+    reader: BlobReader
+    size: int | None
+    outcome: str
+
+
+class Mirror:
+    def __init__(self, store: ContentStore, meta: Metadata, tag_ttl: float) -> None:
+        self.store = store
+        self.meta = meta
+        self.downloads = Downloads(store)
+        self.tag_ttl = tag_ttl
+        self._flights: dict[tuple[str, ...], asyncio.Future[object]] = {}
+
+    async def _once(self, key: tuple[str, ...], work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` once for all concurrent callers with the same key."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(work())
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)  # type: ignore[return-value]
+
+    # -- manifests ---------------------------------------------------------------------
+
+    async def manifest(self, route: Route, reference: str) -> tuple[Manifest, str]:
+        if digests.is_digest(reference):
+            return await self._manifest_by_digest(route, reference)
+        upstream = route.upstream.name
+        record = self.meta.cached_tag(upstream, route.repo, reference)
+        if record is not None and time.time() - record.checked_at < self.tag_ttl:
+            manifest = self.store.cached_manifest(record.digest)
+            if manifest is not None:
+                return manifest, HIT
+        return await self._once(("tag", upstream, route.repo, reference), lambda: self._resolve_tag(route, reference))
+
+    async def _manifest_by_digest(self, route: Route, digest: str) -> tuple[Manifest, str]:
+        try:
+            digests.parse(digest)
+        except digests.InvalidDigest:
+            raise errors.digest_invalid(digest) from None
+        manifest = self.store.cached_manifest(digest) or await to_thread.run_sync(self.store.find_manifest, digest)
+        if manifest is not None:
+            return manifest, HIT
+        fetched = await self._once(
+            ("manifest", route.upstream.name, route.repo, digest),
+            lambda: self._fetch_manifest(route, digest, digest),
+        )
+        return fetched, MISS
+
+    async def _resolve_tag(self, route: Route, tag: str) -> tuple[Manifest, str]:
+        upstream = route.upstream
+        record = self.meta.cached_tag(upstream.name, route.repo, tag) or await to_thread.run_sync(
+            self.meta.find_tag, upstream.name, route.repo, tag
+        )
+        cached = await self._stored_manifest(record.digest) if record else None
+        if record is not None and cached is not None:
+            if time.time() - record.checked_at < self.tag_ttl:
+                return cached, HIT
+            try:
+                current = await upstream.head_manifest(route.repo, tag)
+            except UpstreamUnavailable as exc:
+                log.warning("stale tag", upstream=upstream.name, repo=route.repo, tag=tag, why=str(exc))
+                return cached, STALE
+            except UpstreamNotFound:
+                raise errors.manifest_unknown(route.prefix + route.repo, tag) from None
+            except UpstreamError as exc:
+                raise self._error(exc, route, tag) from None
+            if current == record.digest:
+                await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, current)
+                return cached, REVALIDATED
+            if current is not None:
+                known = await self._stored_manifest(current)
+                if known is not None:
+                    await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, current)
+                    return known, MISS
+        manifest = await self._fetch_manifest(route, tag, None)
+        await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, manifest.digest)
+        return manifest, MISS
+
+    async def _stored_manifest(self, digest: str) -> Manifest | None:
+        return self.store.cached_manifest(digest) or await to_thread.run_sync(self.store.find_manifest, digest)
+
+    async def _fetch_manifest(self, route: Route, reference: str, expected: str | None) -> Manifest:
+        """GET from the upstream, verify against `expected` (or its own claim), store."""
+        try:
+            fetched = await route.upstream.get_manifest(route.repo, reference)
+        except UpstreamError as exc:
+            raise self._error(exc, route, reference) from None
+        claimed = expected or fetched.digest
+        try:
+            digest = claimed if claimed else digests.of(fetched.body)
+            if not digests.matches(digest, fetched.body):
+                raise errors.bad_upstream(
+                    f"{route.upstream.name} sent a manifest for {route.repo}:{reference} that does not match {digest}"
+                )
+        except digests.InvalidDigest:
+            raise errors.bad_upstream(f"{route.upstream.name} claimed an invalid digest {claimed!r}") from None
+        manifest = Manifest(digest, manifest_media_type(fetched.content_type, fetched.body), fetched.body)
+        await to_thread.run_sync(self.store.put_manifest, manifest)
+        return manifest
+
+    # -- blobs -------------------------------------------------------------------------
+
+    async def blob(self, route: Route, digest: str) -> Blob:
+        """A reader for the blob: from disk, from a download in flight, or from a new one."""
+        try:
+            digests.parse(digest)
+        except digests.InvalidDigest:
+            raise errors.digest_invalid(digest) from None
+        cached = self.open_cached(digest) or await to_thread.run_sync(self._open_stored, digest)
+        if cached is not None:
+            return Blob(cached, cached.size, HIT)
+        download = self.downloads.in_flight(digest)
+        outcome = "joined" if download is not None else MISS
+
+        async def opener() -> Source:
+            return await route.upstream.open_blob(route.repo, digest)
+
+        download = download or self.downloads.join(digest, opener)
+        reader = DownloadReader(download)
+        try:
+            await asyncio.shield(download.started)
+        except UpstreamError as exc:
+            reader.close()
+            raise self._error(exc, route, digest, blob=True) from None
+        except BaseException:
+            reader.close()
+            raise
+        return Blob(reader, download.size, outcome)
+
+    def open_cached(self, digest: str) -> FileReader | None:
+        """Hot path: a blob whose path is remembered opens without SQLite or a thread."""
+        found = self.store.cached_blob_path(digest)
+        if found is None:
+            return None
+        try:
+            return FileReader(os.open(found[0], os.O_RDONLY), found[1])
+        except FileNotFoundError:  # evicted since; look it up again
+            self.store.forget_path(digest)
+            return None
+
+    def _open_stored(self, digest: str) -> FileReader | None:
+        """Blocking."""
+        for _ in range(2):  # a second try covers an eviction between lookup and open
+            found = self.store.find_blob(digest)
+            if found is None:
+                return None
+            try:
+                return FileReader(os.open(found[0], os.O_RDONLY), found[1])
+            except FileNotFoundError:
+                self.store.forget_path(digest)
+        return None
+
+    async def blob_size(self, route: Route, digest: str) -> tuple[int | None, str]:
+        """For HEAD: answered from the cache or a running download, else by a HEAD upstream."""
+        try:
+            digests.parse(digest)
+        except digests.InvalidDigest:
+            raise errors.digest_invalid(digest) from None
+        cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
+        if cached is not None:
+            return cached[1], HIT
+        download = self.downloads.in_flight(digest)
+        if download is not None and download.started.done() and download.error is None:
+            return download.size, "joined"
+        try:
+            return await route.upstream.head_blob(route.repo, digest), MISS
+        except UpstreamError as exc:
+            raise self._error(exc, route, digest, blob=True) from None
+
+    # -- tags --------------------------------------------------------------------------
+
+    async def tags(self, route: Route, n: str | None, last: str | None) -> tuple[TagPage, str]:
+        try:
+            return await route.upstream.tags(route.repo, n, last), MISS
+        except UpstreamUnavailable as exc:
+            known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
+            if not known:
+                raise self._error(exc, route, "tags") from None
+            log.warning("stale tags", upstream=route.upstream.name, repo=route.repo, why=str(exc))
+            return paginate(route.repo, known, n, last), STALE
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamNotFound):
+                raise errors.name_unknown(route.prefix + route.repo, f"repository {route.repo} not found") from None
+            raise self._error(exc, route, "tags") from None
+
+    async def repositories(self) -> list[tuple[str, str]]:
+        return await to_thread.run_sync(self.meta.repositories)
+
+    # -- errors ------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(exc: UpstreamError, route: Route, reference: str, blob: bool = False) -> errors.RegistryError:
+        name = route.prefix + route.repo
+        if isinstance(exc, UpstreamNotFound):
+            return errors.blob_unknown(reference) if blob else errors.manifest_unknown(name, reference)
+        if isinstance(exc, UpstreamDenied):
+            return errors.RegistryError(
+                404,
+                "BLOB_UNKNOWN" if blob else "MANIFEST_UNKNOWN",
+                f"{route.upstream.name} refused access to {route.repo} (check the upstream's credentials)",
+                {"name": name, "reference": reference},
+            )
+        if isinstance(exc, UpstreamUnavailable):
+            if exc.status == 429:
+                headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+                return errors.RegistryError(429, "TOOMANYREQUESTS", f"{exc}", headers=headers)
+            return errors.unavailable(f"{exc}")
+        return errors.bad_upstream(f"{exc}")
+
+
+def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> TagPage:
+    """A `tags/list` page from the locally known tags, with the same n/last rules."""
+    ordered = sorted(tags)
+    if last is not None:
+        ordered = [t for t in ordered if t > last]
+    if n is not None and n.isdigit():
+        count = int(n)
+        if len(ordered) > count:
+            page = ordered[:count]
+            return TagPage(name, page, {"n": str(count), "last": page[-1]} if page else None)
+        ordered = ordered[:count]
+    return TagPage(name, ordered, None)

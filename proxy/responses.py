@@ -1,0 +1,77 @@
+"""Streaming a blob to a client from any `BlobReader`, with single-range support.
+
+One response class serves a cached file and a download in flight alike. If the reader
+fails midway the exception propagates, and the server breaks the connection: with a
+Content-Length announced, the client sees a short body, never a clean wrong end.
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from cache.readers import BlobReader
+
+CHUNK = 1 << 20
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int | None) -> tuple[int, int] | str | None:
+    """(start, end inclusive) for one satisfiable range; None to send it all; "unsatisfiable"."""
+    if header is None or size is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None:  # several ranges, or another unit: the whole blob is a valid answer
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        count = int(last)
+        if count == 0:
+            return "unsatisfiable"
+        return max(0, size - count), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        return "unsatisfiable"
+    return start, end
+
+
+class BlobResponse(Response):
+    def __init__(
+        self,
+        reader: BlobReader,
+        size: int | None,
+        headers: dict[str, str],
+        byte_range: tuple[int, int] | None = None,
+        send_body: bool = True,
+    ) -> None:
+        self.reader = reader
+        self.start, self.end = byte_range if byte_range else (0, None if size is None else size - 1)
+        self.send_body = send_body
+        self.status_code = 206 if byte_range else 200
+        self.background = None
+        if byte_range:
+            headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
+        if self.end is not None:
+            headers["Content-Length"] = str(self.end - self.start + 1)
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if self.send_body:
+                offset, end = self.start, self.end
+                while end is None or offset <= end:
+                    want = CHUNK if end is None else min(CHUNK, end - offset + 1)
+                    chunk = await self.reader.read(offset, want)
+                    if not chunk:
+                        break
+                    offset += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.reader.close()

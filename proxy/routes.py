@@ -1,0 +1,148 @@
+"""The Distribution (Docker Registry V2) read API, as HTTP endpoints.
+
+Handlers only translate between HTTP and `Mirror`; they never touch the cache directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy import errors
+from proxy.mirror import Mirror
+from proxy.responses import BlobResponse, parse_range
+from proxy.routing import Route as UpstreamRoute
+from proxy.routing import Router
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def _mirror(request: Request) -> Mirror:
+    return request.app.state.mirror
+
+
+def _route(request: Request) -> UpstreamRoute:
+    router: Router = request.app.state.router
+    return router.route(request.path_params["name"], request.query_params.get("ns"))
+
+
+def _outcome(request: Request, outcome: str) -> None:
+    request.scope.setdefault("state", {})["cache"] = outcome
+
+
+async def base(request: Request) -> Response:
+    return Response(b"{}", headers=API_VERSION, media_type="application/json")
+
+
+async def manifest(request: Request) -> Response:
+    route = _route(request)
+    reference = request.path_params["reference"]
+    if ":" not in reference and not _TAG.match(reference):
+        raise errors.manifest_unknown(request.path_params["name"], reference)
+    found, outcome = await _mirror(request).manifest(route, reference)
+    _outcome(request, outcome)
+    headers = {
+        **API_VERSION,
+        "Docker-Content-Digest": found.digest,
+        "Content-Length": str(len(found.body)),
+        "Content-Type": found.media_type,
+        "ETag": f'"{found.digest}"',
+    }
+    return Response(b"" if request.method == "HEAD" else found.body, headers=headers)
+
+
+async def blob(request: Request) -> Response:
+    route = _route(request)
+    digest = request.path_params["digest"]
+    mirror = _mirror(request)
+    headers = {
+        **API_VERSION,
+        "Docker-Content-Digest": digest,
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "Cache-Control": "max-age=31536000",
+    }
+    if request.method == "HEAD":
+        size, outcome = await mirror.blob_size(route, digest)
+        _outcome(request, outcome)
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        return Response(b"", headers=headers)
+    found = await mirror.blob(route, digest)
+    _outcome(request, found.outcome)
+    byte_range = parse_range(request.headers.get("range"), found.size)
+    if byte_range == "unsatisfiable":
+        found.reader.close()
+        raise errors.RegistryError(
+            416,
+            "SIZE_INVALID",
+            "requested range is not satisfiable",
+            headers={"Content-Range": f"bytes */{found.size}"},
+        )
+    return BlobResponse(found.reader, found.size, headers, byte_range if isinstance(byte_range, tuple) else None)
+
+
+def _page_params(request: Request) -> tuple[str | None, str | None]:
+    n = request.query_params.get("n")
+    if n is not None and not n.isdigit():
+        raise errors.RegistryError(400, "PAGINATION_NUMBER_INVALID", f"n={n!r} is not a number")
+    return n, request.query_params.get("last")
+
+
+def _next_link(path: str, query: dict[str, str], ns: str | None) -> str:
+    if ns is not None:
+        query = {**query, "ns": ns}
+    return f'<{path}?{urlencode(query)}>; rel="next"'
+
+
+async def tags(request: Request) -> Response:
+    route = _route(request)
+    n, last = _page_params(request)
+    page, outcome = await _mirror(request).tags(route, n, last)
+    _outcome(request, outcome)
+    name = request.path_params["name"]
+    headers = dict(API_VERSION)
+    if page.next_query:
+        headers["Link"] = _next_link(request.url.path, page.next_query, request.query_params.get("ns"))
+    body = json.dumps({"name": name, "tags": page.tags}).encode()
+    return Response(body, headers=headers, media_type="application/json")
+
+
+async def catalog(request: Request) -> Response:
+    """Repositories in the cache, as clients of this mirror name them."""
+    n, last = _page_params(request)
+    router: Router = request.app.state.router
+    names = sorted(router.client_name(upstream, repo) for upstream, repo in await _mirror(request).repositories())
+    if last is not None:
+        names = [name for name in names if name > last]
+    headers = dict(API_VERSION)
+    if n is not None and len(names) > int(n):
+        names = names[: int(n)]
+        if names:
+            headers["Link"] = _next_link(request.url.path, {"n": n, "last": names[-1]}, None)
+    body = json.dumps({"repositories": names}).encode()
+    return Response(body, headers=headers, media_type="application/json")
+
+
+async def read_only(request: Request) -> Response:
+    raise errors.unsupported(f"pullproxy is a read-only mirror: {request.method} is not supported")
+
+
+READ = ["GET", "HEAD"]
+WRITE = ["POST", "PUT", "PATCH", "DELETE"]
+
+routes = [
+    Route("/v2/", base, methods=READ),
+    Route("/v2/_catalog", catalog, methods=READ),
+    Route("/v2/{name:path}/manifests/{reference}", manifest, methods=READ),
+    Route("/v2/{name:path}/blobs/{digest}", blob, methods=READ),
+    Route("/v2/{name:path}/tags/list", tags, methods=READ),
+    Route("/v2/{rest:path}", read_only, methods=WRITE),
+]
