@@ -20,7 +20,6 @@ from proxy.mediatypes import UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
 
 MAX_MANIFEST_SIZE = 4 << 20
-_CHUNK = 1 << 20
 
 
 class UpstreamError(Exception):
@@ -137,7 +136,7 @@ class Upstream:
 
         async def chunks():  # type: ignore[no-untyped-def]
             try:
-                async for chunk in response.aiter_raw(_CHUNK):
+                async for chunk in response.aiter_raw():
                     yield chunk
             except httpx.HTTPError as exc:
                 self._failed(f"GET blob {digest}: {type(exc).__name__}")
