@@ -94,6 +94,7 @@ class ContentStore:
 
     def put_blob(self, digest: str, staged: Path) -> None:
         """Blocking: move a verified file into the cache and evict down to the size limit."""
+        self.flush_touches()  # so eviction sees the latest hits
         self._cache.set(digest, StagedFile(staged))
         self._cull()
 
@@ -122,6 +123,7 @@ class ContentStore:
 
     def put_manifest(self, manifest: Manifest) -> None:
         """Blocking."""
+        self.flush_touches()
         self._cache.set(_MANIFEST + manifest.digest, (manifest.media_type, manifest.body))
         with self._lock:
             self._manifests[manifest.digest] = manifest
@@ -144,10 +146,21 @@ class ContentStore:
         return len(keys)
 
     def _cull(self) -> None:
+        """Evict least recently used entries, one at a time, until under the limit.
+
+        diskcache's own `cull` removes ten entries per round, which for layers of
+        hundreds of MiB would throw away far more than needed.
+        """
         # Remembered paths of evicted files fail to open and fall back to `find_blob`;
         # remembered manifests stay correct, being immutable.
-        if self._cache.volume() > self._cache.size_limit:
-            self._cache.cull()
+        for _ in range(100_000):
+            if self._cache.volume() <= self._cache.size_limit:
+                return
+            # diskcache has no public "least recently used key"; its schema is stable across 5.x.
+            row = self._cache._sql("SELECT key FROM Cache ORDER BY access_time LIMIT 1").fetchone()
+            if row is None:
+                return
+            self._cache.delete(row[0])
 
     def volume(self) -> int:
         return self._cache.volume()
