@@ -17,6 +17,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq "${missing[@]}"
 fi
 
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q -e '.[test]'
 # Test-only packages not (yet) listed in pyproject's [test] extra.
 python3 -m pip install -q 'bcrypt>=4'

@@ -40,7 +40,7 @@ from tests.support.images import (
     push_oci_image,
     push_random_blob,
 )
-from tests.support.proxy import to_toml
+from tests.support.proxy import Proxy, to_toml
 from tests.support.registry import Registry
 
 SMALL = ["alpine", "alpine_319", "multi", "docker", "dockerlist", "helm", "tagged"]
@@ -279,3 +279,21 @@ def test_to_toml_round_trips() -> None:
     parsed = tomllib.loads(to_toml(config))
     del config["cache"]["unused"]
     assert parsed == config
+
+
+def test_proxy_harness_starts_restarts_and_reports_failures(
+    upstream: SeededRegistry, proxy_factory: Callable[..., Proxy]
+) -> None:
+    """The Proxy helper runs ``python -m proxy serve`` on a free port and keeps it on restart."""
+    pytest.importorskip("proxy.cli")
+    proxy = proxy_factory(upstream_url=upstream.url)
+    assert httpx.get(f"{proxy.url}/v2/", timeout=10).status_code == 200
+    url, pid = proxy.url, proxy.pid
+    proxy.stop()
+    assert not proxy.running
+    proxy.start()
+    assert proxy.url == url and proxy.pid != pid
+    assert httpx.get(f"{proxy.url}/v2/", timeout=10).status_code == 200
+
+    with pytest.raises(RuntimeError, match="log tail"):
+        proxy_factory({"cache": {"no_such_key": 1}}, upstream_url=upstream.url)

@@ -328,19 +328,24 @@ class Containerd:
         platform: str | None = None,
         all_platforms: bool = False,
         unpack: bool = True,
+        plain_http: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> PullResult:
         """``ctr images pull`` through the hosts.toml mirror config.
 
         ``ref`` is fully qualified (``docker.io/library/alpine:latest``); the
-        registry part selects ``HOSTS_DIR/<registry>/hosts.toml``. Unpacking uses
-        this daemon's snapshotter and is skipped automatically for
-        ``all_platforms`` (foreign-arch layers cannot be applied meaningfully).
+        registry part selects ``HOSTS_DIR/<registry>/hosts.toml``, whose
+        ``http://`` mirror URL already implies plain HTTP (``plain_http`` is only
+        needed for a ref without a hosts.toml). ``unpack=False`` runs ``ctr content
+        fetch`` instead, for artifacts such as Helm charts that cannot be unpacked.
+        With ``all_platforms`` every platform is fetched and unpacked.
         """
         verb = ["images", "pull"] if unpack else ["content", "fetch"]
         args = [*verb, "--hosts-dir", str(hosts_dir or self.hosts_dir)]
         if user is not None:
             args += ["--user", user]
+        if plain_http:
+            args.append("--plain-http")
         if all_platforms:
             args.append("--all-platforms")
         elif platform is not None:
@@ -373,7 +378,12 @@ class Containerd:
         self.ctr("images", "rm", "--sync", ref)
 
     def gc(self) -> None:
-        """Drop everything: images, then content (so a re-pull goes to the mirror)."""
+        """Forget every image so a re-pull goes to the mirror again.
+
+        ``images rm --sync`` waits for containerd's GC, which also drops the
+        content and the unpacked snapshots (otherwise a re-pull skips layers whose
+        snapshot exists). Leftover unreferenced content is removed explicitly.
+        """
         refs = list(self.images())
         if refs:
             self.ctr("images", "rm", "--sync", *refs)

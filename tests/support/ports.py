@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -24,7 +25,7 @@ def wait_http(
     timeout: float = 15.0,
     *,
     ok_status: tuple[int, ...] = (200, 401),
-    alive: object = None,
+    alive: Callable[[], bool] | None = None,
 ) -> httpx.Response:
     """Poll ``url`` with GET until it answers with one of ``ok_status``.
 
@@ -35,7 +36,7 @@ def wait_http(
     deadline = time.monotonic() + timeout
     last: str = "no attempt"
     while True:
-        if callable(alive) and not alive():
+        if alive is not None and not alive():
             raise RuntimeError(f"process serving {url} exited before it became ready ({last})")
         try:
             resp = httpx.get(url, timeout=2.0)
