@@ -56,6 +56,14 @@ class Metadata:
             self._tags[(upstream, repo, tag)] = record
         return record
 
+    def referrers(self, upstream: str, repo: str, digest: str) -> tuple[float, bytes] | None:
+        """Blocking: the last referrers index seen for `digest`, and when it was fetched."""
+        return self._db.get(("referrers", upstream, repo, digest))
+
+    def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes) -> None:
+        """Blocking."""
+        self._db.set(("referrers", upstream, repo, digest), (time.time(), index))
+
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags this cache has seen, for answering `tags/list` while offline."""
         return list(self._db.get(("tags", upstream, repo), ()))

@@ -36,6 +36,7 @@ log = structlog.get_logger("pullproxy")
 T = TypeVar("T")
 
 HIT, MISS, STALE, REVALIDATED = "hit", "miss", "stale", "revalidated"
+EMPTY_INDEX = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
 
 
 @dataclass(slots=True)
@@ -209,6 +210,45 @@ class Mirror:
             return await route.upstream.head_blob(route.repo, digest), MISS
         except UpstreamError as exc:
             raise self._error(exc, route, digest, blob=True) from None
+
+    # -- referrers ---------------------------------------------------------------------
+
+    async def referrers(self, route: Route, digest: str) -> tuple[bytes, str]:
+        """The referrers index of `digest` (signatures, SBOMs), kept so offline clients get it too.
+
+        From the upstream's referrers API, else its referrers tag (`sha256-<hex>`), else empty.
+        """
+        try:
+            algorithm, hex_ = digests.parse(digest)
+        except digests.InvalidDigest:
+            raise errors.digest_invalid(digest) from None
+        upstream = route.upstream
+        known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
+        if known is not None and time.time() - known[0] < self.tag_ttl:
+            return known[1], HIT
+
+        async def fetch() -> bytes:
+            index = await upstream.referrers(route.repo, digest)
+            if index is None:
+                try:
+                    index = (await self.manifest(route, f"{algorithm}-{hex_}"))[0].body
+                except errors.RegistryError as exc:
+                    if exc.status != 404:
+                        raise
+                    index = EMPTY_INDEX
+            await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
+            return index
+
+        try:
+            return await self._once(("referrers", upstream.name, route.repo, digest), fetch), MISS
+        except UpstreamError as exc:
+            error = self._error(exc, route, digest)
+        except errors.RegistryError as exc:  # from the referrers tag
+            error = exc
+        if known is None or error.status not in (429, 503):
+            raise error
+        log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
+        return known[1], STALE
 
     # -- tags --------------------------------------------------------------------------
 

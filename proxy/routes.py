@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import errors
+from proxy.mediatypes import OCI_INDEX
 from proxy.mirror import Mirror
 from proxy.responses import BlobResponse, parse_range
 from proxy.routing import Route as UpstreamRoute
@@ -89,6 +90,20 @@ async def blob(request: Request) -> Response:
     return BlobResponse(found.reader, found.size, headers, byte_range if isinstance(byte_range, tuple) else None)
 
 
+async def referrers(request: Request) -> Response:
+    route = _route(request)
+    index, outcome = await _mirror(request).referrers(route, request.path_params["digest"])
+    _outcome(request, outcome)
+    headers = dict(API_VERSION)
+    artifact_type = request.query_params.get("artifactType")
+    if artifact_type is not None:
+        parsed = json.loads(index)
+        parsed["manifests"] = [m for m in parsed.get("manifests", []) if m.get("artifactType") == artifact_type]
+        index = json.dumps(parsed).encode()
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return Response(index, headers=headers, media_type=OCI_INDEX)
+
+
 def _page_params(request: Request) -> tuple[str | None, str | None]:
     n = request.query_params.get("n")
     if n is not None and not n.isdigit():
@@ -144,5 +159,6 @@ routes = [
     Route("/v2/{name:path}/manifests/{reference}", manifest, methods=READ),
     Route("/v2/{name:path}/blobs/{digest}", blob, methods=READ),
     Route("/v2/{name:path}/tags/list", tags, methods=READ),
+    Route("/v2/{name:path}/referrers/{digest}", referrers, methods=READ),
     Route("/v2/{rest:path}", read_only, methods=WRITE),
 ]

@@ -16,7 +16,7 @@ import httpx
 
 from cache.flight import Source
 from proxy.config import UpstreamConfig
-from proxy.mediatypes import UPSTREAM_ACCEPT
+from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
 
 MAX_MANIFEST_SIZE = 4 << 20
@@ -148,6 +148,16 @@ class Upstream:
         response = await self._send("HEAD", f"/v2/{repo}/blobs/{digest}")
         length = response.headers.get("Content-Length")
         return int(length) if length and length.isdigit() else None
+
+    async def referrers(self, repo: str, digest: str) -> bytes | None:
+        """The OCI 1.1 referrers index, or None when the upstream does not offer the API."""
+        try:
+            response = await self._send("GET", f"/v2/{repo}/referrers/{digest}", headers={"Accept": OCI_INDEX})
+        except UpstreamNotFound:
+            return None
+        if not response.headers.get("Content-Type", "").startswith(OCI_INDEX):
+            return None  # something else answered the path, e.g. a login page
+        return response.content
 
     async def tags(self, repo: str, n: str | None, last: str | None) -> TagPage:
         params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
