@@ -131,7 +131,12 @@ class Proxy:
         self.write_config()
         self._proc: subprocess.Popen[bytes] | None = None
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                # Nobody gets a handle to close, so clean up here (the error carries the log tail).
+                self.close()
+                raise
 
     def write_config(self) -> None:
         """(Re)write the TOML file from ``self.config``; call before a restart to change it."""

@@ -67,7 +67,12 @@ class Registry:
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_config(proxy_username, proxy_password, log_level)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                # Nobody gets a handle to close, so clean up here (the error carries the log tail).
+                self.close()
+                raise
 
     def _write_config(self, proxy_username: str | None, proxy_password: str | None, level: str) -> None:
         # JSON is valid YAML, which spares a PyYAML dependency and quoting bugs.
