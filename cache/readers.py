@@ -41,9 +41,13 @@ class DownloadReader:
 
     def __init__(self, download: Download) -> None:
         self._download = download
-        self.size = download.size
         download.acquire()
         self._open = True
+
+    @property
+    def size(self) -> int | None:
+        """Known once the download has started."""
+        return self._download.size
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self._download.read(offset, size)

@@ -17,7 +17,7 @@ import structlog
 from anyio import to_thread
 
 from cache import digests
-from cache.flight import Downloads, Source
+from cache.flight import AlreadyCached, Downloads, Source
 from cache.meta import Metadata
 from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
@@ -150,26 +150,30 @@ class Mirror:
             digests.parse(digest)
         except digests.InvalidDigest:
             raise errors.digest_invalid(digest) from None
-        cached = self.open_cached(digest) or await to_thread.run_sync(self._open_stored, digest)
-        if cached is not None:
-            return Blob(cached, cached.size, HIT)
-        download = self.downloads.in_flight(digest)
-        outcome = "joined" if download is not None else MISS
 
         async def opener() -> Source:
             return await route.upstream.open_blob(route.repo, digest)
 
-        download = download or self.downloads.join(digest, opener)
-        reader = DownloadReader(download)
-        try:
-            await asyncio.shield(download.started)
-        except UpstreamError as exc:
-            reader.close()
-            raise self._error(exc, route, digest, blob=True) from None
-        except BaseException:
-            reader.close()
-            raise
-        return Blob(reader, download.size, outcome)
+        for _ in range(3):  # another worker may commit the blob while we look
+            cached = self.open_cached(digest) or await to_thread.run_sync(self._open_stored, digest)
+            if cached is not None:
+                return Blob(cached, cached.size, HIT)
+            joined = self.downloads.in_flight(digest) is not None
+            download = self.downloads.join(digest, opener)
+            reader = DownloadReader(download)
+            try:
+                await asyncio.shield(download.started)
+            except AlreadyCached:
+                reader.close()
+                continue
+            except UpstreamError as exc:
+                reader.close()
+                raise self._error(exc, route, digest, blob=True) from None
+            except BaseException:
+                reader.close()
+                raise
+            return Blob(reader, download.size, "joined" if joined else MISS)
+        raise errors.unavailable(f"blob {digest} could not be read from the cache")
 
     def open_cached(self, digest: str) -> FileReader | None:
         """Hot path: a blob whose path is remembered opens without SQLite or a thread."""
@@ -254,7 +258,7 @@ class Mirror:
 
     async def tags(self, route: Route, n: str | None, last: str | None) -> tuple[TagPage, str]:
         try:
-            return await route.upstream.tags(route.repo, n, last), MISS
+            page = await route.upstream.tags(route.repo, n, last)
         except UpstreamUnavailable as exc:
             known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
             if not known:
@@ -265,6 +269,10 @@ class Mirror:
             if isinstance(exc, UpstreamNotFound):
                 raise errors.name_unknown(route.prefix + route.repo, f"repository {route.repo} not found") from None
             raise self._error(exc, route, "tags") from None
+        if page.next_query is None and (n is not None or last is not None):
+            # Some registries (distribution 2.8 among them) ignore n and last: apply them here.
+            page = paginate(page.name, page.tags, n, last)
+        return page, MISS
 
     async def repositories(self) -> list[tuple[str, str]]:
         return await to_thread.run_sync(self.meta.repositories)
