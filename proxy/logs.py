@@ -50,8 +50,12 @@ class AccessLog:
                 sent += len(message.get("body", b""))
             await send(message)
 
+        aborted = False
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            aborted = True  # the body was cut short on purpose (bad upstream bytes) or by the client
+            raise
         finally:
             client = scope.get("client")
             self.log.info(
@@ -64,4 +68,5 @@ class AccessLog:
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 cache=scope.get("state", {}).get("cache"),
                 client=client[0] if client else None,
+                **({"aborted": True} if aborted else {}),
             )

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Real registry and clients the integration tests drive (Debian packages).
 DEBS=(docker-registry skopeo containerd)
+# A virtual environment keeps the tests off the system Python (Debian refuses pip there).
+python3 -m venv --help >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -18,9 +20,8 @@ if ((${#missing[@]})); then
 fi
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
-python3 -m pip install -q -e '.[test]'
-# Test-only packages not (yet) listed in pyproject's [test] extra.
-python3 -m pip install -q 'bcrypt>=4'
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q -e '.[test]'
 
-ruff check .
-python3 -m pytest -q "$@"
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"
