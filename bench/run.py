@@ -34,9 +34,12 @@ from bench.system import (
     AccessEntry,
     RssSampler,
     blob_gets,
+    machine_busy_seconds,
+    own_cpu_seconds,
     pid_listening_on,
     read_access_log,
     tree_cpu_seconds,
+    tree_rss,
 )
 from tests.support.images import MANIFEST_ACCEPT, Blob, PushedImage, Pusher, push_oci_image
 from tests.support.proxy import Proxy
@@ -229,6 +232,9 @@ class Bench:
         self.rows: list[Row] = []
         self.profiles: list[profile.Profile] = []
         self.targets: dict[str, Target] = {}
+        self.server_pids: list[int] = []
+        # CPU-s that processes outside the benchmark used, and the scenario's seconds
+        self.foreign_cpu: dict[str, tuple[float, float]] = {}
         self.upstream: Registry
         self.anchor: Registry
         self.loadgen_name = ""
@@ -243,6 +249,9 @@ class Bench:
         config["log"]["accesslog"]["disabled"] = False  # one line per request: the upstream GET count
         up.config_path.write_text(json.dumps(config, indent=2))
         self.upstream = up.start()
+        upstream_pid = pid_listening_on(up.port)
+        if upstream_pid is not None:
+            self.server_pids.append(upstream_pid)
         say(f"upstream  {up.url} (distribution, plain)")
 
         self.anchor = Registry(proxy_remote=up.url, workdir=self.workdir / "anchor")
@@ -257,15 +266,18 @@ class Bench:
             return (storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data").exists()
 
         self.targets[ANCHOR] = Target(ANCHOR, "anchor", self.anchor.url, pid, anchor_stored)
+        self.server_pids.append(pid)
         say(f"anchor    {self.anchor.url} (distribution proxy mode, pid {pid})")
 
         pp = self._proxy("pullproxy", [])
         self.targets[PP] = Target(PP, "pullproxy", pp.url, pp.pid or 0)
+        self.server_pids.append(pp.pid or 0)
         say(f"pullproxy {pp.url} (pid {pp.pid})")
         if self.opts.workers > 1 and set(self.opts.scenarios) & {"cold-herd", "warm", "rps"}:
             ppw = self._proxy("pullproxy-workers", ["--workers", str(self.opts.workers)])
             label = f"pullproxy --workers {self.opts.workers}"
             self.targets[PP_W] = Target(PP_W, label, ppw.url, ppw.pid or 0)
+            self.server_pids.append(ppw.pid or 0)
             say(f"{label} {ppw.url} (pid {ppw.pid})")
 
     def _proxy(self, name: str, args: list[str]) -> Proxy:
@@ -277,6 +289,13 @@ class Bench:
         proxy = Proxy(config, args=args, workdir=self.workdir / name, start=False)
         self.stack.callback(proxy.stop)
         return proxy.start()
+
+    def measure_foreign(self, name: str, step: Callable[[], None]) -> None:
+        """Run a scenario and record how much CPU processes outside this benchmark took meanwhile."""
+        busy, own, started = machine_busy_seconds(), own_cpu_seconds(self.server_pids), time.monotonic()
+        step()
+        foreign = (machine_busy_seconds() - busy) - (own_cpu_seconds(self.server_pids) - own)
+        self.foreign_cpu[name] = (max(0.0, foreign), time.monotonic() - started)
 
     def proxies(self) -> list[Target]:
         """pullproxy and the anchor: what every scenario compares."""
@@ -347,6 +366,7 @@ class Bench:
                 blob = blobs.pop()
                 offset = self._log_offset()
                 cpu = tree_cpu_seconds(t.pid)
+                idle_rss = tree_rss(t.pid)
                 with RssSampler(t.pid) as rss:
                     result = run_clients(self._blob_spec(t.url, "bench/cold", blob, o.clients))
                 gets = blob_gets(self._upstream_entries(offset, blob.digest, t), blob.digest)
@@ -362,6 +382,7 @@ class Bench:
                     "peak_rss_bytes": rss.peak,
                     "peak_rss_sampled_bytes": rss.sampled_peak,
                     "proxy_cpu_s": cpu,
+                    "rss_before_bytes": idle_rss,
                     "clients": result["clients"],
                 }
                 runs[t.key].append(run)
@@ -390,7 +411,8 @@ class Bench:
                 Row(sc, "correct bodies (sha256), worst run", "", "higher", f"{ok_pp}/{o.clients}",
                     f"{ok_an}/{o.clients}", pullproxy_label=label),
                 Row(sc, "proxy peak RSS (process tree)", "MiB", "lower", pp["peak_rss_bytes"] / MiB,
-                    an["peak_rss_bytes"] / MiB, pullproxy_label=label),
+                    an["peak_rss_bytes"] / MiB, pullproxy_label=label,
+                    note=f"before: {pp['rss_before_bytes'] / MiB:.0f} vs {an['rss_before_bytes'] / MiB:.0f} MiB"),
                 Row(sc, "proxy CPU time (user+sys)", "s", "lower", pp["proxy_cpu_s"], an["proxy_cpu_s"],
                     pullproxy_label=label),
             ]
@@ -719,13 +741,24 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name in SCENARIOS:
                 if name in opts.scenarios:
-                    steps[name]()
+                    bench.measure_foreign(name, steps[name])
             say("stopping servers")
     except KeyboardInterrupt:
         print("\ninterrupted: servers stopped, work directory removed", file=sys.stderr)
         return 130
     elapsed = time.monotonic() - started
     notes, meta = machine_notes(opts, bench.loadgen_name)
+    cores = os.cpu_count() or 1
+    # Kernel threads doing our loopback traffic and disk writeback count as "other" too: allow 10%.
+    shares = {k: cpu / (cores * secs) for k, (cpu, secs) in bench.foreign_cpu.items() if secs > 0}
+    disturbed = {k: v for k, v in shares.items() if v > 0.10}
+    summary = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
+    if disturbed:
+        notes.append(f"WARNING: other processes used a share of the machine's CPU ({summary}); above 10% the "
+                     "figures are disturbed: rerun on a quiet machine.")
+    else:
+        notes.append(f"Other processes' share of the machine's CPU per scenario (quiet below 10%): {summary}.")
+    meta["foreign_cpu"] = {k: {"cpu_s": round(c, 1), "seconds": round(t, 1)} for k, (c, t) in bench.foreign_cpu.items()}
     notes.append(f"Total run time {elapsed:.0f} s.")
     rows = sorted(bench.rows, key=lambda r: r.scenario[0])
     print()
