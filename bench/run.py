@@ -725,6 +725,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigterm)  # also when started in the background, where SIGINT is ignored
     if opts.loadgen == "wrk" and loadgen.wrk_path() is None:
         print("--loadgen wrk: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
