@@ -20,7 +20,7 @@ from starlette.routing import Route
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, logs, metrics, observe
+from proxy import errors, health, logs, metrics, observe
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
@@ -50,6 +50,8 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 OPERATING = [
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", metrics.endpoint, methods=["GET"]),
 ]
 
@@ -66,6 +68,7 @@ def create_app(config: configuration.Config) -> Starlette:
         app.state.router = Router(upstreams)
         app.state.mirror = Mirror(store, meta, config.tag_ttl)
         app.state.activity = activity
+        app.state.probe = health.CacheProbe(store.partial_dir)
         app.state.sampler = metrics.Sampler(store, app.state.mirror.downloads, config.max_size)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
         metrics.worker_started()
