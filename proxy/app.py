@@ -20,7 +20,7 @@ from starlette.routing import Route
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, health, logs, metrics, observe
+from proxy import errors, health, logs, metrics, observe, status
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
@@ -50,6 +50,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 OPERATING = [
+    Route("/", status.page, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", metrics.endpoint, methods=["GET"]),
