@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 from anyio import to_thread
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.requests import Request
@@ -36,7 +36,7 @@ from cache.store import ContentStore
 log = structlog.get_logger("pullproxy")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-MULTIPROCESS = values.ValueClass is not values.MutexValue  # as prometheus-client decided at import
+MULTIPROCESS = MULTIPROC_ENV in os.environ  # read by prometheus-client when imported, too
 SAMPLE_INTERVAL = 5.0
 
 disable_created_metrics()  # `_created` series double the output and no dashboard reads them
@@ -194,7 +194,7 @@ def worker_started() -> None:
     """Drop the live gauges of workers that died: uvicorn replaces them under new pids."""
     if not MULTIPROCESS:
         return
-    directory = _directory()
+    directory = os.environ[MULTIPROC_ENV]
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rpartition("_")[2]
         if pid.isdigit() and not _alive(int(pid)):
@@ -203,12 +203,7 @@ def worker_started() -> None:
 
 def worker_stopped() -> None:
     if MULTIPROCESS:
-        mark_process_dead(os.getpid(), _directory())
-
-
-def _directory() -> str:
-    # prometheus-client still honours the old lower-case name too.
-    return os.environ.get(MULTIPROC_ENV) or os.environ["prometheus_multiproc_dir"]  # noqa: SIM112
+        mark_process_dead(os.getpid(), os.environ[MULTIPROC_ENV])
 
 
 def _alive(pid: int) -> bool:
@@ -216,6 +211,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, and someone else's
+        pass
     return True

@@ -145,25 +145,32 @@ def _metrics_pids(proxy: Proxy) -> set[int]:
 def test_two_workers_report_the_sum_of_both() -> None:
     with FaultyRegistry() as upstream, Proxy(upstream_url=upstream.url, args=["--workers", "2"]) as proxy:
         _, blobs = upstream.add_image("acme/app", "1", layer_sizes=[100_000, 200_000])
-        pulls = 12
+        fetches = 12
 
         def fetch(path: str) -> None:
             # A fresh connection each, so the kernel spreads them over both workers.
             httpx.get(f"{proxy.url}{path}", timeout=30).raise_for_status()
 
-        threads = [
-            threading.Thread(target=fetch, args=(f"/v2/acme/app/blobs/{blobs[i % len(blobs)]}",)) for i in range(pulls)
-        ]
+        paths = [f"/v2/acme/app/blobs/{blobs[i % len(blobs)]}" for i in range(fetches)]
+        threads = [threading.Thread(target=fetch, args=(path,)) for path in paths]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
 
-        scrapes = [Scrape(proxy) for _ in range(12)]
+        scrapes: list[Scrape] = []
+        for _ in range(5):  # until both workers answered a scrape
+            batch = [threading.Thread(target=lambda: scrapes.append(Scrape(proxy))) for _ in range(8)]
+            for thread in batch:
+                thread.start()
+            for thread in batch:
+                thread.join(30)
+            if len(_metrics_pids(proxy)) == 2:
+                break
         assert len(_metrics_pids(proxy)) == 2, "both workers should have answered a scrape"
         for metrics in scrapes:
-            assert metrics("pullproxy_requests_total", route="blob", status="200") == pulls
-            assert metrics("pullproxy_cache_requests_total", kind="blob") == pulls
+            assert metrics("pullproxy_requests_total", route="blob", status="200") == fetches
+            assert metrics("pullproxy_cache_requests_total", kind="blob") == fetches
             assert metrics("pullproxy_cache_limit_bytes") == GIB  # the most recent value, not a sum over workers
             assert metrics("pullproxy_cache_entries") == len(blobs)
             assert metrics("pullproxy_downloads_in_flight") == 0
