@@ -103,6 +103,23 @@ UPSTREAM_BYTES = Counter(
 )
 
 
+class Children:
+    """A metric's series by label values, remembered: `labels()` costs more than the increment.
+
+    Only for labels of bounded cardinality (route, status, outcome).
+    """
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._children: dict[tuple[object, ...], Counter] = {}
+
+    def __call__(self, *values: object) -> Counter:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamMetrics:
     """One upstream's series, bound once so its requests skip the label lookup."""

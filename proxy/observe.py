@@ -8,7 +8,6 @@ path. Most pulled images and recent errors are kept in bounded memory, per proce
 from __future__ import annotations
 
 import collections
-import re
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -18,24 +17,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cache import digests
 from proxy import metrics
 
-_REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]*)$")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 FROM_CACHE = frozenset({"hit", "revalidated", "stale"})
 
 
-def classify(path: str) -> tuple[str, re.Match[str] | None]:
-    """The route label of a path, and its repository match when it names one."""
+def classify(path: str) -> tuple[str, str, str]:
+    """The route label of a path, and the repository and reference it names ("" when none).
+
+    `/v2/<name>/<kind>/<reference>` is taken apart from the right, as Starlette matches it.
+    """
     if path.startswith("/v2/"):
-        match = _REPOSITORY_PATH.match(path)
-        if match is not None:
-            return _KINDS[match["kind"]], match
+        rest, _, reference = path.rpartition("/")
+        name, _, kind = rest.rpartition("/")
+        if kind in _KINDS and len(name) > 4:
+            return _KINDS[kind], name[4:], reference
         if path == "/v2/":
-            return "base", None
+            return "base", "", ""
         if path == "/v2/_catalog":
-            return "catalog", None
+            return "catalog", "", ""
     if path == "/token" or path.endswith("/token"):
-        return "token", None
-    return "other", None
+        return "token", "", ""
+    return "other", "", ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,9 @@ class Observe:
     def __init__(self, app: ASGIApp, activity: Activity) -> None:
         self.app = app
         self.activity = activity
+        self._requests = metrics.Children(metrics.REQUESTS)
+        self._cache = metrics.Children(metrics.CACHE_REQUESTS)
+        self._served = metrics.Children(metrics.CACHE_SERVED_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,16 +106,16 @@ class Observe:
             self._account(scope, status or 500, sent, error)
 
     def _account(self, scope: Scope, status: int, sent: int, error: Exception | None) -> None:
-        route, match = classify(scope["path"])
-        metrics.REQUESTS.labels(route, str(status)).inc()
+        route, name, reference = classify(scope["path"])
+        self._requests(route, status).inc()
         state = scope.get("state", {})
         outcome = state.get("cache")
-        if match is not None and outcome is not None:
-            metrics.CACHE_REQUESTS.labels(route, outcome).inc()
+        if name and outcome is not None:
+            self._cache(route, outcome).inc()
             if outcome in FROM_CACHE:
-                metrics.CACHE_SERVED_BYTES.labels(route).inc(sent)
-            if route == "manifest" and status == 200 and not digests.is_digest(match["reference"]):
-                self.activity.pulled(f"{_client_name(scope, match['name'])}:{match['reference']}")
+                self._served(route).inc(sent)
+            if route == "manifest" and status == 200 and not digests.is_digest(reference):
+                self.activity.pulled(f"{_client_name(scope, name)}:{reference}")
         if (error is not None or status >= 500 or status == 429) and scope["path"].startswith("/v2/"):
             if error is not None:
                 message = f"{type(error).__name__} after {sent} bytes were sent: {error}"

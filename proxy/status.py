@@ -84,10 +84,12 @@ def _overview(snapshot: metrics.Snapshot) -> str:
     used = min(100.0, 100 * size / limit) if limit else 0.0
     percent = "<1%" if 0 < used < 1 else f"{used:.0f}%"
     counts = {
-        outcome: sum(snapshot.total("pullproxy_cache_requests_total", kind=kind, outcome=outcome)
-                     for kind in ("manifest", "blob"))
+        outcome: sum(
+            snapshot.total("pullproxy_cache_requests_total", kind=kind, outcome=outcome)
+            for kind in ("manifest", "blob")
+        )
         for outcome in OUTCOMES
-    }  # fmt: skip
+    }
     answered = sum(counts.values())
     from_cache = sum(counts[outcome] for outcome in FROM_CACHE)
     ratio = f"{100 * from_cache / answered:.1f}%" if answered else "none yet"
@@ -113,15 +115,17 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
     for upstream in upstreams:
         name = str(upstream["name"])
         error = upstream["last_error"]
-        rows.append([
-            f"<b>{_e(name)}</b><br><code class=\"nowrap\">{_e(upstream['url'])}</code>",
-            f'<span class="state {upstream["state"]}">{upstream["state"]}</span>',
-            _ago(upstream["last_ok"], now),
-            f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
-            _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
-            _count(snapshot.total("pullproxy_upstream_errors_total", upstream=name)),
-            _bytes(snapshot.total("pullproxy_upstream_fetched_bytes_total", upstream=name)),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f'<b>{_e(name)}</b><br><code class="nowrap">{_e(upstream["url"])}</code>',
+                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>',
+                _ago(upstream["last_ok"], now),
+                f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
+                _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
+                _count(snapshot.total("pullproxy_upstream_errors_total", upstream=name)),
+                _bytes(snapshot.total("pullproxy_upstream_fetched_bytes_total", upstream=name)),
+            ]
+        )
     headers = ["Registry", "State", "Last success", "Last error", "#Requests", "#Errors", "#Fetched"]
     return _section("upstreams", "Upstreams", _table(headers, rows))
 
