@@ -87,6 +87,29 @@ def test_pulls_move_request_cache_byte_and_latency_metrics() -> None:
         assert metrics("pullproxy_downloads_in_flight") == 0
 
 
+def test_requests_are_labelled_by_route_never_by_path() -> None:
+    with FaultyRegistry() as upstream, Proxy(upstream_url=upstream.url) as proxy:
+        manifest, _ = upstream.add_image("acme/app", "1")
+        paths = [
+            "/v2/",
+            "/v2/_catalog",
+            "/v2/acme/app/manifests/1",
+            f"/v2/acme/app/manifests/{manifest}",
+            "/v2/acme/app/blobs/sha256:" + "0" * 64,
+            "/v2/acme/app/tags/list",
+            f"/v2/acme/app/referrers/{manifest}",
+            "/token",
+            "/no/such/thing",
+        ]
+        for path in paths:
+            httpx.get(f"{proxy.url}{path}", timeout=10)
+        metrics = Scrape(proxy)
+        routes = {sample.labels["route"] for sample in metrics.samples if sample.name == "pullproxy_requests_total"}
+        assert routes == {"base", "catalog", "manifest", "blob", "tags", "referrers", "token", "other"}
+        assert metrics("pullproxy_requests_total", route="manifest") == 2
+        assert metrics("pullproxy_requests_total", route="blob", status="404") == 1
+
+
 def test_revalidated_and_stale_answers_and_upstream_errors_are_counted() -> None:
     with FaultyRegistry() as upstream, Proxy({"cache": {"tag_ttl": "0s"}}, upstream_url=upstream.url) as proxy:
         upstream.add_image("acme/app", "1")
