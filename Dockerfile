@@ -15,7 +15,7 @@ USER pullproxy
 ENV PULLPROXY_CACHE_DIR=/var/lib/pullproxy
 VOLUME /var/lib/pullproxy
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/v2/', timeout=2)"
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=2)"
 ENTRYPOINT ["pullproxy", "serve"]
 # Mount a config file here and pass it: docker run -v ./config.toml:/etc/pullproxy/config.toml ... --config /etc/pullproxy/config.toml
 CMD []

@@ -283,6 +283,14 @@ class Downloads:
     def count(self) -> int:
         return len(self._running)
 
+    def fetching(self) -> int:
+        """Downloads this process fetches from an upstream (not those it follows in another worker)."""
+        return sum(isinstance(download, _Fetch) for download in self._running.values())
+
+    def readers(self) -> int:
+        """Clients of this process reading a download in flight, at the upstream's pace."""
+        return sum(download._readers for download in self._running.values())
+
     def join(self, digest: str, opener: Callable[[], Awaitable[Source]]) -> Download:
         """The download of `digest`: one running here, one another worker runs, or a new one.
 

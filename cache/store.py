@@ -64,6 +64,7 @@ class ContentStore:
         self._manifests: LRUCache[str, Manifest] = LRUCache(maxsize=4096)
         self._touched: set[str] = set()
         self._lock = threading.Lock()
+        self.evictions = 0  # entries this process evicted; read by the proxy's metrics
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -161,9 +162,15 @@ class ContentStore:
             if row is None:
                 return
             self._cache.delete(row[0])
+            with self._lock:
+                self.evictions += 1
 
     def volume(self) -> int:
         return self._cache.volume()
+
+    def entries(self) -> int:
+        """Blocking: blobs and manifests stored."""
+        return len(self._cache)
 
     def close(self) -> None:
         self._cache.close()

@@ -15,11 +15,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, logs
+from proxy import errors, health, logs, metrics, observe, status
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
@@ -32,6 +33,7 @@ CONFIG_ENV = "PULLPROXY_CONFIG"
 
 async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RegistryError)
+    request.state.error = exc.message  # for the status page's recent errors
     return exc.response()
 
 
@@ -47,7 +49,17 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return errors.RegistryError(500, "UNKNOWN", "internal error").response()
 
 
+OPERATING = [
+    Route("/", status.page, methods=["GET"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/metrics", metrics.endpoint, methods=["GET"]),
+]
+
+
 def create_app(config: configuration.Config) -> Starlette:
+    activity = observe.Activity()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +68,13 @@ def create_app(config: configuration.Config) -> Starlette:
         upstreams = [Upstream(u) for u in config.upstreams]
         app.state.router = Router(upstreams)
         app.state.mirror = Mirror(store, meta, config.tag_ttl)
+        app.state.activity = activity
+        app.state.probe = health.CacheProbe(store.partial_dir)
+        app.state.sampler = metrics.Sampler(store, app.state.mirror.downloads, config.max_size)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
+        metrics.worker_started()
         flusher = asyncio.create_task(_flush_touches(store))
+        sampler = asyncio.create_task(app.state.sampler.run())
         log.info(
             "serving",
             cache=str(config.cache_dir),
@@ -68,6 +85,8 @@ def create_app(config: configuration.Config) -> Starlette:
             yield
         finally:
             flusher.cancel()
+            sampler.cancel()
+            metrics.worker_stopped()
             for upstream in upstreams:
                 await upstream.aclose()
             await to_thread.run_sync(store.flush_touches)
@@ -75,8 +94,8 @@ def create_app(config: configuration.Config) -> Starlette:
             meta.close()
 
     return Starlette(
-        routes=routes,
-        middleware=[Middleware(logs.AccessLog)],
+        routes=[*routes, *OPERATING],
+        middleware=[Middleware(logs.AccessLog), Middleware(observe.Observe, activity=activity)],
         exception_handlers={
             errors.RegistryError: _registry_error,
             HTTPException: _http_error,

@@ -10,7 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from proxy import config as configuration
-from proxy import logs
+from proxy import logs, metrics
 from proxy.app import CONFIG_ENV, create_app
 
 
@@ -30,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         if args.config is not None:
             os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
-        uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
+        with metrics.shared_by_workers():
+            uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
     else:
         uvicorn.run(create_app(config), **options)
     return 0

@@ -22,7 +22,9 @@ def configure(log_format: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line: print() writes the newline apart, and workers sharing a log file
+        # (unbuffered, as under PYTHONUNBUFFERED) could then run two lines together.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 

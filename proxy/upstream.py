@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from cache.flight import Source
+from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
@@ -74,15 +75,19 @@ class Upstream:
         )
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
+        self.metrics = metrics.for_upstream(config.name)
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: object) -> httpx.Response:
         """Send, mapping every failure to an `UpstreamError`; a streamed body is left open."""
         request = self.client.build_request(method, path, **kwargs)  # type: ignore[arg-type]
+        started = time.perf_counter()
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             self._failed(f"{method} {path}: {type(exc).__name__}")
             raise UpstreamUnavailable(self.name, f"unreachable ({type(exc).__name__})") from exc
+        finally:
+            self.metrics.seconds.observe(time.perf_counter() - started)
         if response.status_code < 400:
             self.last_ok = time.time()
             if not stream:
@@ -91,6 +96,7 @@ class Upstream:
                 except httpx.HTTPError as exc:
                     self._failed(f"{method} {path}: {type(exc).__name__}")
                     raise UpstreamUnavailable(self.name, f"broken response ({type(exc).__name__})") from exc
+                self.metrics.fetched.inc(len(response.content))
             return response
         await response.aclose()
         status = response.status_code
@@ -105,6 +111,7 @@ class Upstream:
 
     def _failed(self, what: str) -> None:
         self.last_error = (time.time(), what)
+        self.metrics.errors.inc()
 
     async def head_manifest(self, repo: str, reference: str) -> str | None:
         """The digest a tag points at now, without a GET (Docker Hub does not rate-limit HEAD)."""
@@ -119,9 +126,11 @@ class Upstream:
             body = bytearray()
             async for chunk in response.aiter_raw():
                 body += chunk
+                self.metrics.fetched.inc(len(chunk))
                 if len(body) > MAX_MANIFEST_SIZE:
                     raise UpstreamError(self.name, f"manifest {repo}:{reference} is larger than 4 MiB")
         except httpx.HTTPError as exc:
+            self._failed(f"GET manifest {repo}:{reference}: {type(exc).__name__}")
             raise UpstreamUnavailable(self.name, f"manifest transfer broke off ({type(exc).__name__})") from exc
         finally:
             await response.aclose()
@@ -137,6 +146,7 @@ class Upstream:
         async def chunks():  # type: ignore[no-untyped-def]
             try:
                 async for chunk in response.aiter_raw():
+                    self.metrics.fetched.inc(len(chunk))
                     yield chunk
             except httpx.HTTPError as exc:
                 self._failed(f"GET blob {digest}: {type(exc).__name__}")

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real registry and clients the integration tests drive (Debian packages).
-DEBS=(docker-registry skopeo containerd)
+# Real registry and clients the integration tests drive, and a browser for the status page
+# (Debian packages).
+DEBS=(docker-registry skopeo containerd chromium)
 # A virtual environment keeps the tests off the system Python (Debian refuses pip there).
 python3 -m venv --help >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()
