@@ -53,9 +53,9 @@ def create_app(config: configuration.Config) -> Starlette:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
         meta = await to_thread.run_sync(Metadata, config.cache_dir)
-        upstreams = [Upstream(u) for u in config.upstreams]
+        upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
         app.state.router = Router(upstreams)
-        app.state.mirror = Mirror(store, meta, config.tag_ttl)
+        app.state.mirror = Mirror(store, meta, config.tag_ttl, offline=config.offline)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
         flusher = asyncio.create_task(_flush_touches(store))
         log.info(
