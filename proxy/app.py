@@ -19,7 +19,7 @@ from starlette.responses import Response
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, logs
+from proxy import errors, logs, pinning
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
@@ -58,6 +58,9 @@ def create_app(config: configuration.Config) -> Starlette:
         app.state.mirror = Mirror(store, meta, config.tag_ttl, offline=config.offline)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
         flusher = asyncio.create_task(_flush_touches(store))
+        pins = None
+        if config.pins and config.pin_refresh > 0:
+            pins = asyncio.create_task(pinning.keep_refreshed(config, app.state.router, app.state.mirror))
         log.info(
             "serving",
             cache=str(config.cache_dir),
@@ -68,6 +71,8 @@ def create_app(config: configuration.Config) -> Starlette:
             yield
         finally:
             flusher.cancel()
+            if pins is not None:
+                pins.cancel()
             for upstream in upstreams:
                 await upstream.aclose()
             await to_thread.run_sync(store.flush_touches)
