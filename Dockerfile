@@ -1,4 +1,5 @@
 # A small pullproxy image: non-root, cache on a volume, config at /etc/pullproxy/config.toml.
+#   docker run -p 5000:5000 -v pullproxy-cache:/var/lib/pullproxy -v ./pullproxy.toml:/etc/pullproxy/config.toml:ro pullproxy
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -8,14 +9,19 @@ RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
+# The example config (Docker Hub as the default upstream) until one is mounted over it.
+COPY config.example.toml /etc/pullproxy/config.toml
 RUN useradd --system --uid 10001 --home-dir /var/lib/pullproxy pullproxy \
-    && mkdir -p /var/lib/pullproxy /etc/pullproxy \
+    && mkdir -p /var/lib/pullproxy \
     && chown pullproxy /var/lib/pullproxy
 USER pullproxy
-ENV PULLPROXY_CACHE_DIR=/var/lib/pullproxy
+# Every command (serve, prefetch, cache ls, ...) reads this config unless given --config.
+ENV PULLPROXY_CONFIG=/etc/pullproxy/config.toml \
+    PULLPROXY_CACHE_DIR=/var/lib/pullproxy \
+    PYTHONUNBUFFERED=1
 VOLUME /var/lib/pullproxy
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/v2/', timeout=2)"
+# /v2/ answers as soon as the server is up; switch to /healthz once the server has it.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/v2/', timeout=2)"]
 ENTRYPOINT ["pullproxy", "serve"]
-# Mount a config file here and pass it: docker run -v ./config.toml:/etc/pullproxy/config.toml ... --config /etc/pullproxy/config.toml
-CMD []
