@@ -20,7 +20,7 @@ from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import errors, pinning, pull, references
 from proxy.config import Config
-from proxy.mirror import HIT, Blob, Mirror
+from proxy.mirror import Blob, Mirror
 from proxy.progress import Progress, format_size
 from proxy.routing import Router
 from proxy.upstream import Upstream
@@ -82,12 +82,7 @@ async def _prefetch(
     name = references.canonical(route, ref)
     image = await pull.plan(mirror, route, ref.reference, platforms)
     task = progress.task(name, image.size)
-
-    async def sink(descriptor: Descriptor, blob: Blob) -> None:
-        await pull.drain(blob, task.advance)
-        task.item(f"{descriptor.digest} {format_size(blob.size)} {'cached' if blob.outcome == HIT else 'fetched'}")
-
-    await pull.fetch(mirror, route, image, sink)
+    await pull.store(mirror, route, image, task)
     task.finish(f"{name}: {len(image.manifests)} manifests, {len(image.blobs)} blobs, {format_size(image.size)}")
     return [f"{name}: {problem}" for problem in image.problems]
 

@@ -263,14 +263,13 @@ class Mirror:
             page = await route.upstream.tags(route.repo, n, last)
         except UpstreamUnavailable as exc:
             known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
-            if not known and self.offline:
-                raise errors.offline(f"the tag list of {route.prefix + route.repo}") from None
             if not known:
+                if self.offline:
+                    raise errors.offline(f"the tag list of {route.prefix + route.repo}") from None
                 raise self._error(exc, route, "tags") from None
-            if self.offline:
-                return paginate(route.repo, known, n, last), HIT
-            log.warning("stale tags", upstream=route.upstream.name, repo=route.repo, why=str(exc))
-            return paginate(route.repo, known, n, last), STALE
+            if not self.offline:
+                log.warning("stale tags", upstream=route.upstream.name, repo=route.repo, why=str(exc))
+            return paginate(route.repo, known, n, last), HIT if self.offline else STALE
         except UpstreamError as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise errors.name_unknown(route.prefix + route.repo, f"repository {route.repo} not found") from None

@@ -14,12 +14,11 @@ import hashlib
 import structlog
 from anyio import to_thread
 
-from cache.manifests import Descriptor
 from cache.pins import PinLock
 from cache.store import manifest_key
 from proxy import errors, pull, references
 from proxy.config import Config, PinConfig
-from proxy.mirror import Blob, Mirror
+from proxy.mirror import Mirror
 from proxy.progress import Progress, format_size
 from proxy.routing import Router
 
@@ -54,12 +53,7 @@ async def _pull(pin: PinConfig, router: Router, mirror: Mirror, progress: Progre
     image = await pull.plan(mirror, route, ref.reference, pin.platforms)
     await to_thread.run_sync(mirror.store.pin, [manifest_key(m.digest) for m in image.manifests])
     task = progress.task(pin.image, image.size) if progress else None
-
-    async def sink(descriptor: Descriptor, blob: Blob) -> None:
-        await pull.drain(blob, task.advance if task else lambda _: None)
-        await to_thread.run_sync(mirror.store.pin, [descriptor.digest])  # before later blobs can evict it
-
-    await pull.fetch(mirror, route, image, sink)
+    await pull.store(mirror, route, image, task, pin=True)
     if task:
         task.finish(f"{pin.image}: pinned, {len(image.blobs)} blobs, {format_size(image.size)}")
     return image

@@ -11,11 +11,14 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from anyio import to_thread
+
 from cache.flight import DownloadFailed
 from cache.manifests import Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
 from proxy.mirror import HIT, Blob, Mirror
+from proxy.progress import Task, format_size
 from proxy.routing import Route
 
 READ_SIZE = 1 << 20
@@ -81,6 +84,19 @@ async def fetch(mirror: Mirror, route: Route, image: Plan, sink: BlobSink, concu
                 blob.reader.close()
 
     await asyncio.gather(*(one(b) for b in image.blobs))
+
+
+async def store(mirror: Mirror, route: Route, image: Plan, task: Task | None = None, pin: bool = False) -> None:
+    """Fetch every blob of `image` into the cache; with `pin`, pin each as soon as it is stored."""
+
+    async def sink(descriptor: Descriptor, blob: Blob) -> None:
+        await drain(blob, task.advance if task else lambda _: None)
+        if pin:  # now, before later blobs of a large image can evict it
+            await to_thread.run_sync(mirror.store.pin, [descriptor.digest])
+        if task:
+            task.item(f"{descriptor.digest} {format_size(blob.size)} {'cached' if blob.outcome == HIT else 'fetched'}")
+
+    await fetch(mirror, route, image, sink)
 
 
 async def drain(blob: Blob, advance: Callable[[int], None]) -> None:
