@@ -56,6 +56,18 @@ class Metadata:
             self._tags[(upstream, repo, tag)] = record
         return record
 
+    def remove_tag(self, upstream: str, repo: str, tag: str) -> None:
+        """Blocking. A running server may still answer from its memory until `tag_ttl` has passed."""
+        with self._db.transact():
+            self._db.delete(("tag", upstream, repo, tag))
+            known = tuple(t for t in self._db.get(("tags", upstream, repo), ()) if t != tag)
+            self._db.set(("tags", upstream, repo), known)
+            if not known:
+                repos = self._db.get(("repos",), ())
+                self._db.set(("repos",), tuple(r for r in repos if r != (upstream, repo)))
+        with self._lock:
+            self._tags.pop((upstream, repo, tag), None)
+
     def referrers(self, upstream: str, repo: str, digest: str) -> tuple[float, bytes] | None:
         """Blocking: the last referrers index seen for `digest`, and when it was fetched."""
         return self._db.get(("referrers", upstream, repo, digest))

@@ -4,12 +4,15 @@ A blob enters the cache only by renaming a fully verified file into place, so a 
 never leaves a partial blob visible and a large layer is never copied a second time.
 Hits are served from an in-memory map of digest to file path; their LRU bookkeeping is
 queued and written to SQLite in one transaction every few seconds instead of once per hit.
+Pinned entries carry diskcache's `tag` "pinned" in the shared SQLite file, so every
+process's eviction skips them.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from cachetools import LRUCache
 from diskcache.core import MODE_BINARY, UNKNOWN
 
 _MANIFEST = "manifest:"
+PINNED = "pinned"
 
 
 class StagedFile:
@@ -44,6 +48,21 @@ class Manifest:
     digest: str
     media_type: str
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One cached blob or manifest, for the cache tools."""
+
+    digest: str
+    is_manifest: bool
+    size: int
+    last_used: float  # wall clock
+    pinned: bool
+
+
+def manifest_key(digest: str) -> str:
+    return _MANIFEST + digest
 
 
 class ContentStore:
@@ -123,12 +142,51 @@ class ContentStore:
         return manifest
 
     def put_manifest(self, manifest: Manifest) -> None:
-        """Blocking."""
-        self.flush_touches()
-        self._cache.set(_MANIFEST + manifest.digest, (manifest.media_type, manifest.body))
+        """Blocking. A manifest already stored is left as it is (same bytes; it may be pinned)."""
         with self._lock:
             self._manifests[manifest.digest] = manifest
+        if _MANIFEST + manifest.digest in self._cache:
+            return
+        self.flush_touches()
+        self._cache.set(_MANIFEST + manifest.digest, (manifest.media_type, manifest.body))
         self._cull()
+
+    # -- pins and tools ----------------------------------------------------------------
+
+    def pin(self, keys: Iterable[str]) -> None:
+        """Blocking: keep these entries (blob digests, `manifest_key`s) out of eviction."""
+        with self._cache.transact():
+            for key in keys:
+                self._cache._sql("UPDATE Cache SET tag = ? WHERE key = ? AND raw = 1", (PINNED, key))
+
+    def keep_pinned(self, keys: set[str]) -> None:
+        """Blocking: make `keys` the whole pinned set; entries pinned before and not named are unpinned."""
+        with self._cache.transact():
+            rows = self._cache._sql("SELECT key FROM Cache WHERE tag = ?", (PINNED,)).fetchall()
+            for (key,) in rows:
+                if key not in keys:
+                    self._cache._sql("UPDATE Cache SET tag = NULL WHERE key = ? AND raw = 1", (key,))
+            self.pin(keys)
+        self._cull()  # what was unpinned may now be over the limit
+
+    def entries(self) -> list[Entry]:
+        """Blocking: every cached entry with its size, last use and pin."""
+        self.flush_touches()
+        # Small values (manifests) live inside SQLite, where diskcache records their size as 0.
+        rows = self._cache._sql(
+            "SELECT key, size + IFNULL(length(value), 0), access_time, tag FROM Cache WHERE raw = 1"
+        ).fetchall()
+        return [
+            Entry(key.removeprefix(_MANIFEST), key.startswith(_MANIFEST), size, access_time, tag == PINNED)
+            for key, size, access_time, tag in rows
+        ]
+
+    def remove(self, key: str) -> bool:
+        """Blocking: delete a blob digest or `manifest_key`. A process that has the file open keeps reading it."""
+        with self._lock:
+            self._paths.pop(key, None)
+            self._manifests.pop(key.removeprefix(_MANIFEST), None)
+        return bool(self._cache.delete(key))
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -158,7 +216,9 @@ class ContentStore:
             if self._cache.volume() <= self._cache.size_limit:
                 return
             # diskcache has no public "least recently used key"; its schema is stable across 5.x.
-            row = self._cache._sql("SELECT key FROM Cache ORDER BY access_time LIMIT 1").fetchone()
+            row = self._cache._sql(
+                "SELECT key FROM Cache WHERE tag IS NOT ? ORDER BY access_time LIMIT 1", (PINNED,)
+            ).fetchone()
             if row is None:
                 return
             self._cache.delete(row[0])

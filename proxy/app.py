@@ -20,7 +20,7 @@ from starlette.routing import Route
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, health, logs, metrics, observe, status
+from proxy import errors, health, logs, metrics, observe, pinning, status
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
@@ -65,9 +65,9 @@ def create_app(config: configuration.Config) -> Starlette:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
         meta = await to_thread.run_sync(Metadata, config.cache_dir)
-        upstreams = [Upstream(u) for u in config.upstreams]
+        upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
         app.state.router = Router(upstreams)
-        app.state.mirror = Mirror(store, meta, config.tag_ttl)
+        app.state.mirror = Mirror(store, meta, config.tag_ttl, offline=config.offline)
         app.state.activity = activity
         app.state.probe = health.CacheProbe(store.partial_dir)
         app.state.sampler = metrics.Sampler(store, app.state.mirror.downloads, config.max_size)
@@ -75,6 +75,9 @@ def create_app(config: configuration.Config) -> Starlette:
         metrics.worker_started()
         flusher = asyncio.create_task(_flush_touches(store))
         sampler = asyncio.create_task(app.state.sampler.run())
+        pins = None
+        if config.pins and config.pin_refresh > 0:
+            pins = asyncio.create_task(pinning.keep_refreshed(config, app.state.router, app.state.mirror))
         log.info(
             "serving",
             cache=str(config.cache_dir),
@@ -87,6 +90,8 @@ def create_app(config: configuration.Config) -> Starlette:
             flusher.cancel()
             sampler.cancel()
             metrics.worker_stopped()
+            if pins is not None:
+                pins.cancel()
             for upstream in upstreams:
                 await upstream.aclose()
             await to_thread.run_sync(store.flush_touches)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy import references
+
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 ENV_PREFIX = "PULLPROXY_"
@@ -48,6 +50,12 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class PinConfig:
+    image: str  # a full reference, e.g. "docker.io/library/python:3.12"
+    platforms: tuple[str, ...] | None = None  # None: every platform of a multi-arch image
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
@@ -56,7 +64,10 @@ class Config:
     cache_dir: Path = Path("pullproxy-data")
     max_size: int = 10 << 30
     tag_ttl: float = 60.0
+    offline: bool = False
+    pin_refresh: float = 3600.0
     upstreams: tuple[UpstreamConfig, ...] = ()
+    pins: tuple[PinConfig, ...] = ()
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -90,6 +101,17 @@ def parse_listen(key: str, value: object) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not 'host:port', e.g. '0.0.0.0:5000'")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_bool(key: str, value: object) -> bool:
+    """TOML booleans, and their spellings in environment variables."""
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{key}: {value!r} must be true or false")
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -158,6 +180,29 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     )
 
 
+def _pin(index: int, table: object) -> PinConfig:
+    where = f"pin[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table ([[pin]])")
+    _check_keys(where, table, {"image", "platforms"})
+    if "image" not in table:
+        raise ConfigError(f"{where}.image: missing")
+    image = _string(f"{where}.image", table["image"])
+    try:
+        references.parse(image)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.image: {exc}") from None
+    platforms = table.get("platforms")
+    if platforms is not None:
+        if not isinstance(platforms, list) or not platforms:
+            raise ConfigError(f'{where}.platforms: must be a non-empty list such as ["linux/amd64"]')
+        for platform in platforms:
+            if not isinstance(platform, str) or not references.valid_platform(platform):
+                raise ConfigError(f"{where}.platforms: {platform!r} is not 'os/arch' or 'os/arch/variant'")
+        platforms = tuple(platforms)
+    return PinConfig(image, platforms)
+
+
 def _apply_environment(data: dict[str, Any], environ: dict[str, str]) -> None:
     """`PULLPROXY_<SECTION>_<KEY>` overrides `[section] key`, e.g. PULLPROXY_CACHE_MAX_SIZE."""
     for section in ("server", "cache"):
@@ -177,7 +222,7 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    _check_keys("(top level)", data, {"server", "cache", "upstream"})
+    _check_keys("(top level)", data, {"server", "cache", "upstream", "pin"})
     _apply_environment(data, environ)
 
     server = _table(data, "server")
@@ -194,7 +239,7 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         raise ConfigError(f"server.log_format: {log_format!r} must be 'auto', 'json' or 'console'")
 
     cache = _table(data, "cache")
-    _check_keys("cache", cache, {"dir", "max_size", "tag_ttl"})
+    _check_keys("cache", cache, {"dir", "max_size", "tag_ttl", "offline", "pin_refresh"})
     cache_dir = Path(_string("cache.dir", cache.get("dir", "pullproxy-data")))
 
     raw_upstreams = data.get("upstream", [])
@@ -202,6 +247,9 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         raise ConfigError("upstream: must be an array of tables ([[upstream]])")
     upstreams = tuple(_upstream(i, table, environ) for i, table in enumerate(raw_upstreams)) or (DEFAULT_UPSTREAM,)
     _check_upstreams(upstreams)
+    raw_pins = data.get("pin", [])
+    if not isinstance(raw_pins, list):
+        raise ConfigError("pin: must be an array of tables ([[pin]])")
     return Config(
         listen_host=host,
         listen_port=port,
@@ -210,7 +258,10 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         cache_dir=cache_dir,
         max_size=parse_size("cache.max_size", cache.get("max_size", "10GiB")),
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", "60s")),
+        offline=parse_bool("cache.offline", cache.get("offline", False)),
+        pin_refresh=parse_duration("cache.pin_refresh", cache.get("pin_refresh", "1h")),
         upstreams=upstreams,
+        pins=tuple(_pin(i, table) for i, table in enumerate(raw_pins)),
     )
 
 

@@ -63,6 +63,13 @@ def unavailable(message: str) -> RegistryError:
     return RegistryError(503, "UNAVAILABLE", message, headers={"Retry-After": "5"})
 
 
+def offline(what: str) -> RegistryError:
+    """503 without Retry-After: retrying cannot help until the operator turns offline mode off."""
+    return RegistryError(
+        503, "UNAVAILABLE", f"{what} is not cached, and pullproxy is in offline mode ([cache] offline = true)"
+    )
+
+
 def bad_upstream(message: str) -> RegistryError:
     """The upstream answered with something that cannot be served (wrong digest, too large)."""
     return RegistryError(502, "UNKNOWN", message)

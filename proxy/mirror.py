@@ -29,6 +29,7 @@ from proxy.upstream import (
     UpstreamDenied,
     UpstreamError,
     UpstreamNotFound,
+    UpstreamOffline,
     UpstreamUnavailable,
 )
 
@@ -47,11 +48,12 @@ class Blob:
 
 
 class Mirror:
-    def __init__(self, store: ContentStore, meta: Metadata, tag_ttl: float) -> None:
+    def __init__(self, store: ContentStore, meta: Metadata, tag_ttl: float, offline: bool = False) -> None:
         self.store = store
         self.meta = meta
         self.downloads = Downloads(store)
         self.tag_ttl = tag_ttl
+        self.offline = offline  # tags are answered from the cache, never revalidated
         self._flights: dict[tuple[str, ...], asyncio.Future[object]] = {}
 
     async def _once(self, key: tuple[str, ...], work: Callable[[], Awaitable[T]]) -> T:
@@ -70,7 +72,7 @@ class Mirror:
             return await self._manifest_by_digest(route, reference)
         upstream = route.upstream.name
         record = self.meta.cached_tag(upstream, route.repo, reference)
-        if record is not None and time.time() - record.checked_at < self.tag_ttl:
+        if record is not None and (self.offline or time.time() - record.checked_at < self.tag_ttl):
             manifest = self.store.cached_manifest(record.digest)
             if manifest is not None:
                 return manifest, HIT
@@ -97,7 +99,7 @@ class Mirror:
         )
         cached = await self._stored_manifest(record.digest) if record else None
         if record is not None and cached is not None:
-            if time.time() - record.checked_at < self.tag_ttl:
+            if self.offline or time.time() - record.checked_at < self.tag_ttl:
                 return cached, HIT
             try:
                 current = await upstream.head_manifest(route.repo, tag)
@@ -262,9 +264,12 @@ class Mirror:
         except UpstreamUnavailable as exc:
             known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
             if not known:
+                if self.offline:
+                    raise errors.offline(f"the tag list of {route.prefix + route.repo}") from None
                 raise self._error(exc, route, "tags") from None
-            log.warning("stale tags", upstream=route.upstream.name, repo=route.repo, why=str(exc))
-            return paginate(route.repo, known, n, last), STALE
+            if not self.offline:
+                log.warning("stale tags", upstream=route.upstream.name, repo=route.repo, why=str(exc))
+            return paginate(route.repo, known, n, last), HIT if self.offline else STALE
         except UpstreamError as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise errors.name_unknown(route.prefix + route.repo, f"repository {route.repo} not found") from None
@@ -282,6 +287,8 @@ class Mirror:
     @staticmethod
     def _error(exc: UpstreamError, route: Route, reference: str, blob: bool = False) -> errors.RegistryError:
         name = route.prefix + route.repo
+        if isinstance(exc, UpstreamOffline):
+            return errors.offline(f"{name}@{reference}" if digests.is_digest(reference) else f"{name}:{reference}")
         if isinstance(exc, UpstreamNotFound):
             return errors.blob_unknown(reference) if blob else errors.manifest_unknown(name, reference)
         if isinstance(exc, UpstreamDenied):

@@ -45,6 +45,13 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after = retry_after
 
 
+class UpstreamOffline(UpstreamUnavailable):
+    """`[cache] offline = true`: nothing is sent, so an air-gapped mirror makes no connection attempts."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, "not contacted in offline mode", 503)
+
+
 @dataclass(frozen=True, slots=True)
 class FetchedManifest:
     body: bytes
@@ -60,9 +67,12 @@ class TagPage:
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None, offline: bool = False
+    ) -> None:
         self.config = config
         self.name = config.name
+        self.offline = offline
         self.auth = RegistryAuth(config.username, config.password)
         self.client = httpx.AsyncClient(
             base_url=config.url,
@@ -79,6 +89,8 @@ class Upstream:
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: object) -> httpx.Response:
         """Send, mapping every failure to an `UpstreamError`; a streamed body is left open."""
+        if self.offline:
+            raise UpstreamOffline(self.name)
         request = self.client.build_request(method, path, **kwargs)  # type: ignore[arg-type]
         started = time.perf_counter()
         try:

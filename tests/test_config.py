@@ -59,6 +59,9 @@ def test_sizes_and_durations_parse_with_units(tmp_path: Path) -> None:
             "configured twice",
         ),
         ("[cache\n", "not valid TOML"),
+        ('[cache]\noffline = "maybe"\n', "cache.offline"),
+        ('[[pin]]\nimage = "Not An Image"\n', "pin[0].image"),
+        ('[[pin]]\nimage = "alpine"\nplatforms = ["amd64"]\n', "pin[0].platforms"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
@@ -73,6 +76,14 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     )
     assert loaded.max_size == 2 * 1024**3
     assert (loaded.listen_host, loaded.listen_port) == ("127.0.0.1", 6000)
+
+
+def test_pins_and_offline_mode(tmp_path: Path) -> None:
+    text = '[cache]\npin_refresh = "30m"\n[[pin]]\nimage = "docker.io/library/python:3.12"\n'
+    text += 'platforms = ["linux/amd64"]\n'
+    loaded = config.load(write(tmp_path, text), environ={"PULLPROXY_CACHE_OFFLINE": "true"})
+    assert loaded.offline and loaded.pin_refresh == 1800
+    assert loaded.pins == (config.PinConfig("docker.io/library/python:3.12", ("linux/amd64",)),)
 
 
 def test_password_env_reads_the_variable(tmp_path: Path) -> None:

@@ -1,0 +1,88 @@
+"""What a manifest refers to: child manifests of an index, blobs of an image.
+
+The one place that knows manifest structure, for everything that walks an image:
+prefetch, pins, export, import and the cache tools.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# Docker buildx attaches provenance/SBOM manifests to an index, bound to one platform's manifest.
+_REFERENCE_TYPE = "vnd.docker.reference.type"
+_REFERENCE_DIGEST = "vnd.docker.reference.digest"
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    digest: str
+    size: int | None  # None for schema 1 layers, which do not say
+    media_type: str = ""
+    platform: str | None = None  # "os/arch[/variant]" of an index entry
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Refs:
+    manifests: list[Descriptor]  # an index's entries
+    blobs: list[Descriptor]  # an image's config and layers
+
+
+def refs(body: bytes) -> Refs:
+    """Children and blobs named by a manifest body; a body that is not JSON names nothing."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return Refs([], [])
+    if not isinstance(parsed, dict):
+        return Refs([], [])
+    children = [_descriptor(d) for d in parsed.get("manifests") or [] if isinstance(d, dict)]
+    blobs = [_descriptor(parsed["config"])] if isinstance(parsed.get("config"), dict) else []
+    for key in ("layers", "blobs"):  # "blobs": the short-lived OCI artifact manifest
+        blobs += [_descriptor(d) for d in parsed.get(key) or [] if isinstance(d, dict)]
+    for layer in parsed.get("fsLayers") or []:  # Docker schema 1
+        if isinstance(layer, dict) and "blobSum" in layer:
+            blobs.append(Descriptor(str(layer["blobSum"]), None))
+    unique = {b.digest: b for b in blobs if b.digest}  # schema 1 repeats its empty layer
+    return Refs([c for c in children if c.digest], list(unique.values()))
+
+
+def _descriptor(raw: dict) -> Descriptor:
+    platform = raw.get("platform")
+    name = None
+    if isinstance(platform, dict) and platform.get("os") and platform.get("architecture"):
+        name = f"{platform['os']}/{platform['architecture']}"
+        if platform.get("variant"):
+            name += f"/{platform['variant']}"
+    size = raw.get("size")
+    annotations = raw.get("annotations")
+    return Descriptor(
+        digest=str(raw.get("digest") or ""),
+        size=size if isinstance(size, int) and size >= 0 else None,
+        media_type=str(raw.get("mediaType") or ""),
+        platform=name,
+        annotations={str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {},
+    )
+
+
+def matches(platform: str | None, wanted: str) -> bool:
+    """`linux/arm64` matches any variant of it; `linux/arm/v7` only that variant."""
+    if platform is None:
+        return False
+    have, want = platform.split("/"), wanted.split("/")
+    return have[:2] == want[:2] and (len(want) < 3 or have[2:3] == want[2:3])
+
+
+def select(children: list[Descriptor], platforms: Iterable[str] | None) -> list[Descriptor]:
+    """An index's entries for `platforms` (None: all), with the attestations that belong to them."""
+    if platforms is None:
+        return list(children)
+    wanted = list(platforms)
+    chosen = [c for c in children if any(matches(c.platform, w) for w in wanted)]
+    digests = {c.digest for c in chosen}
+    attached = [
+        c for c in children if _REFERENCE_TYPE in c.annotations and c.annotations.get(_REFERENCE_DIGEST) in digests
+    ]
+    return chosen + [c for c in attached if c.digest not in digests]

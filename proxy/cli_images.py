@@ -1,0 +1,208 @@
+"""`pullproxy prefetch`, `export` and `import`: moving images into, out of and between caches.
+
+They run in this process on the cache directory a server may be using at the same time
+(diskcache is multi-process safe; downloads share the server's flock'd partial files),
+and fetch through the same `Mirror` and upstream clients the server uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from anyio import to_thread
+
+from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter
+from cache.manifests import Descriptor
+from cache.meta import Metadata
+from cache.store import ContentStore
+from proxy import errors, pinning, pull, references
+from proxy.config import Config
+from proxy.mirror import Blob, Mirror
+from proxy.progress import Progress, format_size
+from proxy.routing import Router
+from proxy.upstream import Upstream
+
+
+@contextlib.asynccontextmanager
+async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The server's parts, for one command."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
+    meta = await to_thread.run_sync(Metadata, config.cache_dir)
+    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    try:
+        yield Router(upstreams), Mirror(store, meta, config.tag_ttl, offline=config.offline)
+    finally:
+        for upstream in upstreams:
+            await upstream.aclose()
+        await to_thread.run_sync(store.flush_touches)
+        store.close()
+        meta.close()
+
+
+def _report(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"pullproxy: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# -- prefetch ----------------------------------------------------------------------------
+
+
+async def prefetch(config: Config, images: Sequence[str], platforms: Sequence[str] | None) -> int:
+    """Fetch the named images now, or with none named, every `[[pin]]` (and pin them)."""
+    if not images and not config.pins:
+        raise SystemExit("pullproxy: nothing to prefetch: name images, or add [[pin]] entries to the config")
+    problems: list[str] = []
+    async with open_mirror(config) as (router, mirror):
+        with Progress() as progress:
+            if not images:
+                pin_lock = pinning.lock(config)
+                await to_thread.run_sync(pin_lock.acquire)  # waits for a round the server may be running
+                try:
+                    problems = await pinning.refresh(config, router, mirror, progress)
+                finally:
+                    pin_lock.release()
+            for text in images:
+                try:
+                    problems += await _prefetch(router, mirror, text, platforms, progress)
+                except (ValueError, errors.RegistryError) as exc:
+                    problems.append(f"{text}: {getattr(exc, 'message', exc)}")
+    return _report(problems)
+
+
+async def _prefetch(
+    router: Router, mirror: Mirror, text: str, platforms: Sequence[str] | None, progress: Progress
+) -> list[str]:
+    ref = references.parse(text)
+    route = references.route(router, ref)
+    name = references.canonical(route, ref)
+    image = await pull.plan(mirror, route, ref.reference, platforms)
+    task = progress.task(name, image.size)
+    await pull.store(mirror, route, image, task)
+    task.finish(f"{name}: {len(image.manifests)} manifests, {len(image.blobs)} blobs, {format_size(image.size)}")
+    return [f"{name}: {problem}" for problem in image.problems]
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+async def export(config: Config, images: Sequence[str], output: Path, platforms: Sequence[str] | None) -> int:
+    """Write an OCI layout archive from the cache, fetching what it lacks."""
+    async with open_mirror(config) as (router, mirror):
+        archive = await to_thread.run_sync(ArchiveWriter, output)
+        try:
+            with Progress() as progress:
+                for text in images:
+                    await _export(router, mirror, archive, text, platforms, progress)
+            await to_thread.run_sync(archive.commit)
+        except BaseException:
+            archive.abort()
+            raise
+    return 0
+
+
+async def _export(
+    router: Router,
+    mirror: Mirror,
+    archive: ArchiveWriter,
+    text: str,
+    platforms: Sequence[str] | None,
+    progress: Progress,
+) -> None:
+    ref = references.parse(text)
+    route = references.route(router, ref)
+    name = references.canonical(route, ref)
+    image = await pull.plan(mirror, route, ref.reference, platforms)
+    for manifest in image.manifests:
+        archive.add_bytes(manifest.digest, manifest.body)
+    task = progress.task(name, image.size)
+
+    async def sink(descriptor: Descriptor, blob: Blob) -> None:
+        size = descriptor.size if descriptor.size is not None else blob.size
+        if size is None:
+            image.problems.append(f"blob {descriptor.digest}: size unknown")
+            return
+        if archive.has(descriptor.digest):  # shared with an image exported before
+            task.advance(size)
+            return
+        await to_thread.run_sync(archive.begin, descriptor.digest, size)
+        offset = 0
+        while chunk := await blob.reader.read(offset, pull.READ_SIZE):  # verified before its last byte
+            await to_thread.run_sync(archive.write, chunk)
+            offset += len(chunk)
+            task.advance(len(chunk))
+        await to_thread.run_sync(archive.end)
+        task.item(f"{descriptor.digest} {format_size(size)}")
+
+    await pull.fetch(mirror, route, image, sink, concurrency=1)  # one tar member at a time
+    if image.problems:
+        raise SystemExit("pullproxy: export failed:\n  " + "\n  ".join(f"{name}: {p}" for p in image.problems))
+    archive.add_image(image.top, name)
+    task.finish(f"{name}: {len(image.manifests)} manifests, {len(image.blobs)} blobs, {format_size(image.size)}")
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+async def import_archive(config: Config, path: Path, image: str | None) -> int:
+    """Load an OCI layout archive into the cache, verified, with its images' tags."""
+    async with open_mirror(config) as (router, mirror):
+        try:
+            reader = await to_thread.run_sync(ArchiveReader, path)
+        except ArchiveError as exc:
+            raise SystemExit(f"pullproxy: {exc}") from None
+        try:
+            named = [(entry, _name(router, entry, image, path)) for entry in reader.images()]
+            with Progress() as progress:
+                for entry, ref in named:
+                    await _import(reader, mirror, router, entry, ref, progress)
+        except ArchiveError as exc:
+            raise SystemExit(f"pullproxy: {path}: {exc}") from None
+        finally:
+            reader.close()
+    return 0
+
+
+def _name(router: Router, entry: Descriptor, image: str | None, path: Path) -> references.ImageRef:
+    """An entry's ref name when it is a full reference; else `--image` with the entry's tag."""
+    ref_name = entry.annotations.get(REF_NAME)
+    if ref_name and any(c in ref_name for c in "/:@"):
+        return references.parse(ref_name)
+    if image is None:
+        raise SystemExit(
+            f"pullproxy: {path}: image {entry.digest} is named {ref_name!r}, not a full reference: "
+            "say which repository it is with --image, e.g. --image docker.io/library/alpine"
+            if ref_name
+            else f"pullproxy: {path}: image {entry.digest} has no name: give one with --image REGISTRY/REPO:TAG"
+        )
+    given = references.parse(image)
+    return references.ImageRef(given.registry, given.repository, ref_name or given.tag, None)
+
+
+async def _import(
+    reader: ArchiveReader,
+    mirror: Mirror,
+    router: Router,
+    entry: Descriptor,
+    ref: references.ImageRef,
+    progress: Progress,
+) -> None:
+    route = references.route(router, ref)
+    name = references.canonical(route, ref)
+    image = await to_thread.run_sync(reader.plan, entry)
+    task = progress.task(name, image.size)
+    added = 0
+    for blob in image.blobs:
+        if await to_thread.run_sync(reader.import_blob, mirror.store, blob, task.advance):
+            added += 1
+            task.item(f"{blob.digest} {format_size(blob.size)}")
+    for manifest in image.manifests:  # children first: a manifest is visible only with its content
+        await to_thread.run_sync(mirror.store.put_manifest, manifest)
+    if ref.tag:
+        await to_thread.run_sync(mirror.meta.set_tag, route.upstream.name, route.repo, ref.tag, entry.digest)
+    absent = f", {image.absent_children} platforms not in the archive" if image.absent_children else ""
+    task.finish(f"{name}: {len(image.blobs)} blobs ({added} new), {format_size(image.size)}{absent}")
