@@ -95,8 +95,17 @@ def run_wrk(spec: LoadSpec, threads: int = 1) -> LoadResult:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="pp-bench-") as script:
         script.write(_LUA.format(path=json.dumps(spec.path), headers=headers))
         script.flush()
-        argv = [path, f"-t{threads}", f"-c{spec.connections}", f"-d{max(1, round(spec.duration))}s",
-                "--timeout", "10s", "-s", script.name, spec.url]
+        argv = [
+            path,
+            f"-t{threads}",
+            f"-c{spec.connections}",
+            f"-d{max(1, round(spec.duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            script.name,
+            spec.url,
+        ]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=spec.duration + 60)
     match = re.search(r"^WRK_JSON (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or match is None:
@@ -118,8 +127,13 @@ def run_wrk(spec: LoadSpec, threads: int = 1) -> LoadResult:
 def run_python(spec: LoadSpec) -> LoadResult:
     """The asyncio generator in a separate process, so it does not share our GIL."""
     payload = json.dumps(spec.__dict__)
-    out = subprocess.run([sys.executable, "-m", "bench.loadgen", payload], capture_output=True, text=True,
-                         timeout=spec.duration + 60, cwd=REPO_ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", payload],
+        capture_output=True,
+        text=True,
+        timeout=spec.duration + 60,
+        cwd=REPO_ROOT,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"python load generator failed: {out.stderr[-2000:]}")
     data = json.loads(out.stdout)
@@ -129,8 +143,9 @@ def run_python(spec: LoadSpec) -> LoadResult:
 # --------------------------------------------------------------------------- fallback generator
 
 
-async def _connection(spec: LoadSpec, request: bytes, host: str, port: int, stop_at: float,
-                      stats: dict[str, Any], latencies: list[float]) -> None:
+async def _connection(
+    spec: LoadSpec, request: bytes, host: str, port: int, stop_at: float, stats: dict[str, Any], latencies: list[float]
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     first = True
     try:

@@ -85,8 +85,26 @@ def _package(file: str) -> str:
     return head
 
 
-_STDLIB_FILES = {"threading", "queue", "weakref", "typing", "enum", "functools", "contextlib", "socket",
-                 "selectors", "ssl", "abc", "re", "copy", "dataclasses", "os", "posixpath", "time", "uuid"}
+_STDLIB_FILES = {
+    "threading",
+    "queue",
+    "weakref",
+    "typing",
+    "enum",
+    "functools",
+    "contextlib",
+    "socket",
+    "selectors",
+    "ssl",
+    "abc",
+    "re",
+    "copy",
+    "dataclasses",
+    "os",
+    "posixpath",
+    "time",
+    "uuid",
+}
 
 
 def summarize(raw: Path, label: str) -> Profile:
@@ -129,8 +147,9 @@ class PySpy:
     or waiting for work are left out). `native` adds C frames (uvloop, httptools, hashlib).
     """
 
-    def __init__(self, pid: int, out: Path, label: str, *, subprocesses: bool = False, rate: int = 200,
-                 native: bool = False) -> None:
+    def __init__(
+        self, pid: int, out: Path, label: str, *, subprocesses: bool = False, rate: int = 200, native: bool = False
+    ) -> None:
         self.pid = pid
         self.out = out
         self.label = label
@@ -146,14 +165,26 @@ class PySpy:
         if path is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        argv = [path, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--format", "raw", "--gil",
-                "--output", str(self.out)]
+        argv = [
+            path,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            str(self.rate),
+            "--format",
+            "raw",
+            "--gil",
+            "--output",
+            str(self.out),
+        ]
         if self.subprocesses:
             argv.append("--subprocesses")
         if self.native:
             argv.append("--native")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(0.5)  # let it attach before the load starts
         self.started = time.monotonic()
         return self

@@ -82,8 +82,9 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="1 repetition and 2 s load runs (about 2 minutes)")
     p.add_argument("--repeats", type=int, help="repetitions of each scenario; medians are quoted (default 3)")
     p.add_argument("--blob-size", default="256MiB", help="size of the cold and warm blob (default 256MiB)")
@@ -91,15 +92,26 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--rps-duration", type=float, help="seconds per requests-per-second run (default 5)")
     p.add_argument("--rps-connections", type=int, default=16, help="keep-alive connections for rps (default 16)")
     p.add_argument("--rps-blob-size", default="1MiB", help="blob size of the rps blob scenario (default 1MiB)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="also run cold-herd, warm and rps against pullproxy --workers N (0 or 1: skip)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                   help="rps load generator: wrk if installed (auto), or the asyncio generator")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also run cold-herd, warm and rps against pullproxy --workers N (0 or 1: skip)",
+    )
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="rps load generator: wrk if installed (auto), or the asyncio generator",
+    )
     p.add_argument("--json", type=Path, help="also write all results to this JSON file")
-    p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="after the measured runs, profile pullproxy with py-spy during an extra warm/rps run")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after the measured runs, profile pullproxy with py-spy during an extra warm/rps run",
+    )
     p.add_argument("--profile-native", action="store_true", help="with --profile: include C frames (py-spy --native)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, caches) for inspection")
     a = p.parse_args(argv)
@@ -146,8 +158,14 @@ def run_clients(spec: blob_client.Spec) -> dict[str, Any]:
     """The blob client in its own process (see bench/client.py)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-m", "bench.client", json.dumps(asdict(spec))], capture_output=True,
-                         text=True, cwd=REPO_ROOT, env=env, timeout=spec.timeout + 120)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.client", json.dumps(asdict(spec))],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=spec.timeout + 120,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"bench client failed: {out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout)
@@ -309,8 +327,9 @@ class Bench:
     def _log_offset(self) -> int:
         return self.upstream.log_path.stat().st_size if self.upstream.log_path.exists() else 0
 
-    def _upstream_entries(self, offset: int, digest: str | None, target: Target | None,
-                          quiet: float = 1.0, limit: float = 60.0) -> list[AccessEntry]:
+    def _upstream_entries(
+        self, offset: int, digest: str | None, target: Target | None, quiet: float = 1.0, limit: float = 60.0
+    ) -> list[AccessEntry]:
         """Access-log entries since `offset`, once the blob is stored and the GET count stopped moving.
 
         distribution logs a request when it ends, and the anchor fetches a second copy in the
@@ -334,8 +353,14 @@ class Bench:
         return entries
 
     def _blob_spec(self, target_url: str, repo: str, blob: Blob, clients: int) -> blob_client.Spec:
-        return blob_client.Spec(url=target_url, path=f"/v2/{repo}/blobs/{blob.digest}", digest=blob.digest,
-                                clients=clients, size=blob.size, timeout=300)
+        return blob_client.Spec(
+            url=target_url,
+            path=f"/v2/{repo}/blobs/{blob.digest}",
+            digest=blob.digest,
+            clients=clients,
+            size=blob.size,
+            timeout=300,
+        )
 
     @staticmethod
     def _check_bodies(result: dict[str, Any], what: str) -> int:
@@ -386,9 +411,11 @@ class Bench:
                     "clients": result["clients"],
                 }
                 runs[t.key].append(run)
-                say(f"  rep {rep + 1} {t.label}: wall {run['wall_s']:.2f}s, ttfb med {run['ttfb_median_s']:.3f}s"
+                say(
+                    f"  rep {rep + 1} {t.label}: wall {run['wall_s']:.2f}s, ttfb med {run['ttfb_median_s']:.3f}s"
                     f" max {run['ttfb_max_s']:.3f}s, {len(gets)} upstream GET(s), "
-                    f"{run['correct_bodies']}/{o.clients} ok, peak RSS {rss.peak / MiB:.0f} MiB, proxy CPU {cpu:.1f} s")
+                    f"{run['correct_bodies']}/{o.clients} ok, peak RSS {rss.peak / MiB:.0f} MiB, proxy CPU {cpu:.1f} s"
+                )
         self.results["cold_herd"] = {k: {"runs": v, "median": self._medians(v)} for k, v in runs.items()}
         for key in [k for k in (PP, PP_W) if k in runs]:
             pp, an = self.results["cold_herd"][key]["median"], self.results["cold_herd"][ANCHOR]["median"]
@@ -400,29 +427,81 @@ class Bench:
             ok_an = min(r["correct_bodies"] for r in runs[ANCHOR])
             self.rows += [
                 Row(sc, "wall time", "s", "lower", pp["wall_s"], an["wall_s"], pullproxy_label=label),
-                Row(sc, "first byte, median client", "s", "lower", pp["ttfb_median_s"], an["ttfb_median_s"],
-                    pullproxy_label=label),
-                Row(sc, "first byte, slowest client", "s", "lower", pp["ttfb_max_s"], an["ttfb_max_s"],
-                    pullproxy_label=label),
-                Row(sc, "upstream GETs of the blob", "", "lower", pp["upstream_gets"], an["upstream_gets"],
-                    pullproxy_label=label),
-                Row(sc, "pulled from upstream", "GiB", "lower", pp["upstream_bytes"] / (1 << 30),
-                    an["upstream_bytes"] / (1 << 30), pullproxy_label=label),
-                Row(sc, "correct bodies (sha256), worst run", "", "higher", f"{ok_pp}/{o.clients}",
-                    f"{ok_an}/{o.clients}", pullproxy_label=label),
-                Row(sc, "proxy peak RSS (process tree)", "MiB", "lower", pp["peak_rss_bytes"] / MiB,
-                    an["peak_rss_bytes"] / MiB, pullproxy_label=label,
-                    note=f"before: {pp['rss_before_bytes'] / MiB:.0f} vs {an['rss_before_bytes'] / MiB:.0f} MiB"),
-                Row(sc, "proxy CPU time (user+sys)", "s", "lower", pp["proxy_cpu_s"], an["proxy_cpu_s"],
-                    pullproxy_label=label),
+                Row(
+                    sc,
+                    "first byte, median client",
+                    "s",
+                    "lower",
+                    pp["ttfb_median_s"],
+                    an["ttfb_median_s"],
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    "first byte, slowest client",
+                    "s",
+                    "lower",
+                    pp["ttfb_max_s"],
+                    an["ttfb_max_s"],
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    "upstream GETs of the blob",
+                    "",
+                    "lower",
+                    pp["upstream_gets"],
+                    an["upstream_gets"],
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    "pulled from upstream",
+                    "GiB",
+                    "lower",
+                    pp["upstream_bytes"] / (1 << 30),
+                    an["upstream_bytes"] / (1 << 30),
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    "correct bodies (sha256), worst run",
+                    "",
+                    "higher",
+                    f"{ok_pp}/{o.clients}",
+                    f"{ok_an}/{o.clients}",
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    "proxy peak RSS (process tree)",
+                    "MiB",
+                    "lower",
+                    pp["peak_rss_bytes"] / MiB,
+                    an["peak_rss_bytes"] / MiB,
+                    pullproxy_label=label,
+                    note=f"before: {pp['rss_before_bytes'] / MiB:.0f} vs {an['rss_before_bytes'] / MiB:.0f} MiB",
+                ),
+                Row(
+                    sc,
+                    "proxy CPU time (user+sys)",
+                    "s",
+                    "lower",
+                    pp["proxy_cpu_s"],
+                    an["proxy_cpu_s"],
+                    pullproxy_label=label,
+                ),
             ]
         if self.opts.profile_dir is not None:
             t = self.targets[PP]
             blob = self.maker.push(self.upstream.url, "bench/cold", o.blob_size)
             os.sync()
-            with profile.PySpy(t.pid, self.opts.profile_dir / "cold-herd.txt",
-                               f"pullproxy, cold herd {o.clients} clients x {o.blob_size // MiB} MiB",
-                               native=o.profile_native) as spy:
+            with profile.PySpy(
+                t.pid,
+                self.opts.profile_dir / "cold-herd.txt",
+                f"pullproxy, cold herd {o.clients} clients x {o.blob_size // MiB} MiB",
+                native=o.profile_native,
+            ) as spy:
                 run_clients(self._blob_spec(t.url, "bench/cold", blob, o.clients))
             if spy.profile:
                 self.profiles.append(spy.profile)
@@ -441,24 +520,50 @@ class Bench:
                 result = run_clients(self._blob_spec(t.url, "bench/cold", blob, 1))
                 gets = blob_gets(self._upstream_entries(offset, blob.digest, t), blob.digest)
                 c = result["clients"][0]
-                run = {"ttfb_s": c["first_body_s"], "total_s": c["total_s"], "upstream_gets": len(gets),
-                       "correct": int(c["ok"])}
+                run = {
+                    "ttfb_s": c["first_body_s"],
+                    "total_s": c["total_s"],
+                    "upstream_gets": len(gets),
+                    "correct": int(c["ok"]),
+                }
                 self._check_bodies(result, f"cold single {t.label}")
                 runs[t.key].append(run)
-                say(f"  rep {rep + 1} {t.label}: first byte {c['first_body_s'] or 0:.3f}s, "
-                    f"total {c['total_s'] or 0:.2f}s, {len(gets)} upstream GET(s), ok={c['ok']}")
+                say(
+                    f"  rep {rep + 1} {t.label}: first byte {c['first_body_s'] or 0:.3f}s, "
+                    f"total {c['total_s'] or 0:.2f}s, {len(gets)} upstream GET(s), ok={c['ok']}"
+                )
         res = {k: {"runs": v, "median": self._medians(v)} for k, v in runs.items()}
         self.results["cold_single"] = res
         pp, an, up = res[PP]["median"], res[ANCHOR]["median"], res["upstream"]["median"]
         sc = f"2 cold single ({o.blob_size // MiB} MiB)"
         self.rows += [
-            Row(sc, "first byte", "s", "lower", pp["ttfb_s"], an["ttfb_s"],
-                note=f"straight from upstream: {up['ttfb_s']:.3f} s"),
-            Row(sc, "total time", "s", "lower", pp["total_s"], an["total_s"],
-                note=f"straight from upstream: {up['total_s']:.2f} s"),
+            Row(
+                sc,
+                "first byte",
+                "s",
+                "lower",
+                pp["ttfb_s"],
+                an["ttfb_s"],
+                note=f"straight from upstream: {up['ttfb_s']:.3f} s",
+            ),
+            Row(
+                sc,
+                "total time",
+                "s",
+                "lower",
+                pp["total_s"],
+                an["total_s"],
+                note=f"straight from upstream: {up['total_s']:.2f} s",
+            ),
             Row(sc, "upstream GETs of the blob", "", "lower", pp["upstream_gets"], an["upstream_gets"]),
-            Row(sc, "correct bodies, all runs", "", "higher", f"{sum(r['correct'] for r in runs[PP])}/{o.repeats}",
-                f"{sum(r['correct'] for r in runs[ANCHOR])}/{o.repeats}"),
+            Row(
+                sc,
+                "correct bodies, all runs",
+                "",
+                "higher",
+                f"{sum(r['correct'] for r in runs[PP])}/{o.repeats}",
+                f"{sum(r['correct'] for r in runs[ANCHOR])}/{o.repeats}",
+            ),
         ]
 
     def _prime_blob(self, t: Target, repo: str, blob: Blob) -> None:
@@ -488,7 +593,8 @@ class Bench:
                 herd = run_clients(self._blob_spec(t.url, "bench/warm", blob, o.clients))
                 cpu = tree_cpu_seconds(t.pid) - cpu
                 ok = self._check_bodies(single, f"warm single {t.label}") + self._check_bodies(
-                    herd, f"warm {o.clients} {t.label}")
+                    herd, f"warm {o.clients} {t.label}"
+                )
                 gets = blob_gets(self._upstream_entries(offset, blob.digest, None, quiet=0.2), blob.digest)
                 run = {
                     "single_MBps": blob.size / single["wall_s"] / 1e6,
@@ -498,9 +604,11 @@ class Bench:
                     "concurrent_cpu_s_per_GiB": cpu / (blob.size * o.clients / (1 << 30)),
                 }
                 runs[t.key].append(run)
-                say(f"  rep {rep + 1} {t.label}: single {run['single_MBps']:.0f} MB/s, {o.clients} clients "
+                say(
+                    f"  rep {rep + 1} {t.label}: single {run['single_MBps']:.0f} MB/s, {o.clients} clients "
                     f"{run['concurrent_MBps']:.0f} MB/s, {ok}/{o.clients + 1} ok, {len(gets)} upstream GET(s), "
-                    f"proxy CPU {run['concurrent_cpu_s_per_GiB']:.2f} s/GiB")
+                    f"proxy CPU {run['concurrent_cpu_s_per_GiB']:.2f} s/GiB"
+                )
         self.results["warm"] = {k: {"runs": v, "median": self._medians(v)} for k, v in runs.items()}
         for key in [k for k in (PP, PP_W) if k in runs]:
             pp, an = self.results["warm"][key]["median"], self.results["warm"][ANCHOR]["median"]
@@ -508,16 +616,33 @@ class Bench:
             sc = f"3 warm blob ({o.blob_size // MiB} MiB)" if key == PP else f"5 {label}: warm blob"
             self.rows += [
                 Row(sc, "1 client", "MB/s", "higher", pp["single_MBps"], an["single_MBps"], pullproxy_label=label),
-                Row(sc, f"{o.clients} clients, aggregate", "MB/s", "higher", pp["concurrent_MBps"],
-                    an["concurrent_MBps"], pullproxy_label=label),
-                Row(sc, f"proxy CPU per GiB served ({o.clients} clients)", "s", "lower",
-                    pp["concurrent_cpu_s_per_GiB"], an["concurrent_cpu_s_per_GiB"], pullproxy_label=label),
+                Row(
+                    sc,
+                    f"{o.clients} clients, aggregate",
+                    "MB/s",
+                    "higher",
+                    pp["concurrent_MBps"],
+                    an["concurrent_MBps"],
+                    pullproxy_label=label,
+                ),
+                Row(
+                    sc,
+                    f"proxy CPU per GiB served ({o.clients} clients)",
+                    "s",
+                    "lower",
+                    pp["concurrent_cpu_s_per_GiB"],
+                    an["concurrent_cpu_s_per_GiB"],
+                    pullproxy_label=label,
+                ),
             ]
         if self.opts.profile_dir is not None:
             t = self.targets[PP]
-            with profile.PySpy(t.pid, self.opts.profile_dir / "warm-concurrent.txt",
-                               f"pullproxy, warm {o.clients} clients x {o.blob_size // MiB} MiB",
-                               native=o.profile_native) as spy:
+            with profile.PySpy(
+                t.pid,
+                self.opts.profile_dir / "warm-concurrent.txt",
+                f"pullproxy, warm {o.clients} clients x {o.blob_size // MiB} MiB",
+                native=o.profile_native,
+            ) as spy:
                 for _ in range(2):
                     run_clients(self._blob_spec(t.url, "bench/warm", blob, o.clients))
             if spy.profile:
@@ -547,17 +672,24 @@ class Bench:
             if t.stored is not None:
                 self._prime_blob(t, "bench/small", blob)
         sizes = {"manifest_tag": len(image.manifest), "manifest_digest": len(image.manifest), "blob": blob.size}
-        first = self._load(loadgen.LoadSpec(url=targets[0].url, path="/v2/", duration=1,
-                                            connections=o.rps_connections))
+        first = self._load(loadgen.LoadSpec(url=targets[0].url, path="/v2/", duration=1, connections=o.rps_connections))
         self.loadgen_name = first.tool
-        say(f"rps: {', '.join(names.values())}; {o.rps_duration:g} s x {o.repeats} run(s) each, "
-            f"load generator: {first.tool}")
+        say(
+            f"rps: {', '.join(names.values())}; {o.rps_duration:g} s x {o.repeats} run(s) each, "
+            f"load generator: {first.tool}"
+        )
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {t.key: {e: [] for e in endpoints} for t in targets}
         for rep in range(o.repeats):
             for t in targets:
                 for name, (path, digest, headers) in endpoints.items():
-                    spec = loadgen.LoadSpec(url=t.url, path=path, duration=o.rps_duration,
-                                            connections=o.rps_connections, headers=headers, digest=digest)
+                    spec = loadgen.LoadSpec(
+                        url=t.url,
+                        path=path,
+                        duration=o.rps_duration,
+                        connections=o.rps_connections,
+                        headers=headers,
+                        digest=digest,
+                    )
                     if rep == 0:  # warm up connections, JIT-free but caches and pools
                         self._load(loadgen.LoadSpec(**{**asdict(spec), "duration": 1.0}))
                     offset = self._log_offset()
@@ -566,20 +698,30 @@ class Bench:
                     cpu = tree_cpu_seconds(t.pid) - cpu
                     upstream_requests = len(self._upstream_entries(offset, None, None, quiet=0.3, limit=5))
                     bad_size = res.requests and res.bytes_per_request < sizes[name]
-                    run = {"rps": res.rps, "requests": res.requests, "errors": res.errors,
-                           "bytes_per_request": res.bytes_per_request, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
-                           "upstream_requests": upstream_requests, "short_bodies": bool(bad_size),
-                           "proxy_cpu_ms_per_request": 1000 * cpu / res.requests if res.requests else None}
+                    run = {
+                        "rps": res.rps,
+                        "requests": res.requests,
+                        "errors": res.errors,
+                        "bytes_per_request": res.bytes_per_request,
+                        "p50_ms": res.p50_ms,
+                        "p99_ms": res.p99_ms,
+                        "upstream_requests": upstream_requests,
+                        "short_bodies": bool(bad_size),
+                        "proxy_cpu_ms_per_request": 1000 * cpu / res.requests if res.requests else None,
+                    }
                     if res.errors or bad_size:
                         say(f"  !! {t.label} {name}: {res.errors} errors, {res.bytes_per_request:.0f} B/response")
                     runs[t.key][name].append(run)
-                    say(f"  rep {rep + 1} {t.label} {names[name]}: {res.rps:.0f} req/s (p99 {res.p99_ms or 0:.1f} ms, "
+                    say(
+                        f"  rep {rep + 1} {t.label} {names[name]}: {res.rps:.0f} req/s (p99 {res.p99_ms or 0:.1f} ms, "
                         f"{res.errors} errors, {upstream_requests} upstream requests, "
-                        f"proxy CPU {run['proxy_cpu_ms_per_request'] or 0:.2f} ms/request)")
+                        f"proxy CPU {run['proxy_cpu_ms_per_request'] or 0:.2f} ms/request)"
+                    )
         self.results["rps"] = {
             "load_generator": first.tool,
-            "targets": {k: {e: {"runs": v, "median": self._medians(v)} for e, v in per.items()}
-                        for k, per in runs.items()},
+            "targets": {
+                k: {e: {"runs": v, "median": self._medians(v)} for e, v in per.items()} for k, per in runs.items()
+            },
         }
         res_t = self.results["rps"]["targets"]
         for key in [k for k in (PP, PP_W) if k in runs]:
@@ -589,20 +731,35 @@ class Bench:
                 pp, an = res_t[key][name]["median"], res_t[ANCHOR][name]["median"]
                 note = ""
                 if pp["upstream_requests"] or an["upstream_requests"]:
-                    note = (f"upstream requests per run: pullproxy {pp['upstream_requests']:.0f}, "
-                            f"anchor {an['upstream_requests']:.0f}")
-                cpu_note = (f"proxy CPU per request: {pp['proxy_cpu_ms_per_request']:.2f} vs "
-                            f"{an['proxy_cpu_ms_per_request']:.2f} ms")
+                    note = (
+                        f"upstream requests per run: pullproxy {pp['upstream_requests']:.0f}, "
+                        f"anchor {an['upstream_requests']:.0f}"
+                    )
+                cpu_note = (
+                    f"proxy CPU per request: {pp['proxy_cpu_ms_per_request']:.2f} vs "
+                    f"{an['proxy_cpu_ms_per_request']:.2f} ms"
+                )
                 note = f"{cpu_note}; {note}" if note else cpu_note
-                self.rows.append(Row(sc, names[name], "req/s", "higher", pp["rps"], an["rps"], note=note,
-                                     pullproxy_label=label))
+                self.rows.append(
+                    Row(sc, names[name], "req/s", "higher", pp["rps"], an["rps"], note=note, pullproxy_label=label)
+                )
         if self.opts.profile_dir is not None:
             t = self.targets[PP]
             for name, (path, digest, headers) in endpoints.items():
-                spec = loadgen.LoadSpec(url=t.url, path=path, duration=max(3.0, o.rps_duration),
-                                        connections=o.rps_connections, headers=headers, digest=digest)
-                with profile.PySpy(t.pid, self.opts.profile_dir / f"rps-{name}.txt",
-                                   f"pullproxy, rps {names[name]}", native=o.profile_native) as spy:
+                spec = loadgen.LoadSpec(
+                    url=t.url,
+                    path=path,
+                    duration=max(3.0, o.rps_duration),
+                    connections=o.rps_connections,
+                    headers=headers,
+                    digest=digest,
+                )
+                with profile.PySpy(
+                    t.pid,
+                    self.opts.profile_dir / f"rps-{name}.txt",
+                    f"pullproxy, rps {names[name]}",
+                    native=o.profile_native,
+                ) as spy:
                     self._load(spec)
                 if spy.profile:
                     self.profiles.append(spy.profile)
@@ -639,8 +796,10 @@ def _ratio(row: Row) -> str:
 
 def render(rows: list[Row], notes: list[str]) -> None:
     header = ["scenario", "metric", "pullproxy", "anchor", "pullproxy/anchor", "better", "note"]
-    cells = [[r.scenario, r.metric, _fmt(r.pullproxy, r.unit), _fmt(r.anchor, r.unit), _ratio(r), r.winner, r.note]
-             for r in rows]
+    cells = [
+        [r.scenario, r.metric, _fmt(r.pullproxy, r.unit), _fmt(r.anchor, r.unit), _ratio(r), r.winner, r.note]
+        for r in rows
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -687,12 +846,18 @@ def machine_notes(opts: Options, loadgen_name: str) -> tuple[list[str], dict[str
     started = time.perf_counter()
     hashlib.sha256(data).digest()
     sha_mbps = len(data) / (time.perf_counter() - started) / 1e6
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=10).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=10
+    ).stdout.strip()
     dist = subprocess.run([REGISTRY_BIN, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     meta = {
-        "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "pullproxy_commit": rev,
-        "anchor": dist, "load_generator": loadgen_name, "client_sha256_MBps_per_core": round(sha_mbps),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "pullproxy_commit": rev,
+        "anchor": dist,
+        "load_generator": loadgen_name,
+        "client_sha256_MBps_per_core": round(sha_mbps),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
     }
     notes = [
@@ -709,9 +874,11 @@ def machine_notes(opts: Options, loadgen_name: str) -> tuple[list[str], dict[str
         "Peak RSS: VmHWM reset before each run and summed over the proxy's process tree (workers included).",
     ]
     if loadgen_name:
-        notes.append(f"Requests/s: {loadgen_name} ({opts.rps_connections} keep-alive connections), "
-                     f"{opts.rps_duration:g} s per run; each body verified once before, status and bytes per "
-                     "response checked during the run.")
+        notes.append(
+            f"Requests/s: {loadgen_name} ({opts.rps_connections} keep-alive connections), "
+            f"{opts.rps_duration:g} s per run; each body verified once before, status and bytes per "
+            "response checked during the run."
+        )
     return notes, meta
 
 
@@ -738,7 +905,10 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(opts, stack)
             bench.start()
             steps: dict[str, Callable[[], None]] = {
-                "cold-herd": bench.cold_herd, "cold-single": bench.cold_single, "warm": bench.warm, "rps": bench.rps,
+                "cold-herd": bench.cold_herd,
+                "cold-single": bench.cold_single,
+                "warm": bench.warm,
+                "rps": bench.rps,
             }
             for name in SCENARIOS:
                 if name in opts.scenarios:
@@ -755,8 +925,10 @@ def main(argv: list[str] | None = None) -> int:
     disturbed = {k: v for k, v in shares.items() if v > 0.10}
     summary = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
     if disturbed:
-        notes.append(f"WARNING: other processes used a share of the machine's CPU ({summary}); above 10% the "
-                     "figures are disturbed: rerun on a quiet machine.")
+        notes.append(
+            f"WARNING: other processes used a share of the machine's CPU ({summary}); above 10% the "
+            "figures are disturbed: rerun on a quiet machine."
+        )
     else:
         notes.append(f"Other processes' share of the machine's CPU per scenario (quiet below 10%): {summary}.")
     meta["foreign_cpu"] = {k: {"cpu_s": round(c, 1), "seconds": round(t, 1)} for k, (c, t) in bench.foreign_cpu.items()}
@@ -772,9 +944,16 @@ def main(argv: list[str] | None = None) -> int:
             "meta": {**meta, "elapsed_s": round(elapsed, 1)},
             "table": [{**asdict(r), "ratio": r.ratio, "better_side": r.winner} for r in rows],
             "results": bench.results,
-            "profiles": [{"label": p.label, "samples": p.samples, "raw": str(p.raw_path),
-                          "self": p.top(p.self_counts, 25), "inclusive": p.top(p.total_counts, 25)}
-                         for p in bench.profiles],
+            "profiles": [
+                {
+                    "label": p.label,
+                    "samples": p.samples,
+                    "raw": str(p.raw_path),
+                    "self": p.top(p.self_counts, 25),
+                    "inclusive": p.top(p.total_counts, 25),
+                }
+                for p in bench.profiles
+            ],
         }
         opts.json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
         print(f"\nJSON written to {opts.json_path}")

@@ -194,8 +194,11 @@ def read_access_log(path: Path, offset: int = 0) -> tuple[list[AccessEntry], int
         m = _ACCESS.match(line)
         if m:
             size = m.group("size")
-            entries.append(AccessEntry(m.group("method"), m.group("path"), int(m.group("status")),
-                                       int(size) if size.isdigit() else 0))
+            entries.append(
+                AccessEntry(
+                    m.group("method"), m.group("path"), int(m.group("status")), int(size) if size.isdigit() else 0
+                )
+            )
     return entries, offset + end
 
 

@@ -228,7 +228,7 @@ class ContentStore:
     def volume(self) -> int:
         return self._cache.volume()
 
-    def entries(self) -> int:
+    def count(self) -> int:
         """Blocking: blobs and manifests stored."""
         return len(self._cache)
 

@@ -150,7 +150,7 @@ class Sampler:
         if evictions > self._evictions:
             EVICTIONS.inc(evictions - self._evictions)
             self._evictions = evictions
-        size, entries = await to_thread.run_sync(lambda: (self.store.volume(), self.store.entries()))
+        size, entries = await to_thread.run_sync(lambda: (self.store.volume(), self.store.count()))
         CACHE_SIZE.set(size)
         CACHE_ENTRIES.set(entries)
 

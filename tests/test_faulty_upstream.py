@@ -223,9 +223,7 @@ def test_slow_body_and_slow_headers(reg: FaultyRegistry, client: httpx.Client) -
 # ---------------------------------------------------------------------- status, drop, down
 
 
-def test_status_override_matches_method_and_path_for_n_requests(
-    reg: FaultyRegistry, client: httpx.Client
-) -> None:
+def test_status_override_matches_method_and_path_for_n_requests(reg: FaultyRegistry, client: httpx.Client) -> None:
     digest, _ = reg.add_image(NAME, "latest", [10])
     fault = reg.fail(503, method="HEAD", path=f"/{NAME}/manifests/latest", times=2)
 
@@ -315,10 +313,7 @@ def test_bearer_token_flow_is_scoped() -> None:
         query = {"service": params["service"], "scope": params["scope"]}
         assert client.get(params["realm"], params=query).status_code == 401  # creds required
         assert client.get(params["realm"], params=query, auth=("alice", "wrong")).status_code == 401
-        assert (
-            client.get(params["realm"], params={"scope": params["scope"]}, auth=("alice", "pw")).status_code
-            == 400
-        )
+        assert client.get(params["realm"], params={"scope": params["scope"]}, auth=("alice", "pw")).status_code == 400
         token_resp = client.get(params["realm"], params=query, auth=("alice", "pw"))
         assert token_resp.status_code == 200
         body = token_resp.json()
@@ -350,9 +345,7 @@ def test_bearer_token_flow_is_scoped() -> None:
 def test_bearer_tokens_expire() -> None:
     with FaultyRegistry(auth="bearer", token_expires_in=1) as reg, httpx.Client(timeout=TIMEOUT) as client:
         reg.add_image(NAME, "latest", [10])
-        token = client.get(
-            reg.token_url, params={"service": "faulty.test", "scope": f"repository:{NAME}:pull"}
-        ).json()
+        token = client.get(reg.token_url, params={"service": "faulty.test", "scope": f"repository:{NAME}:pull"}).json()
         assert token["expires_in"] == 1
         headers = {"Authorization": f"Bearer {token['token']}"}
         assert client.get(f"{reg.url}/v2/{NAME}/manifests/latest", headers=headers).status_code == 200

@@ -208,9 +208,7 @@ def test_htpasswd_registry(registry_factory: Callable[..., Registry], tmp_path: 
     assert skopeo_inspect_raw(f"docker://{reg.host}/{image.ref}", authfile=authfile) == image.manifest
 
 
-def test_htpasswd_registry_with_containerd(
-    registry_factory: Callable[..., Registry], containerd: Containerd
-) -> None:
+def test_htpasswd_registry_with_containerd(registry_factory: Callable[..., Registry], containerd: Containerd) -> None:
     reg = registry_factory(users={"alice": "s3cret"})
     image = push_oci_image(reg.url, "library/alpine", "latest", auth=("alice", "s3cret"))
     containerd.write_hosts_toml("docker.io", reg.url)
@@ -261,7 +259,7 @@ def test_tags_list_is_not_paginated_by_distribution(upstream: SeededRegistry) ->
     assert sorted(tags.json()["tags"]) == [f"v{i}" for i in range(1, 8)]
     assert "link" not in tags.headers
     catalog = httpx.get(f"{upstream.url}/v2/_catalog?n=2", timeout=10)
-    assert len(catalog.json()["repositories"]) == 2 and "rel=\"next\"" in catalog.headers["link"]
+    assert len(catalog.json()["repositories"]) == 2 and 'rel="next"' in catalog.headers["link"]
 
 
 # ----------------------------------------------------------------------- helpers
@@ -270,7 +268,7 @@ def test_tags_list_is_not_paginated_by_distribution(upstream: SeededRegistry) ->
 def test_to_toml_round_trips() -> None:
     config = {
         "server": {"listen": "127.0.0.1:1234", "workers": 2},
-        "cache": {"dir": "/tmp/x \"quoted\"", "max_size": "1GiB", "tag_ttl": "30s", "unused": None},
+        "cache": {"dir": '/tmp/x "quoted"', "max_size": "1GiB", "tag_ttl": "30s", "unused": None},
         "upstream": [
             {"name": "docker.io", "url": "http://127.0.0.1:1", "default": True},
             {"name": "ghcr.io", "url": "http://127.0.0.1:2", "prefix": "ghcr.io", "ratio": 0.5, "l": [1, 2]},

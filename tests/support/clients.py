@@ -39,16 +39,23 @@ class CommandError(RuntimeError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"{' '.join(self.argv)} -> exit {returncode}\nstderr:\n{stderr[-4000:]}\n"
-                         f"stdout:\n{stdout[-2000:]}")
+        super().__init__(
+            f"{' '.join(self.argv)} -> exit {returncode}\nstderr:\n{stderr[-4000:]}\nstdout:\n{stdout[-2000:]}"
+        )
 
 
-def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True,
-        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def run(
+    argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run a command with a hard timeout; raise CommandError with stderr on failure."""
     try:
-        proc = subprocess.run(list(argv), capture_output=True, timeout=timeout, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+        proc = subprocess.run(
+            list(argv),
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         stderr = _text(exc.stderr) + f"\n<timed out after {timeout}s>"
         raise CommandError(argv, None, _text(exc.stdout), stderr) from exc
@@ -145,11 +152,11 @@ def write_registries_conf(path: str | Path, registry_name: str, mirror_host: str
     """
     out = Path(path)
     out.write_text(
-        'unqualified-search-registries = []\n\n'
-        '[[registry]]\n'
+        "unqualified-search-registries = []\n\n"
+        "[[registry]]\n"
         f'prefix = "{registry_name}"\n'
         f'location = "{mirror_host}"\n'
-        'insecure = true\n'
+        "insecure = true\n"
     )
     return out
 
@@ -282,8 +289,10 @@ class Containerd:
         while True:
             if not self.running:
                 raise RuntimeError(f"containerd exited during start-up:\n{tail(self.log_path)}")
-            if Path(self.socket).exists() and run([CTR, "--address", self.socket, "version"], timeout=10,
-                                                  check=False).returncode == 0:
+            if (
+                Path(self.socket).exists()
+                and run([CTR, "--address", self.socket, "version"], timeout=10, check=False).returncode == 0
+            ):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -309,11 +318,11 @@ class Containerd:
     ) -> None:
         self.close()
 
-    def ctr(self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True
-            ) -> subprocess.CompletedProcess[bytes]:
+    def ctr(
+        self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
         """``ctr --address SOCK --namespace NS ARGS...``."""
-        return run([CTR, "--address", self.socket, "--namespace", self.namespace, *args],
-                   timeout=timeout, check=check)
+        return run([CTR, "--address", self.socket, "--namespace", self.namespace, *args], timeout=timeout, check=check)
 
     def write_hosts_toml(self, registry_name: str, mirror_url: str, override_path: bool = False) -> Path:
         """Convenience: :func:`write_hosts_toml` into this daemon's own hosts dir."""
@@ -460,8 +469,7 @@ def docker_daemon_pull(
         digest = head.headers.get("Docker-Content-Digest", "")
         if not digest.startswith("sha256:"):
             raise AssertionError(f"HEAD {repo}:{tag} gave no Docker-Content-Digest: {dict(head.headers)}")
-        result = DockerPull(tag_digest=digest, tag_media_type=head.headers.get("Content-Type", ""),
-                            requests=log)
+        result = DockerPull(tag_digest=digest, tag_media_type=head.headers.get("Content-Type", ""), requests=log)
 
         def get_manifest(ref: str) -> dict[str, Any]:
             resp = request("GET", f"/v2/{repo}/manifests/{ref}", accept)

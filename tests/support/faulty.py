@@ -351,9 +351,7 @@ class FaultyRegistry:
                 self._tags[name][tag] = digest
         return digest
 
-    def add_image(
-        self, name: str, tag: str | None, layer_sizes: Sequence[int] = (1024,)
-    ) -> tuple[str, list[str]]:
+    def add_image(self, name: str, tag: str | None, layer_sizes: Sequence[int] = (1024,)) -> tuple[str, list[str]]:
         """Store a single-platform OCI image of pseudo-random layers.
 
         Returns ``(manifest_digest, [config_digest, *layer_digests])``. Content is
@@ -392,12 +390,8 @@ class FaultyRegistry:
             for i, d in enumerate(manifest_digests):
                 body, media_type = stored[d]
                 platform = {"architecture": ["amd64", "arm64", "s390x", "ppc64le"][i % 4], "os": "linux"}
-                entries.append(
-                    {"mediaType": media_type, "digest": d, "size": len(body), "platform": platform}
-                )
-        body = json.dumps(
-            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, indent=2
-        ).encode()
+                entries.append({"mediaType": media_type, "digest": d, "size": len(body), "platform": platform})
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, indent=2).encode()
         return self.add_manifest(name, tag, body, OCI_INDEX)
 
     def delete_tag(self, name: str, tag: str) -> None:
@@ -443,9 +437,7 @@ class FaultyRegistry:
             code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE" if status == 503 else "UNKNOWN"
             body = json.dumps({"errors": [{"code": code, "message": f"injected {status}"}]}).encode()
             hdrs.setdefault("Content-Type", "application/json")
-        return self._add(
-            Fault("status", method, path, digest, listener, times, status=status, headers=hdrs, body=body)
-        )
+        return self._add(Fault("status", method, path, digest, listener, times, status=status, headers=hdrs, body=body))
 
     def drop(
         self,
@@ -542,9 +534,7 @@ class FaultyRegistry:
         with self._lock:
             self._tokens.clear()
 
-    def _take(
-        self, kind: FaultKind, listener: Listener, method: str, path: str, digest: str | None
-    ) -> Fault | None:
+    def _take(self, kind: FaultKind, listener: Listener, method: str, path: str, digest: str | None) -> Fault | None:
         with self._lock:
             for fault in self._faults:
                 if fault.kind == kind and fault.matches(listener, method, path, digest):
@@ -561,9 +551,7 @@ class FaultyRegistry:
         with self._lock:
             return list(self._log[listener])
 
-    def count(
-        self, method: str | None = None, path_contains: str = "", listener: Listener = "registry"
-    ) -> int:
+    def count(self, method: str | None = None, path_contains: str = "", listener: Listener = "registry") -> int:
         """Requests on ``listener`` with ``method`` (``None`` = any) whose path contains the substring."""
         with self._lock:
             return sum(
@@ -612,9 +600,7 @@ class FaultyRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connection(
-        self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _connection(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             self._active[listener] += 1
             self._total[listener] += 1
@@ -757,9 +743,7 @@ class FaultyRegistry:
         if name is not None:
             challenge += f',scope="repository:{name}:pull"'
         if not auth_header.startswith("Bearer "):
-            return _Response.error(
-                401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge}
-            )
+            return _Response.error(401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
         with self._lock:
             token = self._tokens.get(auth_header[len("Bearer ") :].strip())
         if token is None or token.expires_at <= time.monotonic():

@@ -145,9 +145,7 @@ class Layer:
         return Blob(sha256_digest(self.data), len(self.data), self.media_type)
 
 
-def _tarinfo(
-    name: str, *, size: int = 0, kind: bytes = tarfile.REGTYPE, mode: int = 0o644
-) -> tarfile.TarInfo:
+def _tarinfo(name: str, *, size: int = 0, kind: bytes = tarfile.REGTYPE, mode: int = 0o644) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
     info.type = kind
@@ -206,8 +204,7 @@ def image_config(
         "architecture": arch,
         "os": os_name,
         "created": "2024-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "pullproxy tests"} for _ in diff_ids],
     }
@@ -217,14 +214,19 @@ def image_config(
 
 
 def image_manifest(config: Blob, layers: list[Blob], media_type: str) -> bytes:
-    body: dict[str, Any] = {"schemaVersion": 2, "mediaType": media_type,
-                            "config": config.descriptor(), "layers": [b.descriptor() for b in layers]}
+    body: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": config.descriptor(),
+        "layers": [b.descriptor() for b in layers],
+    }
     return canonical_json(body)
 
 
 def index_manifest(children: list[PushedImage], media_type: str) -> bytes:
-    return canonical_json({"schemaVersion": 2, "mediaType": media_type,
-                           "manifests": [c.descriptor() for c in children]})
+    return canonical_json(
+        {"schemaVersion": 2, "mediaType": media_type, "manifests": [c.descriptor() for c in children]}
+    )
 
 
 # --------------------------------------------------------------------------- pushing
@@ -314,8 +316,18 @@ class Pusher:
         layer_blobs += extra_blobs or []
         body = image_manifest(cfg_blob, layer_blobs, manifest_type)
         digest = self._push_manifest_refs(repo, tag_list, body, manifest_type)
-        return PushedImage(repo, tag_list[0] if tag_list else None, digest, manifest_type, body,
-                           [cfg_blob, *layer_blobs], [], platform, config, tag_list)
+        return PushedImage(
+            repo,
+            tag_list[0] if tag_list else None,
+            digest,
+            manifest_type,
+            body,
+            [cfg_blob, *layer_blobs],
+            [],
+            platform,
+            config,
+            tag_list,
+        )
 
     def push_index(
         self, repo: str, tags: list[str] | str, children: list[PushedImage], media_type: str = OCI_INDEX
@@ -323,8 +335,9 @@ class Pusher:
         tag_list = [tags] if isinstance(tags, str) else list(tags)
         body = index_manifest(children, media_type)
         digest = self._push_manifest_refs(repo, tag_list, body, media_type)
-        return PushedImage(repo, tag_list[0] if tag_list else None, digest, media_type, body, [],
-                           children, None, None, tag_list)
+        return PushedImage(
+            repo, tag_list[0] if tag_list else None, digest, media_type, body, [], children, None, None, tag_list
+        )
 
     def _push_manifest_refs(self, repo: str, tags: list[str], body: bytes, media_type: str) -> str:
         digest = self.push_manifest(repo, sha256_digest(body), body, media_type)
@@ -441,7 +454,10 @@ def _push_single(
     config = image_config([lay.diff_id for lay in layers], arch=arch, variant=variant)
     with Pusher(registry_url, auth) as p:
         return p.push_image(
-            repo, tags, config, layers,
+            repo,
+            tags,
+            config,
+            layers,
             manifest_type=DOCKER_MANIFEST if docker else OCI_MANIFEST,
             config_type=DOCKER_CONFIG if docker else OCI_CONFIG,
             platform=_platform("linux", arch, variant),
@@ -525,8 +541,7 @@ def push_big_image(
         config = image_config([digest])
         with Pusher(registry_url, auth) as p:
             layer_blob = p.push_blob_file(repo, path, digest, OCI_LAYER)
-            return p.push_image(repo, tag, config, [], platform=_platform("linux", "amd64"),
-                                extra_blobs=[layer_blob])
+            return p.push_image(repo, tag, config, [], platform=_platform("linux", "amd64"), extra_blobs=[layer_blob])
     finally:
         path.unlink(missing_ok=True)
 
@@ -588,7 +603,6 @@ def seed_all(
         "docker": push_docker_image(registry_url, "acme/docker", "latest", auth=auth),
         "dockerlist": push_multiarch(registry_url, "acme/dockerlist", "latest", docker=True, auth=auth),
         "helm": push_helm_chart(registry_url, "charts/mychart", "0.1.0", auth=auth),
-        "tagged": push_oci_image(registry_url, "acme/tagged", [f"v{i}" for i in range(1, 8)],
-                                 layers=1, auth=auth),
+        "tagged": push_oci_image(registry_url, "acme/tagged", [f"v{i}" for i in range(1, 8)], layers=1, auth=auth),
         "big": push_big_image(registry_url, "acme/big", "latest", size=big_size, tmpdir=tmpdir, auth=auth),
     }
