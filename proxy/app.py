@@ -20,10 +20,15 @@ from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
 from proxy import errors, logs
+from proxy.access import Policy
+from proxy.auth import Gate
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
+from proxy.throttle import LoginThrottle
+from proxy.tokens import Tokens, load_or_create_key
 from proxy.upstream import Upstream
+from proxy.users import Users
 
 log = structlog.get_logger("pullproxy")
 TOUCH_INTERVAL = 2.0
@@ -56,6 +61,7 @@ def create_app(config: configuration.Config) -> Starlette:
         upstreams = [Upstream(u) for u in config.upstreams]
         app.state.router = Router(upstreams)
         app.state.mirror = Mirror(store, meta, config.tag_ttl)
+        app.state.gate = await _gate(config)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
         flusher = asyncio.create_task(_flush_touches(store))
         log.info(
@@ -84,6 +90,15 @@ def create_app(config: configuration.Config) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+async def _gate(config: configuration.Config) -> Gate:
+    auth = config.auth or configuration.AuthConfig()
+    users = Users(auth.users, auth.htpasswd, LoginThrottle())
+    await users.load()
+    key = auth.token_key or await to_thread.run_sync(load_or_create_key, config.cache_dir)
+    policy = Policy(config.access, config.default_pull)
+    return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
 
 
 def _remove_stale_partials(directory: Path) -> None:
