@@ -155,7 +155,9 @@ class Gate:
         if caller.grant is not None:
             if full in caller.grant.repositories:
                 return
-            if caller.user is None or rule.admits(caller.user):
+            if caller.user is None:
+                raise self.challenge(request, name, "authentication required", "insufficient_scope")
+            if rule.admits(caller.user):
                 raise self.challenge(request, name, f"the token does not grant pull on {name}", "insufficient_scope")
             raise denied(name)
         if caller.user is None:
