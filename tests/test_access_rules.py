@@ -127,6 +127,26 @@ networks = ["10.0.0.0/8"]
     assert config.load(write(tmp_path, "[auth]\n"), environ={}).default_pull == ()  # [auth]: deny
 
 
+def test_the_readme_access_example_means_what_it_says(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Access control") :]
+    text = section[section.index("```toml") + 7 : section.index("```", section.index("```toml") + 7)]
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"carol:{password_hash('pw')}\n")
+    text = text.replace("/etc/pullproxy/htpasswd", str(htpasswd)).replace("$2y$05$...", password_hash("pw"))
+    loaded = config.load(write(tmp_path, text), environ={"INTERNAL_REGISTRY_PASSWORD": "x"})
+    policy = Policy(loaded.access, loaded.default_pull)
+    alice, carol = User("alice", frozenset({"dev"})), User("carol")
+    ci, elsewhere = ipaddress.ip_address("10.20.30.40"), ipaddress.ip_address("192.0.2.1")
+    assert policy.allows("docker.io/library/alpine", None, elsewhere)
+    assert policy.allows("registry.example:5000/team/app", alice, elsewhere)
+    assert not policy.allows("registry.example:5000/team/app", carol, elsewhere)
+    assert policy.allows("registry.example:5000/team/app", None, ci)
+    assert policy.allows("docker.io/bitnami/redis", carol, elsewhere)
+    assert policy.allows("docker.io/bitnami/redis", None, ci)
+    assert not policy.allows("docker.io/bitnami/redis", None, elsewhere)
+
+
 def test_trusted_proxies_from_the_environment(tmp_path: Path) -> None:
     loaded = config.load(None, environ={"PULLPROXY_SERVER_TRUSTED_PROXIES": "10.0.0.1, 10.0.0.2/31"})
     assert [str(n) for n in loaded.trusted_proxies] == ["10.0.0.1/32", "10.0.0.2/31"]
