@@ -140,6 +140,17 @@ def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
             raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
+def _entry(where: str, table: object, array: str, allowed: set[str], required: tuple[str, ...]) -> dict[str, Any]:
+    """One table of an array of tables (`[[array]]`), its keys checked."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table ([[{array}]])")
+    _check_keys(where, table, allowed)
+    for key in required:
+        if key not in table:
+            raise ConfigError(f"{where}.{key}: missing")
+    return table
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a non-empty string")
@@ -148,16 +159,11 @@ def _string(key: str, value: object) -> str:
 
 def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamConfig:
     where = f"upstream[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[upstream]])")
     allowed = {
         "name", "url", "default", "prefix", "username", "password", "password_env",
         "timeout", "connect_timeout", "max_connections",
     }  # fmt: skip
-    _check_keys(where, table, allowed)
-    for required in ("name", "url"):
-        if required not in table:
-            raise ConfigError(f"{where}.{required}: missing")
+    table = _entry(where, table, "upstream", allowed, ("name", "url"))
     name = _string(f"{where}.name", table["name"]).lower()
     url = _string(f"{where}.url", table["url"]).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
@@ -367,12 +373,7 @@ def _token_key(table: dict[str, Any], environ: dict[str, str]) -> bytes | None:
 
 def _user(index: int, table: object) -> UserConfig:
     where = f"auth.user[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[auth.user]])")
-    _check_keys(where, table, {"name", "password_hash", "groups"})
-    for required in ("name", "password_hash"):
-        if required not in table:
-            raise ConfigError(f"{where}.{required}: missing")
+    table = _entry(where, table, "auth.user", {"name", "password_hash", "groups"}, ("name", "password_hash"))
     name = _string(f"{where}.name", table["name"])
     if ":" in name:
         raise ConfigError(f"{where}.name: {name!r} must not contain ':'")
@@ -417,12 +418,7 @@ def _pull(key: str, value: object, auth: AuthConfig | None) -> Pull:
 
 def _rule(index: int, table: object, auth: AuthConfig | None, upstreams: tuple[UpstreamConfig, ...]) -> AccessRule:
     where = f"access[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[access]])")
-    _check_keys(where, table, {"repository", "pull", "networks"})
-    for required in ("repository", "pull"):
-        if required not in table:
-            raise ConfigError(f"{where}.{required}: missing")
+    table = _entry(where, table, "access", {"repository", "pull", "networks"}, ("repository", "pull"))
     pattern = _string(f"{where}.repository", table["repository"])
     if not _PATTERN.match(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
         raise ConfigError(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.auth import password_hash
+from tests.support.auth import user_entry
 from tests.support.clients import CommandError, Containerd, docker_daemon_pull, skopeo_copy, write_authfile
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
@@ -24,12 +24,7 @@ def proxy(upstream: Registry, proxy_factory: Callable[..., Proxy]) -> Proxy:
     """Docker Hub's official images public, the acme namespace for group dev, the rest for nobody."""
     return proxy_factory(
         {
-            "auth": {
-                "user": [
-                    {"name": ALICE[0], "password_hash": password_hash(ALICE[1]), "groups": ["dev"]},
-                    {"name": BOB[0], "password_hash": password_hash(BOB[1])},
-                ]
-            },
+            "auth": {"user": [user_entry(ALICE, "dev"), user_entry(BOB)]},
             "access": [
                 {"repository": "docker.io/library/*", "pull": "anyone"},
                 {"repository": "docker.io/acme/**", "pull": ["group:dev"]},

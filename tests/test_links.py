@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support.auth import error_code, password_hash
+from tests.support.auth import error_code, user_entry
 from tests.support.faulty import OCI_MANIFEST, FaultyRegistry
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
@@ -24,7 +24,7 @@ def test_blob_and_manifest_cached_through_a_private_repository_stay_there(
     secret, public = images["docker"], images["alpine"]
     proxy = proxy_factory(
         {
-            "auth": {"user": [{"name": ALICE[0], "password_hash": password_hash(ALICE[1])}], "default": "anyone"},
+            "auth": {"user": [user_entry(ALICE)], "default": "anyone"},
             "access": [{"repository": f"docker.io/{secret.repo}", "pull": ["alice"]}],
         },
         upstream_url=upstream.url,

@@ -13,12 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.auth import client_from, password_hash
+from tests.support.auth import client_from, password_hash, user_entry
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import Proxy
 
 COST = 10  # ~0.1 s a check here, far above a request's own time
 ALICE = ("alice", "alice-pw")
+BOB = ("bob", "bob-pw")
 SLOW = ("slow", "slow-pw")  # cost 13: a check long enough to watch the event loop meanwhile
 PRIVATE = "/v2/acme/app/manifests/1"
 PUBLIC = "/v2/library/alpine/manifests/1"
@@ -44,11 +45,7 @@ def proxy(hub: FaultyRegistry, htpasswd: Path) -> Iterator[Proxy]:
     config = {
         "auth": {
             "htpasswd": str(htpasswd),
-            "user": [
-                {"name": ALICE[0], "password_hash": password_hash(ALICE[1], COST)},
-                {"name": "bob", "password_hash": password_hash("bob-pw", COST)},
-                {"name": SLOW[0], "password_hash": password_hash(SLOW[1], 13)},
-            ],
+            "user": [user_entry(ALICE, rounds=COST), user_entry(BOB, rounds=COST), user_entry(SLOW, rounds=13)],
         },
         "access": [
             {"repository": "docker.io/library/*", "pull": "anyone"},
@@ -108,14 +105,14 @@ def test_changed_htpasswd_applies_without_restart(proxy: Proxy, htpasswd: Path) 
 
 def test_repeated_failures_from_one_address_are_slowed_and_logged(proxy: Proxy) -> None:
     with client_from(proxy.url, "127.0.2.1") as guesser, client_from(proxy.url, "127.0.2.2") as other:
-        times = [timed(guesser, PRIVATE, ("bob", f"guess-{i}"))[0] for i in range(7)]
-        elsewhere, response = timed(other, PRIVATE, ("bob", "typo"))
+        times = [timed(guesser, PRIVATE, (BOB[0], f"guess-{i}"))[0] for i in range(7)]
+        elsewhere, response = timed(other, PRIVATE, (BOB[0], "typo"))
         assert response.status_code == 401
         assert max(times[:5]) < 0.4  # five free tries
         assert times[5] > 0.5 and times[6] > 1.0  # then a growing wait
         assert elsewhere < 0.4  # other addresses are not slowed
         # The right password still works from the guesser's address, after the wait.
-        assert guesser.get(PRIVATE, auth=("bob", "bob-pw")).status_code == 200
+        assert guesser.get(PRIVATE, auth=BOB).status_code == 200
     failures = [line for line in proxy.log_text().splitlines() if '"login failed"' in line]
     assert any('"client": "127.0.2.1"' in line and '"failures": 7' in line for line in failures)
     assert any('"client": "127.0.2.2"' in line and '"failures": 1' in line for line in failures)

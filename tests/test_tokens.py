@@ -16,7 +16,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.support.auth import bearer, challenge, claims, error_code, password_hash
+from tests.support.auth import bearer, challenge, claims, error_code, user_entry
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import Proxy
 
@@ -46,10 +46,7 @@ def access_config(hub: FaultyRegistry, ghcr: FaultyRegistry, auth: dict[str, Any
     return {
         "upstream": [{"name": "docker.io", "url": hub.url, "default": True}, {"name": "ghcr.io", "url": ghcr.url}],
         "auth": {
-            "user": [
-                {"name": ALICE[0], "password_hash": password_hash(ALICE[1]), "groups": ["dev"]},
-                {"name": BOB[0], "password_hash": password_hash(BOB[1])},
-            ],
+            "user": [user_entry(ALICE, "dev"), user_entry(BOB)],
             **(auth or {}),
         },
         "access": [

@@ -16,6 +16,11 @@ def password_hash(password: str, rounds: int = 4) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds)).decode().replace("$2b$", "$2y$", 1)
 
 
+def user_entry(user: tuple[str, str], *groups: str, rounds: int = 4) -> dict[str, Any]:
+    """An `[[auth.user]]` table for (name, password)."""
+    return {"name": user[0], "password_hash": password_hash(user[1], rounds), "groups": list(groups)}
+
+
 def challenge(response: httpx.Response) -> dict[str, str]:
     """The parameters of a `WWW-Authenticate: Bearer ...` header."""
     header = response.headers["WWW-Authenticate"]
