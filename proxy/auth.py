@@ -71,6 +71,10 @@ def denied(name: str) -> RegistryError:
     return RegistryError(403, "DENIED", "requested access to the resource is denied", _access_detail(name))
 
 
+def _log_user(request: Request, user: User) -> None:
+    request.scope.setdefault("state", {})["user"] = user.name  # for the access log
+
+
 def _access_detail(name: str | None) -> list[dict[str, str]] | None:
     return [{"Type": "repository", "Name": name, "Action": "pull"}] if name else None
 
@@ -118,7 +122,10 @@ class Gate:
         if not sep or not name:
             return None
         address = self.address(request)
-        return await self.users.authenticate(name, password, str(address) if address else "unknown")
+        user = await self.users.authenticate(name, password, str(address) if address else "unknown")
+        if user is not None:
+            _log_user(request, user)
+        return user
 
     async def caller(self, request: Request, name: str | None = None) -> Caller:
         """Who presented what; 401 when the credentials are wrong (`name` goes into the challenge)."""
@@ -131,18 +138,18 @@ class Gate:
             user = await self.basic_user(request, value.strip())
             if user is None:
                 raise self.challenge(request, name, "incorrect username or password")
-            caller = Caller(user)
-        elif scheme == "bearer":
+            return Caller(user)
+        if scheme == "bearer":
             try:
                 grant = self.tokens.verify(value.strip())
             except InvalidToken:
                 raise self.challenge(request, name, "invalid or expired token", "invalid_token") from None
-            caller = Caller(self.users.user(grant.subject) if grant.subject else None, grant)
-        else:
-            raise self.challenge(request, name, f"unsupported authorization scheme {scheme!r}")
-        if caller.user is not None:
-            request.scope.setdefault("state", {})["user"] = caller.user.name  # for the access log
-        return caller
+            if grant.subject is None:
+                return Caller(None, grant)
+            user = self.users.user(grant.subject)
+            _log_user(request, user)
+            return Caller(user, grant)
+        raise self.challenge(request, name, f"unsupported authorization scheme {scheme!r}")
 
     async def authorize(self, request: Request, route: Route) -> None:
         """Raise 401 or 403 unless the caller may pull from `route`'s repository."""
@@ -192,7 +199,6 @@ async def token(request: Request) -> Response:
                 "incorrect username or password",
                 headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'},
             )
-        request.scope.setdefault("state", {})["user"] = user.name
     service = request.query_params.get("service")
     if service is not None and service != SERVICE:
         raise RegistryError(400, "UNSUPPORTED", f"this token service is {SERVICE!r}, not {service!r}")
