@@ -1,8 +1,9 @@
-"""What each upstream repository's tags pointed at, and the tag lists it last answered.
+"""What each upstream repository's tags pointed at, the tag lists it last answered, and
+which digests each repository is known to hold (its links).
 
 Kept apart from the content cache: these records are tiny, are never evicted by the LRU,
 and are keyed by upstream so one repository name on two registries never mixes.
-Tag records are also held in memory so a fresh tag is answered without SQLite.
+Tag records and links are also held in memory so hits are answered without SQLite.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 import diskcache
 from cachetools import LRUCache
 
+# How much is known about a digest in a repository.
+LINKED = 1  # the repository holds it
+EXPANDED = 2  # a manifest whose referenced digests are recorded as linked too
+
 
 @dataclass(frozen=True, slots=True)
 class TagRecord:
@@ -26,6 +31,7 @@ class Metadata:
     def __init__(self, directory: Path) -> None:
         self._db = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=16384)
+        self._links: LRUCache[tuple[str, str, str], int] = LRUCache(maxsize=65536)
         self._lock = threading.Lock()
 
     def cached_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
@@ -75,6 +81,30 @@ class Metadata:
     def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes) -> None:
         """Blocking."""
         self._db.set(("referrers", upstream, repo, digest), (time.time(), index))
+
+    def cached_link(self, upstream: str, repo: str, digest: str) -> int:
+        """Memory-only lookup for the hot path: LINKED, EXPANDED, or 0 for "ask `find_link`"."""
+        with self._lock:
+            return self._links.get((upstream, repo, digest), 0)
+
+    def find_link(self, upstream: str, repo: str, digest: str) -> int:
+        """Blocking."""
+        level = self._db.get(("link", upstream, repo, digest), 0)
+        if level:
+            with self._lock:
+                self._links[(upstream, repo, digest)] = level
+        return level
+
+    def add_links(self, upstream: str, repo: str, levels: dict[str, int]) -> None:
+        """Blocking: record that `repo` holds these digests, in one transaction; levels only rise."""
+        with self._db.transact():
+            for digest, level in levels.items():
+                key = ("link", upstream, repo, digest)
+                stored = self._db.get(key, 0)
+                if stored < level:
+                    self._db.set(key, level)
+                with self._lock:
+                    self._links[(upstream, repo, digest)] = max(level, stored)
 
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags this cache has seen, for answering `tags/list` while offline."""

@@ -21,10 +21,15 @@ from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
 from proxy import errors, health, logs, metrics, observe, pinning, status
+from proxy.access import Policy
+from proxy.auth import Gate
 from proxy.mirror import Mirror
 from proxy.routes import routes
 from proxy.routing import Router
+from proxy.throttle import LoginThrottle
+from proxy.tokens import Tokens, load_or_create_key
 from proxy.upstream import Upstream
+from proxy.users import Users
 
 log = structlog.get_logger("pullproxy")
 TOUCH_INTERVAL = 2.0
@@ -71,6 +76,7 @@ def create_app(config: configuration.Config) -> Starlette:
         app.state.activity = activity
         app.state.probe = health.CacheProbe(store.partial_dir)
         app.state.sampler = metrics.Sampler(store, app.state.mirror.downloads, config.max_size)
+        app.state.gate = await _gate(config)
         await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
         metrics.worker_started()
         flusher = asyncio.create_task(_flush_touches(store))
@@ -108,6 +114,15 @@ def create_app(config: configuration.Config) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+async def _gate(config: configuration.Config) -> Gate:
+    auth = config.auth or configuration.AuthConfig()
+    users = Users(auth.users, auth.htpasswd, LoginThrottle())
+    await users.load()
+    key = auth.token_key or await to_thread.run_sync(load_or_create_key, config.cache_dir)
+    policy = Policy(config.access, config.default_pull)
+    return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
 
 
 def _remove_stale_partials(directory: Path) -> None:

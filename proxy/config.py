@@ -6,6 +6,7 @@ start-up with a message a person can act on.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -26,6 +27,14 @@ _SIZE_UNITS = {
 }  # fmt: skip
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
+_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_PATTERN = re.compile(r"^(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*$")
+
+ANYONE = "anyone"
+AUTHENTICATED = "authenticated"
+MIN_TOKEN_KEY = 32  # bytes: HS256 wants a key at least as long as its hash
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Pull = str | tuple[str, ...]  # ANYONE, AUTHENTICATED, or user names and "group:<name>"
 
 
 class ConfigError(ValueError):
@@ -56,11 +65,34 @@ class PinConfig:
 
 
 @dataclass(frozen=True)
+class UserConfig:
+    name: str
+    password_hash: str = field(repr=False)
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: Path | None = None
+    users: tuple[UserConfig, ...] = ()
+    token_key: bytes | None = field(default=None, repr=False)  # None: generated into the cache dir
+    token_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    repository: str  # glob on "<upstream>/<repository>", see proxy.access
+    pull: Pull
+    networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
     workers: int = 1
     log_format: str = "auto"
+    trusted_proxies: tuple[Network, ...] = ()
     cache_dir: Path = Path("pullproxy-data")
     max_size: int = 10 << 30
     tag_ttl: float = 60.0
@@ -68,6 +100,9 @@ class Config:
     pin_refresh: float = 3600.0
     upstreams: tuple[UpstreamConfig, ...] = ()
     pins: tuple[PinConfig, ...] = ()
+    auth: AuthConfig | None = None
+    access: tuple[AccessRule, ...] = ()
+    default_pull: Pull = ANYONE
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -127,6 +162,17 @@ def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
             raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
+def _entry(where: str, table: object, array: str, allowed: set[str], required: tuple[str, ...]) -> dict[str, Any]:
+    """One table of an array of tables (`[[array]]`), its keys checked."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table ([[{array}]])")
+    _check_keys(where, table, allowed)
+    for key in required:
+        if key not in table:
+            raise ConfigError(f"{where}.{key}: missing")
+    return table
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a non-empty string")
@@ -135,16 +181,11 @@ def _string(key: str, value: object) -> str:
 
 def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamConfig:
     where = f"upstream[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[upstream]])")
     allowed = {
         "name", "url", "default", "prefix", "username", "password", "password_env",
         "timeout", "connect_timeout", "max_connections",
     }  # fmt: skip
-    _check_keys(where, table, allowed)
-    for required in ("name", "url"):
-        if required not in table:
-            raise ConfigError(f"{where}.{required}: missing")
+    table = _entry(where, table, "upstream", allowed, ("name", "url"))
     name = _string(f"{where}.name", table["name"]).lower()
     url = _string(f"{where}.url", table["url"]).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
@@ -222,11 +263,11 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    _check_keys("(top level)", data, {"server", "cache", "upstream", "pin"})
+    _check_keys("(top level)", data, {"server", "cache", "upstream", "pin", "auth", "access"})
     _apply_environment(data, environ)
 
     server = _table(data, "server")
-    _check_keys("server", server, {"listen", "workers", "log_format"})
+    _check_keys("server", server, {"listen", "workers", "log_format", "trusted_proxies"})
     host, port = parse_listen("server.listen", server.get("listen", "0.0.0.0:5000"))
     try:
         workers = int(server.get("workers", 1))
@@ -237,6 +278,10 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     log_format = server.get("log_format", "auto")
     if log_format not in ("auto", "json", "console"):
         raise ConfigError(f"server.log_format: {log_format!r} must be 'auto', 'json' or 'console'")
+    proxies = server.get("trusted_proxies", [])
+    if isinstance(proxies, str):  # from the environment: comma-separated
+        proxies = [p.strip() for p in proxies.split(",") if p.strip()]
+    trusted_proxies = _networks("server.trusted_proxies", proxies)
 
     cache = _table(data, "cache")
     _check_keys("cache", cache, {"dir", "max_size", "tag_ttl", "offline", "pin_refresh"})
@@ -250,11 +295,20 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     raw_pins = data.get("pin", [])
     if not isinstance(raw_pins, list):
         raise ConfigError("pin: must be an array of tables ([[pin]])")
+    auth = _auth(data["auth"], environ) if "auth" in data else None
+    default_pull: Pull = ANYONE
+    if auth is not None:
+        default_pull = _pull("auth.default", data["auth"].get("default", []), auth)
+    raw_rules = data.get("access", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError("access: must be an array of tables ([[access]])")
+    access = tuple(_rule(i, table, auth, upstreams) for i, table in enumerate(raw_rules))
     return Config(
         listen_host=host,
         listen_port=port,
         workers=workers,
         log_format=log_format,
+        trusted_proxies=trusted_proxies,
         cache_dir=cache_dir,
         max_size=parse_size("cache.max_size", cache.get("max_size", "10GiB")),
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", "60s")),
@@ -262,6 +316,9 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         pin_refresh=parse_duration("cache.pin_refresh", cache.get("pin_refresh", "1h")),
         upstreams=upstreams,
         pins=tuple(_pin(i, table) for i, table in enumerate(raw_pins)),
+        auth=auth,
+        access=access,
+        default_pull=default_pull,
     )
 
 
@@ -287,3 +344,149 @@ def effective_prefix(upstream: UpstreamConfig) -> str | None:
     if upstream.prefix is not None:
         return upstream.prefix
     return upstream.name if _PREFIX.match(upstream.name) else None
+
+
+# -- access control ----------------------------------------------------------------------
+
+
+def _networks(key: str, value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be a list of networks, e.g. [\"10.0.0.0/8\"]")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not a network such as '10.0.0.0/8' or 'fd00::/8'") from None
+    return tuple(networks)
+
+
+def _strings(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _auth(table: object, environ: dict[str, str]) -> AuthConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("auth: must be a table ([auth])")
+    allowed = {"htpasswd", "user", "token_key_file", "token_key_env", "token_ttl", "default"}
+    _check_keys("auth", table, allowed)
+    htpasswd = None
+    if "htpasswd" in table:
+        htpasswd = Path(_string("auth.htpasswd", table["htpasswd"]))
+        try:
+            text = htpasswd.read_text()
+        except OSError as exc:
+            raise ConfigError(f"auth.htpasswd: cannot read {htpasswd}: {exc.strerror}") from exc
+        try:
+            parse_htpasswd(text)
+        except ValueError as exc:
+            raise ConfigError(f"auth.htpasswd: {exc}") from None
+    raw_users = table.get("user", [])
+    if not isinstance(raw_users, list):
+        raise ConfigError("auth.user: must be an array of tables ([[auth.user]])")
+    users = tuple(_user(i, entry) for i, entry in enumerate(raw_users))
+    names = [u.name for u in users]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"auth.user: {next(n for n in names if names.count(n) > 1)!r} is configured twice")
+    key = _token_key(table, environ)
+    token_ttl = parse_duration("auth.token_ttl", table.get("token_ttl", "5m"))
+    if not 60 <= token_ttl <= 86400:
+        # Docker clients treat anything shorter as 60 s and would reuse expired tokens.
+        raise ConfigError(f"auth.token_ttl: {table['token_ttl']!r} must be between 60s and 1d")
+    return AuthConfig(htpasswd=htpasswd, users=users, token_key=key, token_ttl=token_ttl)
+
+
+def _token_key(table: dict[str, Any], environ: dict[str, str]) -> bytes | None:
+    """The key that signs tokens, from a file or a variable; None to generate one."""
+    if "token_key_file" in table and "token_key_env" in table:
+        raise ConfigError("auth: token_key_file and token_key_env exclude each other")
+    if "token_key_file" in table:
+        where = "auth.token_key_file"
+        path = Path(_string(where, table["token_key_file"]))
+        try:
+            key = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from exc
+    elif "token_key_env" in table:
+        where = "auth.token_key_env"
+        variable = _string(where, table["token_key_env"])
+        if variable not in environ:
+            raise ConfigError(f"{where}: environment variable {variable} is not set")
+        key = environ[variable].strip().encode()
+    else:
+        return None
+    if len(key) < MIN_TOKEN_KEY:
+        raise ConfigError(f"{where}: the key must be at least {MIN_TOKEN_KEY} bytes (e.g. `openssl rand -hex 32`)")
+    return key
+
+
+def _user(index: int, table: object) -> UserConfig:
+    where = f"auth.user[{index}]"
+    table = _entry(where, table, "auth.user", {"name", "password_hash", "groups"}, ("name", "password_hash"))
+    name = _string(f"{where}.name", table["name"])
+    if ":" in name:
+        raise ConfigError(f"{where}.name: {name!r} must not contain ':'")
+    password_hash = _string(f"{where}.password_hash", table["password_hash"])
+    if not _BCRYPT.match(password_hash):
+        raise ConfigError(f"{where}.password_hash: not a bcrypt hash (make one with `htpasswd -nB {name}`)")
+    return UserConfig(name, password_hash, _strings(f"{where}.groups", table.get("groups", [])))
+
+
+def parse_htpasswd(text: str) -> dict[str, str]:
+    """`user:bcrypt-hash` lines (what `htpasswd -B` writes); raises ValueError naming the bad line."""
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, hashed = line.partition(":")
+        if not sep or not name:
+            raise ValueError(f"line {number} is not 'user:hash'")
+        if not _BCRYPT.match(hashed):
+            raise ValueError(f"line {number}: {name!r} has no bcrypt hash (write it with `htpasswd -B`)")
+        users[name] = hashed
+    return users
+
+
+def _pull(key: str, value: object, auth: AuthConfig | None) -> Pull:
+    if value in (ANYONE, AUTHENTICATED):
+        if value == AUTHENTICATED and auth is None:
+            raise ConfigError(f"{key}: 'authenticated' needs an [auth] section with users")
+        return str(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: {value!r} must be 'anyone', 'authenticated' or a list of users and 'group:<name>'")
+    members = _strings(key, value)
+    if members and auth is None:
+        raise ConfigError(f"{key}: naming users needs an [auth] section")
+    known_groups = {g for user in auth.users for g in user.groups} if auth else set()
+    for member in members:
+        if member.startswith("group:") and member[6:] not in known_groups:
+            raise ConfigError(f"{key}: no [[auth.user]] is in group {member[6:]!r}")
+    return members
+
+
+def _rule(index: int, table: object, auth: AuthConfig | None, upstreams: tuple[UpstreamConfig, ...]) -> AccessRule:
+    where = f"access[{index}]"
+    table = _entry(where, table, "access", {"repository", "pull", "networks"}, ("repository", "pull"))
+    pattern = _string(f"{where}.repository", table["repository"])
+    if not _PATTERN.match(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
+        raise ConfigError(
+            f"{where}.repository: {pattern!r} is not a pattern such as 'docker.io/library/*' or 'ghcr.io/acme/**'"
+            " (lower case; '**' only as a whole component)"
+        )
+    first, _, rest = pattern.partition("/")
+    if first in DOCKER_HUB_ALIASES:
+        pattern = f"{DOCKER_HUB}/{rest}" if rest else DOCKER_HUB
+    elif "*" not in first:
+        names = {DOCKER_HUB if u.is_docker_hub else u.name for u in upstreams}
+        if first not in names:
+            raise ConfigError(
+                f"{where}.repository: {first!r} is not a configured upstream (known: {', '.join(sorted(names))})"
+            )
+    return AccessRule(
+        repository=pattern,
+        pull=_pull(f"{where}.pull", table["pull"], auth),
+        networks=_networks(f"{where}.networks", table.get("networks", [])),
+    )

@@ -69,6 +69,7 @@ class AccessLog:
                 bytes=sent,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 cache=scope.get("state", {}).get("cache"),
+                user=scope.get("state", {}).get("user"),
                 client=client[0] if client else None,
                 **({"aborted": True} if aborted else {}),
             )

@@ -1,7 +1,8 @@
 """The pull-through logic: answer from the cache, else from the upstream, verifying and storing.
 
 Concurrent requests for the same manifest share one upstream request; concurrent
-requests for the same blob share one download (see `cache.flight`).
+requests for the same blob share one download (see `cache.flight`). Cached content is
+served under a repository only if that repository is known to hold it (see `proxy.links`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cache.meta import Metadata
 from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
 from proxy import errors
+from proxy.links import Links, referenced_digests
 from proxy.mediatypes import manifest_media_type
 from proxy.routing import Route
 from proxy.upstream import (
@@ -51,6 +53,7 @@ class Mirror:
     def __init__(self, store: ContentStore, meta: Metadata, tag_ttl: float, offline: bool = False) -> None:
         self.store = store
         self.meta = meta
+        self.links = Links(meta)
         self.downloads = Downloads(store)
         self.tag_ttl = tag_ttl
         self.offline = offline  # tags are answered from the cache, never revalidated
@@ -68,6 +71,11 @@ class Mirror:
     # -- manifests ---------------------------------------------------------------------
 
     async def manifest(self, route: Route, reference: str) -> tuple[Manifest, str]:
+        found = await self._manifest(route, reference)
+        await self.links.record_manifest(route, found[0])
+        return found
+
+    async def _manifest(self, route: Route, reference: str) -> tuple[Manifest, str]:
         if digests.is_digest(reference):
             return await self._manifest_by_digest(route, reference)
         upstream = route.upstream.name
@@ -85,6 +93,8 @@ class Mirror:
             raise errors.digest_invalid(digest) from None
         manifest = self.store.cached_manifest(digest) or await to_thread.run_sync(self.store.find_manifest, digest)
         if manifest is not None:
+            if not await self.links.holds(route, digest):
+                await self._confirm(route, digest, blob=False)
             return manifest, HIT
         fetched = await self._once(
             ("manifest", route.upstream.name, route.repo, digest),
@@ -154,11 +164,14 @@ class Mirror:
             raise errors.digest_invalid(digest) from None
 
         async def opener() -> Source:
-            return await route.upstream.open_blob(route.repo, digest)
+            source = await route.upstream.open_blob(route.repo, digest)
+            await self.links.record(route, [digest])  # before readers start: the upstream vouched
+            return source
 
         for _ in range(3):  # another worker may commit the blob while we look
             cached = self.open_cached(digest) or await to_thread.run_sync(self._open_stored, digest)
             if cached is not None:
+                await self._check_held(route, digest, cached)
                 return Blob(cached, cached.size, HIT)
             joined = self.downloads.in_flight(digest) is not None
             download = self.downloads.join(digest, opener)
@@ -174,6 +187,7 @@ class Mirror:
             except BaseException:
                 reader.close()
                 raise
+            await self._check_held(route, digest, reader)  # the download may be another repository's
             return Blob(reader, download.size, "joined" if joined else MISS)
         raise errors.unavailable(f"blob {digest} could not be read from the cache")
 
@@ -207,15 +221,45 @@ class Mirror:
         except digests.InvalidDigest:
             raise errors.digest_invalid(digest) from None
         cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
-        if cached is not None:
-            return cached[1], HIT
         download = self.downloads.in_flight(digest)
-        if download is not None and download.started.done() and download.error is None:
-            return download.size, "joined"
+        if cached is not None:
+            size, outcome = cached[1], HIT
+        elif download is not None and download.started.done() and download.error is None:
+            size, outcome = download.size, "joined"
+        else:
+            return await self._confirm(route, digest, blob=True), MISS
+        if not await self.links.holds(route, digest):
+            await self._confirm(route, digest, blob=True)
+        return size, outcome
+
+    # -- links -------------------------------------------------------------------------
+
+    async def _check_held(self, route: Route, digest: str, reader: BlobReader) -> None:
+        """Before serving a blob: `route`'s repository holds it, or its upstream confirms it does."""
+        if await self.links.holds(route, digest):
+            return
         try:
-            return await route.upstream.head_blob(route.repo, digest), MISS
-        except UpstreamError as exc:
-            raise self._error(exc, route, digest, blob=True) from None
+            await self._confirm(route, digest, blob=True)
+        except BaseException:
+            reader.close()
+            raise
+
+    async def _confirm(self, route: Route, digest: str, blob: bool) -> int | None:
+        """HEAD upstream: if the repository has `digest` there, link it (and return a blob's size)."""
+
+        async def ask() -> int | None:
+            try:
+                if blob:
+                    size = await route.upstream.head_blob(route.repo, digest)
+                else:
+                    await route.upstream.head_manifest(route.repo, digest)
+                    size = None
+            except UpstreamError as exc:
+                raise self._error(exc, route, digest, blob=blob) from None
+            await self.links.record(route, [digest])
+            return size
+
+        return await self._once(("confirm", route.upstream.name, route.repo, digest), ask)
 
     # -- referrers ---------------------------------------------------------------------
 
@@ -243,6 +287,7 @@ class Mirror:
                         raise
                     index = EMPTY_INDEX
             await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
+            await self.links.record(route, referenced_digests(index))  # so clients may fetch them
             return index
 
         try:

@@ -14,6 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import errors
+from proxy.access import full_name
+from proxy.auth import Gate, token
 from proxy.mediatypes import OCI_INDEX
 from proxy.mirror import Mirror
 from proxy.responses import BlobResponse, parse_range
@@ -28,9 +30,16 @@ def _mirror(request: Request) -> Mirror:
     return request.app.state.mirror
 
 
-def _route(request: Request) -> UpstreamRoute:
+def _gate(request: Request) -> Gate:
+    return request.app.state.gate
+
+
+async def _route(request: Request) -> UpstreamRoute:
+    """Where the request goes, once the caller is known to be allowed there."""
     router: Router = request.app.state.router
-    return router.route(request.path_params["name"], request.query_params.get("ns"))
+    route = router.route(request.path_params["name"], request.query_params.get("ns"))
+    await _gate(request).authorize(request, route)
+    return route
 
 
 def _outcome(request: Request, outcome: str) -> None:
@@ -38,11 +47,12 @@ def _outcome(request: Request, outcome: str) -> None:
 
 
 async def base(request: Request) -> Response:
+    await _gate(request).check_base(request)
     return Response(b"{}", headers=API_VERSION, media_type="application/json")
 
 
 async def manifest(request: Request) -> Response:
-    route = _route(request)
+    route = await _route(request)
     reference = request.path_params["reference"]
     if ":" not in reference and not _TAG.match(reference):
         raise errors.manifest_unknown(request.path_params["name"], reference)
@@ -59,7 +69,7 @@ async def manifest(request: Request) -> Response:
 
 
 async def blob(request: Request) -> Response:
-    route = _route(request)
+    route = await _route(request)
     digest = request.path_params["digest"]
     mirror = _mirror(request)
     headers = {
@@ -91,7 +101,7 @@ async def blob(request: Request) -> Response:
 
 
 async def referrers(request: Request) -> Response:
-    route = _route(request)
+    route = await _route(request)
     index, outcome = await _mirror(request).referrers(route, request.path_params["digest"])
     _outcome(request, outcome)
     headers = dict(API_VERSION)
@@ -118,7 +128,7 @@ def _next_link(path: str, query: dict[str, str], ns: str | None) -> str:
 
 
 async def tags(request: Request) -> Response:
-    route = _route(request)
+    route = await _route(request)
     n, last = _page_params(request)
     page, outcome = await _mirror(request).tags(route, n, last)
     _outcome(request, outcome)
@@ -131,10 +141,17 @@ async def tags(request: Request) -> Response:
 
 
 async def catalog(request: Request) -> Response:
-    """Repositories in the cache, as clients of this mirror name them."""
+    """Repositories in the cache that the caller may pull, as clients of this mirror name them."""
     n, last = _page_params(request)
     router: Router = request.app.state.router
-    names = sorted(router.client_name(upstream, repo) for upstream, repo in await _mirror(request).repositories())
+    gate = _gate(request)
+    caller = await gate.caller(request)
+    address = gate.address(request)
+    names = sorted(
+        router.client_name(upstream, repo)
+        for upstream, repo in await _mirror(request).repositories()
+        if gate.policy.allows(full_name(upstream, repo), caller.user, address)
+    )
     if last is not None:
         names = [name for name in names if name > last]
     headers = dict(API_VERSION)
@@ -154,6 +171,7 @@ READ = ["GET", "HEAD"]
 WRITE = ["POST", "PUT", "PATCH", "DELETE"]
 
 routes = [
+    Route("/token", token, methods=["GET"]),
     Route("/v2/", base, methods=READ),
     Route("/v2/_catalog", catalog, methods=READ),
     Route("/v2/{name:path}/manifests/{reference}", manifest, methods=READ),

@@ -1,0 +1,76 @@
+"""Which repositories a cached digest may be served under.
+
+The content store is shared by every repository (a digest names the same bytes
+anywhere), but access is granted per repository: a blob or manifest cached through a
+private repository must not be served under another name to whoever knows its digest.
+A link says a repository holds a digest. It is recorded for a manifest served from that
+repository and for everything the manifest references (config, layers, child
+manifests, subject), and whenever that repository's upstream answered for the digest.
+`Mirror` serves cached content by digest only where a link exists, and otherwise asks
+the upstream first. Links are looked up in memory, then SQLite; they are written only
+when new, so a repeated pull writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from anyio import to_thread
+
+from cache import digests
+from cache.meta import EXPANDED, LINKED, Metadata
+from cache.store import Manifest
+from proxy.routing import Route
+
+
+def referenced_digests(body: bytes) -> list[str]:
+    """Every digest a manifest or index points at; nothing for bodies that are not one."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(parsed, dict):
+        return []
+    descriptors = [parsed.get("config"), parsed.get("subject")]
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(parsed.get(key), list):
+            descriptors += parsed[key]
+    found = [d.get("digest") for d in descriptors if isinstance(d, dict)]
+    if isinstance(parsed.get("fsLayers"), list):  # Docker schema 1
+        found += [layer.get("blobSum") for layer in parsed["fsLayers"] if isinstance(layer, dict)]
+    return [d for d in found if isinstance(d, str) and _valid(d)]
+
+
+def _valid(digest: str) -> bool:
+    try:
+        digests.parse(digest)
+    except digests.InvalidDigest:
+        return False
+    return True
+
+
+class Links:
+    def __init__(self, meta: Metadata) -> None:
+        self.meta = meta
+
+    async def _level(self, route: Route, digest: str) -> int:
+        key = (route.upstream.name, route.repo, digest)
+        return self.meta.cached_link(*key) or await to_thread.run_sync(self.meta.find_link, *key)
+
+    async def holds(self, route: Route, digest: str) -> bool:
+        return await self._level(route, digest) >= LINKED
+
+    async def record(self, route: Route, found: Iterable[str]) -> None:
+        """`route`'s repository holds these digests."""
+        new = {d: LINKED for d in found if not self.meta.cached_link(route.upstream.name, route.repo, d)}
+        if new:
+            await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, new)
+
+    async def record_manifest(self, route: Route, manifest: Manifest) -> None:
+        """`manifest` was served from `route`'s repository: it and all it references are there."""
+        if await self._level(route, manifest.digest) >= EXPANDED:
+            return
+        levels = dict.fromkeys(referenced_digests(manifest.body), LINKED)
+        levels[manifest.digest] = EXPANDED
+        await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
