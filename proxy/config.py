@@ -351,7 +351,7 @@ def effective_prefix(upstream: UpstreamConfig) -> str | None:
 
 def _networks(key: str, value: object) -> tuple[Network, ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: must be a list of networks, e.g. [\"10.0.0.0/8\"]")
+        raise ConfigError(f'{key}: must be a list of networks, e.g. ["10.0.0.0/8"]')
     networks = []
     for item in value:
         try:

@@ -14,9 +14,7 @@ from cachetools import TTLCache
 
 
 class LoginThrottle:
-    def __init__(
-        self, free: int = 5, window: float = 600.0, first_delay: float = 0.5, max_delay: float = 10.0
-    ) -> None:
+    def __init__(self, free: int = 5, window: float = 600.0, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
         self.free = free
         self.first_delay = first_delay
         self.max_delay = max_delay

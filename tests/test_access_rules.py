@@ -98,12 +98,12 @@ def test_a_full_access_configuration_loads(tmp_path: Path) -> None:
 trusted_proxies = ["10.9.0.0/16"]
 [auth]
 htpasswd = "{htpasswd}"
-token_key_file = "{tmp_path / 'key'}"
+token_key_file = "{tmp_path / "key"}"
 token_ttl = "10m"
 default = "authenticated"
 [[auth.user]]
 name = "alice"
-password_hash = "{password_hash('pw')}"
+password_hash = "{password_hash("pw")}"
 groups = ["dev"]
 [[upstream]]
 name = "index.docker.io"
