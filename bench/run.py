@@ -34,8 +34,8 @@ from bench.system import (
     AccessEntry,
     RssSampler,
     blob_gets,
-    machine_busy_seconds,
-    own_cpu_seconds,
+    foreign_cpu_between,
+    foreign_cpu_snapshot,
     pid_listening_on,
     read_access_log,
     tree_cpu_seconds,
@@ -310,9 +310,9 @@ class Bench:
 
     def measure_foreign(self, name: str, step: Callable[[], None]) -> None:
         """Run a scenario and record how much CPU processes outside this benchmark took meanwhile."""
-        busy, own, started = machine_busy_seconds(), own_cpu_seconds(self.server_pids), time.monotonic()
+        before, started = foreign_cpu_snapshot(), time.monotonic()
         step()
-        foreign = (machine_busy_seconds() - busy) - (own_cpu_seconds(self.server_pids) - own)
+        foreign = foreign_cpu_between(before, foreign_cpu_snapshot())
         self.foreign_cpu[name] = (max(0.0, foreign), time.monotonic() - started)
 
     def proxies(self) -> list[Target]:
@@ -920,17 +920,16 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     notes, meta = machine_notes(opts, bench.loadgen_name)
     cores = os.cpu_count() or 1
-    # Kernel threads doing our loopback traffic and disk writeback count as "other" too: allow 10%.
     shares = {k: cpu / (cores * secs) for k, (cpu, secs) in bench.foreign_cpu.items() if secs > 0}
     disturbed = {k: v for k, v in shares.items() if v > 0.10}
     summary = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
     if disturbed:
         notes.append(
-            f"WARNING: other processes used a share of the machine's CPU ({summary}); above 10% the "
-            "figures are disturbed: rerun on a quiet machine."
+            f"WARNING: processes outside the benchmark used this share of the machine's CPU: {summary}; "
+            "above 10% those figures are disturbed: rerun on a quiet machine."
         )
     else:
-        notes.append(f"Other processes' share of the machine's CPU per scenario (quiet below 10%): {summary}.")
+        notes.append(f"Share of the machine's CPU used by processes outside the benchmark: {summary} (quiet).")
     meta["foreign_cpu"] = {k: {"cpu_s": round(c, 1), "seconds": round(t, 1)} for k, (c, t) in bench.foreign_cpu.items()}
     notes.append(f"Total run time {elapsed:.0f} s.")
     rows = sorted(bench.rows, key=lambda r: r.scenario[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -124,19 +123,32 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
+def foreign_cpu_snapshot() -> dict[tuple[int, int], float]:
+    """CPU seconds of every user-space process outside this one's tree, reaped children included.
+
+    Keyed by (pid, start time) so a reused pid is a new process. Kernel threads are left
+    out: they also do this benchmark's loopback traffic and disk writeback.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    ours = set(process_tree(os.getpid()))
+    snap: dict[tuple[int, int], float] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == 2 or ppid == 2:  # kthreadd and kernel threads
+            continue
+        # utime stime cutime cstime, and starttime
+        snap[(pid, int(fields[19]))] = sum(int(v) for v in fields[11:15]) / tick
+    return snap
 
 
-def own_cpu_seconds(live_roots: list[int]) -> float:
-    """CPU seconds used by this process, its reaped children, and the live process trees given."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-    return total + sum(tree_cpu_seconds(pid) for pid in live_roots)
+def foreign_cpu_between(before: dict[tuple[int, int], float], after: dict[tuple[int, int], float]) -> float:
+    return sum(cpu - before.get(key, 0.0) for key, cpu in after.items())
 
 
 def pid_listening_on(port: int) -> int | None:
