@@ -30,7 +30,7 @@ from anyio import to_thread
 from cache import digests
 from cache.store import ContentStore
 
-READ_SIZE = 1 << 20
+MAX_PENDING = 8 << 20  # received bytes waiting for the disk before the upstream is read more slowly
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
 
@@ -156,16 +156,11 @@ class _Fetch(Download):
             hasher = digests.hasher(self.digest)
             with open(self._fd, "wb", closefd=False, buffering=0) as out:
 
-                def write(chunk: bytes) -> None:
-                    out.write(chunk)
-                    hasher.update(chunk)
+                def write(batch: bytes) -> None:
+                    out.write(batch)
+                    hasher.update(batch)
 
-                async for chunk in source.chunks:
-                    await to_thread.run_sync(write, chunk)
-                    self.written += len(chunk)
-                    if self.size is not None and self.written > self.size:
-                        raise DownloadFailed(f"upstream sent more than {self.size} bytes")
-                    self._notify()
+                await self._write_as_it_arrives(source.chunks, write)
             if self.size is not None and self.written != self.size:
                 raise DownloadFailed(f"upstream sent {self.written} of {self.size} bytes")
             actual = f"{digests.parse(self.digest)[0]}:{hasher.hexdigest()}"
@@ -189,6 +184,60 @@ class _Fetch(Download):
             if source is not None:
                 with contextlib.suppress(Exception):
                     await source.close()
+
+    async def _write_as_it_arrives(self, chunks: AsyncIterator[bytes], write: Callable[[bytes], None]) -> None:
+        """Receive and write concurrently: what arrives during a write goes into the next one.
+
+        Each write (and hash) costs a thread hop; batching what the network delivered
+        meanwhile keeps that cost per batch, not per 64 KiB read, while the first bytes
+        still go out at once. At most MAX_PENDING bytes wait in memory.
+        """
+        pending: list[bytes] = []
+        pending_size = 0
+        ready = asyncio.Event()
+        room = asyncio.Event()
+        ended = False
+
+        async def drain() -> None:
+            nonlocal pending, pending_size
+            while True:
+                await ready.wait()
+                ready.clear()
+                batch, pending, pending_size = pending, [], 0
+                room.set()
+                if batch:
+                    data = b"".join(batch)
+                    await to_thread.run_sync(write, data)
+                    self.written += len(data)
+                    self._notify()
+                if ended and not pending:
+                    return
+
+        writer = asyncio.create_task(drain())
+        try:
+            received = 0
+            async for chunk in chunks:
+                received += len(chunk)
+                if self.size is not None and received > self.size:
+                    raise DownloadFailed(f"upstream sent more than {self.size} bytes")
+                pending.append(chunk)
+                pending_size += len(chunk)
+                ready.set()
+                if pending_size >= MAX_PENDING:
+                    room.clear()
+                    waiting = asyncio.ensure_future(room.wait())
+                    await asyncio.wait({waiting, writer}, return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+                    if writer.done():
+                        break  # it failed: awaiting it below raises why
+            ended = True
+            ready.set()
+            await writer
+        finally:
+            if not writer.done():
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
 
     def _create_data_file(self) -> None:
         with contextlib.suppress(FileNotFoundError):
