@@ -835,7 +835,27 @@ def render(rows: list[Row], notes: list[str]) -> None:
         console.print(f"* {n}", highlight=False)
 
 
-def machine_notes(opts: Options, loadgen_name: str) -> tuple[list[str], dict[str, Any]]:
+def code_version() -> str:
+    """The commit of the code under test, and whether proxy/ or cache/ differ from it."""
+    rev = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=10
+        ).stdout.strip()
+        or "(no git)"
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "proxy", "cache"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=10,
+    ).stdout.split()[1::2]
+    if dirty:  # the measured code is not the commit: say so
+        rev += f" + uncommitted changes to {', '.join(dirty)}"
+    return rev
+
+
+def machine_notes(opts: Options, loadgen_name: str, rev: str) -> tuple[list[str], dict[str, Any]]:
     cpu = "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -846,9 +866,6 @@ def machine_notes(opts: Options, loadgen_name: str) -> tuple[list[str], dict[str
     started = time.perf_counter()
     hashlib.sha256(data).digest()
     sha_mbps = len(data) / (time.perf_counter() - started) / 1e6
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=10
-    ).stdout.strip()
     dist = subprocess.run([REGISTRY_BIN, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     meta = {
         "cpus": os.cpu_count(),
@@ -900,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     started = time.monotonic()
+    rev = code_version()  # before the servers start: the code they load
     try:
         with contextlib.ExitStack() as stack:
             bench = Bench(opts, stack)
@@ -918,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: servers stopped, work directory removed", file=sys.stderr)
         return 130
     elapsed = time.monotonic() - started
-    notes, meta = machine_notes(opts, bench.loadgen_name)
+    notes, meta = machine_notes(opts, bench.loadgen_name, rev)
     cores = os.cpu_count() or 1
     shares = {k: cpu / (cores * secs) for k, (cpu, secs) in bench.foreign_cpu.items() if secs > 0}
     disturbed = {k: v for k, v in shares.items() if v > 0.10}
