@@ -17,6 +17,7 @@ the store has the digest by then, failed otherwise.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -25,12 +26,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from anyio import to_thread
-
-from cache import digests
+from cache import digests, threads
 from cache.store import ContentStore
 
-MAX_PENDING = 8 << 20  # received bytes waiting for the disk before the upstream is read more slowly
+MAX_PENDING = 1 << 20  # received bytes waiting for the disk before the upstream is read more slowly
+RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up
+READ_SIZE = 1 << 20  # the most one file read returns
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
 
@@ -81,17 +82,24 @@ class Download:
     def _written(self) -> int:
         raise NotImplementedError
 
+    def _recent(self, offset: int, count: int) -> bytes | None:
+        """Bytes still in memory, sparing a file read; None when they are not."""
+        return None
+
     async def _wait(self) -> None:
         raise NotImplementedError
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Up to `size` bytes at `offset`, waiting for them; b"" at the verified end."""
+        """Up to `size` bytes at `offset` (as many as are at hand), waiting for them; b"" at the verified end."""
         while True:
             written = self._written()
             available = written if self.committed else max(0, written - 1)
             if offset < available:
                 count = min(size, available - offset)
-                return await to_thread.run_sync(os.pread, self._fd, count, offset)
+                recent = self._recent(offset, count)
+                if recent is not None:
+                    return recent
+                return await threads.run(os.pread, self._fd, min(count, READ_SIZE), offset)
             if self.error is not None:
                 raise DownloadFailed(str(self.error)) from self.error
             if self.committed:
@@ -132,9 +140,26 @@ class _Fetch(Download):
         self._lock_fd = lock_fd
         self.written = 0
         self._progress = asyncio.Event()
+        self._batches: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, bytes)
+        self._batched = 0
 
     def _written(self) -> int:
         return self.written
+
+    def _recent(self, offset: int, count: int) -> bytes | None:
+        for start, batch in self._batches:
+            if start <= offset < start + len(batch):
+                begin = offset - start
+                return batch[begin : begin + count]  # the batch itself when it is all asked for
+        return None
+
+    def _wrote(self, batch: bytes) -> None:
+        self._batches.append((self.written, batch))
+        self._batched += len(batch)
+        while self._batched > RECENT and len(self._batches) > 1:
+            self._batched -= len(self._batches.popleft()[1])
+        self.written += len(batch)
+        self._notify()
 
     async def _wait(self) -> None:
         await self._progress.wait()
@@ -147,11 +172,11 @@ class _Fetch(Download):
         source: Source | None = None
         paths = self.paths
         try:
-            if await to_thread.run_sync(store.has_blob, self.digest):
+            if await threads.run(store.has_blob, self.digest):
                 raise AlreadyCached(self.digest)
-            await to_thread.run_sync(self._create_data_file)
+            await threads.run(self._create_data_file)
             source = await opener()
-            await to_thread.run_sync(_write_info, paths.info, source.size)
+            await threads.run(_write_info, paths.info, source.size)
             self._start(source.size)
             hasher = digests.hasher(self.digest)
             with open(self._fd, "wb", closefd=False, buffering=0) as out:
@@ -166,7 +191,8 @@ class _Fetch(Download):
             actual = f"{digests.parse(self.digest)[0]}:{hasher.hexdigest()}"
             if actual != self.digest:
                 raise DownloadFailed(f"upstream bytes hash to {actual}, not {self.digest}")
-            await to_thread.run_sync(store.put_blob, self.digest, paths.data)
+            await threads.run(store.put_blob, self.digest, paths.data)
+            self._batches.clear()  # later readers, if any, read the file
             self.committed = True
             self.on_done()
         except BaseException as exc:  # every failure must reach every reader
@@ -207,9 +233,8 @@ class _Fetch(Download):
                 room.set()
                 if batch:
                     data = b"".join(batch)
-                    await to_thread.run_sync(write, data)
-                    self.written += len(data)
-                    self._notify()
+                    await threads.run(write, data)
+                    self._wrote(data)
                 if ended and not pending:
                     return
 
@@ -258,9 +283,9 @@ class _Follow(Download):
 
     async def _wait(self) -> None:
         await asyncio.sleep(FOLLOW_POLL)
-        if not await to_thread.run_sync(_locked, self.paths.lock):
+        if not await threads.run(_locked, self.paths.lock):
             # The owner is done: its data was flushed before the lock was released.
-            if await to_thread.run_sync(self._store.has_blob, self.digest):
+            if await threads.run(self._store.has_blob, self.digest):
                 self.size = self._written()
                 self.committed = True
                 self.on_done()
@@ -271,12 +296,12 @@ class _Follow(Download):
         """Wait for the owner's upstream to answer, then open its partial file."""
         try:
             for _ in range(int(HEADERS_WAIT / FOLLOW_POLL)):
-                info = await to_thread.run_sync(_read_info, self.paths.info)
+                info = await threads.run(_read_info, self.paths.info)
                 if info is not None:
-                    self._fd = await to_thread.run_sync(os.open, self.paths.data, os.O_RDONLY)
+                    self._fd = await threads.run(os.open, self.paths.data, os.O_RDONLY)
                     self._start(None if info < 0 else info)
                     return
-                if not await to_thread.run_sync(_locked, self.paths.lock):
+                if not await threads.run(_locked, self.paths.lock):
                     # Finished before we looked, or failed before the upstream answered.
                     raise AlreadyCached(self.digest)
                 await asyncio.sleep(FOLLOW_POLL)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from anyio import to_thread
-
-from cache.flight import Download
+from cache import threads
+from cache.flight import READ_SIZE, Download
 
 
 class BlobReader(Protocol):
     size: int | None
 
     async def read(self, offset: int, size: int) -> bytes:
-        """Up to `size` bytes at `offset`; b"" at the end. Raises if the bytes cannot be had."""
+        """Up to `size` bytes at `offset`, as many as are at hand; b"" at the end.
+
+        Raises if the bytes cannot be had.
+        """
         ...
 
     def close(self) -> None: ...
@@ -28,7 +30,7 @@ class FileReader:
         self.size: int | None = size
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await to_thread.run_sync(os.pread, self._fd, size, offset)
+        return await threads.run(os.pread, self._fd, min(size, READ_SIZE), offset)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache.readers import BlobReader
 
-CHUNK = 1 << 20
+_UNBOUNDED = 1 << 62  # readers return what they have at hand, up to their own chunk size
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -66,8 +66,7 @@ class BlobResponse(Response):
             if self.send_body:
                 offset, end = self.start, self.end
                 while end is None or offset <= end:
-                    want = CHUNK if end is None else min(CHUNK, end - offset + 1)
-                    chunk = await self.reader.read(offset, want)
+                    chunk = await self.reader.read(offset, _UNBOUNDED if end is None else end - offset + 1)
                     if not chunk:
                         break
                     offset += len(chunk)

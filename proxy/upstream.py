@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+import httpcore
 import httpx
 
 from cache.flight import Source
@@ -21,6 +22,10 @@ from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
 
 MAX_MANIFEST_SIZE = 4 << 20
+
+# httpcore reads a response body 64 KiB per call, each call paying for a timeout scope;
+# blobs are large, so let one call take what one transport read delivers (up to 256 KiB).
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 256 << 10
 
 
 class UpstreamError(Exception):
