@@ -106,7 +106,7 @@ def create_app(config: configuration.Config) -> Starlette:
 
     return Starlette(
         routes=[*routes, *OPERATING],
-        middleware=[Middleware(logs.AccessLog), Middleware(observe.Observe, activity=activity)],
+        middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
         exception_handlers={
             errors.RegistryError: _registry_error,
             HTTPException: _http_error,

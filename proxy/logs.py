@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,11 +30,19 @@ def configure(log_format: str = "auto") -> None:
     )
 
 
-class AccessLog:
-    """Pure ASGI middleware (no per-request wrapping objects): method, path, status, bytes, time, cache."""
+Listener = Callable[[Scope, int, int, "Exception | None"], None]
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class AccessLog:
+    """Pure ASGI middleware: one log line per request (method, path, status, bytes, time, cache).
+
+    It is the one wrapper around `send` that sees every request's outcome, so the metrics
+    listen here too (`listeners`) instead of wrapping `send` a second time.
+    """
+
+    def __init__(self, app: ASGIApp, listeners: Sequence[Listener] = ()) -> None:
         self.app = app
+        self.listeners = tuple(listeners)
         self.log = structlog.get_logger("pullproxy.access").bind(pid=os.getpid())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,14 +61,15 @@ class AccessLog:
                 sent += len(message.get("body", b""))
             await send(message)
 
-        aborted = False
+        failure: BaseException | None = None
         try:
             await self.app(scope, receive, counting_send)
-        except BaseException:
-            aborted = True  # the body was cut short on purpose (bad upstream bytes) or by the client
+        except BaseException as exc:  # the body was cut short on purpose (bad upstream bytes) or by the client
+            failure = exc
             raise
         finally:
             client = scope.get("client")
+            state = scope.get("state", {})
             self.log.info(
                 "request",
                 method=scope["method"],
@@ -68,8 +78,11 @@ class AccessLog:
                 status=status or 500,
                 bytes=sent,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                cache=scope.get("state", {}).get("cache"),
-                user=scope.get("state", {}).get("user"),
+                cache=state.get("cache"),
+                user=state.get("user"),
                 client=client[0] if client else None,
-                **({"aborted": True} if aborted else {}),
+                **({"aborted": True} if failure is not None else {}),
             )
+            error = failure if isinstance(failure, Exception) else None  # not a client hanging up
+            for listener in self.listeners:
+                listener(scope, status or 500, sent, error)

@@ -1,8 +1,8 @@
 """Per-request accounting: the request and cache counters, and the status page's recent history.
 
-One pure ASGI middleware. Per request it classifies the path with one regex into a route
-of bounded cardinality and increments two or three counters; nothing else on the hot
-path. Most pulled images and recent errors are kept in bounded memory, per process.
+A listener of the access log middleware (`proxy.logs.AccessLog`): per request it
+classifies the path into a route of bounded cardinality and increments two or three
+counters; nothing else on the hot path. Most pulled images and recent errors are kept in bounded memory, per process.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from cache import digests
 from proxy import metrics
@@ -74,38 +74,13 @@ class Activity:
 class Observe:
     """Counts each request by route and status, and its cache outcome; records pulls and errors."""
 
-    def __init__(self, app: ASGIApp, activity: Activity) -> None:
-        self.app = app
+    def __init__(self, activity: Activity) -> None:
         self.activity = activity
         self._requests = metrics.Children(metrics.REQUESTS)
         self._cache = metrics.Children(metrics.CACHE_REQUESTS)
         self._served = metrics.Children(metrics.CACHE_SERVED_BYTES)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 0
-        sent = 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-
-        error: Exception | None = None
-        try:
-            await self.app(scope, receive, counting_send)
-        except Exception as exc:  # a transfer cut short (bad upstream bytes), or a bug
-            error = exc
-            raise
-        finally:
-            self._account(scope, status or 500, sent, error)
-
-    def _account(self, scope: Scope, status: int, sent: int, error: Exception | None) -> None:
+    def __call__(self, scope: Scope, status: int, sent: int, error: Exception | None) -> None:
         route, name, reference = classify(scope["path"])
         self._requests(route, status).inc()
         state = scope.get("state", {})
