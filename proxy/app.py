@@ -17,18 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import config as configuration
 from proxy import errors, health, logs, metrics, observe, pinning, status
 from proxy.access import Policy
 from proxy.auth import Gate
-from proxy.mirror import Mirror
+from proxy.mirror import open_mirror
 from proxy.routes import routes
-from proxy.routing import Router
 from proxy.throttle import LoginThrottle
 from proxy.tokens import Tokens, load_or_create_key
-from proxy.upstream import Upstream
 from proxy.users import Users
 
 log = structlog.get_logger("pullproxy")
@@ -67,42 +64,31 @@ def create_app(config: configuration.Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        config.cache_dir.mkdir(parents=True, exist_ok=True)
-        store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
-        meta = await to_thread.run_sync(Metadata, config.cache_dir)
-        upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
-        app.state.router = Router(upstreams)
-        app.state.mirror = Mirror(store, meta, config.tag_ttl, offline=config.offline)
-        app.state.activity = activity
-        app.state.probe = health.CacheProbe(store.partial_dir)
-        app.state.sampler = metrics.Sampler(store, app.state.mirror.downloads, config.max_size)
-        app.state.gate = await _gate(config)
-        await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
-        metrics.worker_started()
-        flusher = asyncio.create_task(_flush_touches(store))
-        sampler = asyncio.create_task(app.state.sampler.run())
-        pins = None
-        if config.pins and config.pin_refresh > 0:
-            pins = asyncio.create_task(pinning.keep_refreshed(config, app.state.router, app.state.mirror))
-        log.info(
-            "serving",
-            cache=str(config.cache_dir),
-            max_size=config.max_size,
-            upstreams=[f"{u.name}={u.url}" for u in config.upstreams],
-        )
-        try:
-            yield
-        finally:
-            flusher.cancel()
-            sampler.cancel()
-            metrics.worker_stopped()
-            if pins is not None:
-                pins.cancel()
-            for upstream in upstreams:
-                await upstream.aclose()
-            await to_thread.run_sync(store.flush_touches)
-            store.close()
-            meta.close()
+        async with open_mirror(config) as (router, mirror):
+            store = mirror.store
+            app.state.router = router
+            app.state.mirror = mirror
+            app.state.activity = activity
+            app.state.probe = health.CacheProbe(store.partial_dir)
+            app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
+            app.state.gate = await _gate(config)
+            await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
+            metrics.worker_started()
+            tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
+            if config.pins and config.pin_refresh > 0:
+                tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
+            log.info(
+                "serving",
+                cache=str(config.cache_dir),
+                max_size=config.max_size,
+                upstreams=[f"{u.name}={u.url}" for u in config.upstreams],
+            )
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                metrics.worker_stopped()
 
     return Starlette(
         routes=[*routes, *OPERATING],

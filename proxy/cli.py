@@ -106,5 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(args.run(args, config))
     except errors.RegistryError as exc:  # e.g. an image of a registry that is not configured
         sys.exit(f"pullproxy: {exc.message}")
+    except OSError as exc:  # e.g. an archive in a folder that does not exist
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.exit(f"pullproxy: {where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         sys.exit(130)

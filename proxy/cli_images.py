@@ -7,40 +7,19 @@ and fetch through the same `Mirror` and upstream clients the server uses.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from anyio import to_thread
 
 from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter
 from cache.manifests import Descriptor
-from cache.meta import Metadata
-from cache.store import ContentStore
 from proxy import errors, pinning, pull, references
 from proxy.config import Config
-from proxy.mirror import Blob, Mirror
+from proxy.mirror import Blob, Mirror, open_mirror
 from proxy.progress import Progress, format_size
 from proxy.routing import Router
-from proxy.upstream import Upstream
-
-
-@contextlib.asynccontextmanager
-async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
-    """The server's parts, for one command."""
-    config.cache_dir.mkdir(parents=True, exist_ok=True)
-    store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
-    meta = await to_thread.run_sync(Metadata, config.cache_dir)
-    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
-    try:
-        yield Router(upstreams), Mirror(store, meta, config.tag_ttl, offline=config.offline)
-    finally:
-        for upstream in upstreams:
-            await upstream.aclose()
-        await to_thread.run_sync(store.flush_touches)
-        store.close()
-        meta.close()
 
 
 def _report(problems: list[str]) -> int:

@@ -8,9 +8,10 @@ served under a repository only if that repository is known to hold it (see `prox
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,11 +24,13 @@ from cache.meta import Metadata
 from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
 from proxy import errors
+from proxy.config import Config
 from proxy.links import Links, referenced_digests
 from proxy.mediatypes import manifest_media_type
-from proxy.routing import Route
+from proxy.routing import Route, Router
 from proxy.upstream import (
     TagPage,
+    Upstream,
     UpstreamDenied,
     UpstreamError,
     UpstreamNotFound,
@@ -363,3 +366,20 @@ def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> Tag
             return TagPage(name, page, {"n": str(count), "last": page[-1]} if page else None)
         ordered = ordered[:count]
     return TagPage(name, ordered, None)
+
+
+@contextlib.asynccontextmanager
+async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The mirror and its router for `config`, as the server and every command use them."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
+    meta = await to_thread.run_sync(Metadata, config.cache_dir)
+    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    try:
+        yield Router(upstreams), Mirror(store, meta, config.tag_ttl, offline=config.offline)
+    finally:
+        for upstream in upstreams:
+            await upstream.aclose()
+        await to_thread.run_sync(store.flush_touches)
+        store.close()
+        meta.close()

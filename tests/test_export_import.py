@@ -78,3 +78,11 @@ def test_import_of_a_skopeo_archive_named_by_tag_needs_image_and_verifies_every_
     pullproxy(mirror, "import", str(archive), "--image", "docker.io/acme/imported")
     skopeo_copy(f"docker://{mirror.host}/acme/imported:{alpine.tag}", f"dir:{tmp_path / 'pulled'}")
     assert_same(tmp_path / "pulled", alpine.manifest, [b.digest for b in alpine.blobs])
+
+
+def test_export_into_a_missing_folder_is_one_clear_line(tmp_path: Path) -> None:
+    mirror = Proxy(upstream_url="http://127.0.0.1:1", workdir=tmp_path / "mirror", start=False)
+    target = tmp_path / "nowhere" / "x.tar"
+    done = pullproxy(mirror, "export", "--output", str(target), "alpine", check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"pullproxy: {target}.partial: No such file or directory"]
