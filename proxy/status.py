@@ -11,6 +11,7 @@ import html
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from anyio import to_thread
@@ -18,8 +19,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from proxy import metrics
+from proxy.access import route_name
+from proxy.auth import Gate
+from proxy.errors import RegistryError
 from proxy.health import upstream_state
-from proxy.observe import FROM_CACHE, Activity
+from proxy.observe import FROM_CACHE, Activity, classify
 from proxy.routing import Router
 
 REFRESH_SECONDS = 10
@@ -55,11 +59,41 @@ async def page(request: Request) -> Response:
     snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
     router: Router = state.router
     upstreams = [upstream_state(upstream) for upstream in router.upstreams()]
-    body = render(snapshot, upstreams, state.activity, time.time())
+    body = render(snapshot, upstreams, state.activity, time.time(), await _visibility(request))
     return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def render(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], activity: Activity, now: float) -> str:
+async def _visibility(request: Request) -> Callable[[str], bool]:
+    """Which repositories (as clients name them) this caller may see: those it may pull.
+
+    The page is open to anyone, so with access rules a private repository's name must not
+    show in the most pulled images or in recent errors, as in `_catalog`.
+    """
+    gate: Gate = request.app.state.gate
+    router: Router = request.app.state.router
+    caller = await gate.caller(request)
+    address = gate.address(request)
+
+    def visible(name: str) -> bool:
+        first, _, rest = name.partition("/")
+        for path, ns in ((name, None), (rest, first)):  # a prefix, or containerd's ns in front
+            try:
+                route = router.route(path, ns)
+            except RegistryError:
+                continue
+            return gate.policy.allows(route_name(route), caller.user, address)
+        return False
+
+    return visible
+
+
+def render(
+    snapshot: metrics.Snapshot,
+    upstreams: list[dict[str, object]],
+    activity: Activity,
+    now: float,
+    visible: Callable[[str], bool] = lambda name: True,
+) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -71,8 +105,8 @@ def render(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], activ
 <a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></div>
 {_overview(snapshot)}
 {_upstreams(snapshot, upstreams, now)}
-{_pulls(activity)}
-{_errors(activity, now)}
+{_pulls(activity, visible)}
+{_errors(activity, now, visible)}
 <p class="note">{_scope_note(activity)}</p>
 </main></body></html>
 """
@@ -130,12 +164,15 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
     return _section("upstreams", "Upstreams", _table(headers, rows))
 
 
-def _pulls(activity: Activity) -> str:
-    rows = [[f"<code>{_e(image)}</code>", _count(count)] for image, count in activity.most_pulled()]
+def _pulls(activity: Activity, visible: Callable[[str], bool]) -> str:
+    pulled = [(image, count) for image, count in activity.most_pulled(50) if visible(image.rpartition(":")[0])]
+    rows = [[f"<code>{_e(image)}</code>", _count(count)] for image, count in pulled[:10]]
     return _section("pulls", "Most pulled images", _table(["Image", "#Pulls"], rows) if rows else _none("no pulls yet"))
 
 
-def _errors(activity: Activity, now: float) -> str:
+def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> str:
+    names = ((failure, classify(failure.path)[1]) for failure in activity.errors)
+    shown = [failure for failure, name in names if not name or visible(name)]
     rows = [
         [
             f'<span class="nowrap">{_clock(failure.at)}</span><br><span class="sub">{_ago(failure.at, now)}</span>',
@@ -143,7 +180,7 @@ def _errors(activity: Activity, now: float) -> str:
             _code(f"{failure.method} {failure.path}"),
             _e(_short(failure.message)),
         ]
-        for failure in list(activity.errors)[:20]
+        for failure in shown[:20]
     ]
     table = _table(["When (UTC)", "#Status", "Request", "Why"], rows) if rows else _none("no errors")
     return _section("errors", "Recent errors", table)

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpcore
 import httpx
+import structlog
 
 from cache.flight import Source
 from proxy import metrics
@@ -21,6 +22,7 @@ from proxy.config import UpstreamConfig
 from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
 
+log = structlog.get_logger("pullproxy")
 MAX_MANIFEST_SIZE = 4 << 20
 
 # httpcore reads a response body 64 KiB per call, each call paying for a timeout scope;
@@ -101,7 +103,7 @@ class Upstream:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            self._failed(f"{method} {path}: {type(exc).__name__}")
+            self._failed(method, path, type(exc).__name__)
             raise UpstreamUnavailable(self.name, f"unreachable ({type(exc).__name__})") from exc
         finally:
             self.metrics.seconds.observe(time.perf_counter() - started)
@@ -111,7 +113,7 @@ class Upstream:
                 try:
                     await response.aread()
                 except httpx.HTTPError as exc:
-                    self._failed(f"{method} {path}: {type(exc).__name__}")
+                    self._failed(method, path, type(exc).__name__)
                     raise UpstreamUnavailable(self.name, f"broken response ({type(exc).__name__})") from exc
                 self.metrics.fetched.inc(len(response.content))
             return response
@@ -122,13 +124,17 @@ class Upstream:
         if status in (401, 403):
             raise UpstreamDenied(self.name, f"{method} {path} refused with {status}", status)
         if status == 429 or status >= 500:
-            self._failed(f"{method} {path}: {status}")
+            self._failed(method, path, str(status))
             raise UpstreamUnavailable(self.name, f"answered {status}", status, response.headers.get("Retry-After"))
         raise UpstreamError(self.name, f"{method} {path} answered {status}", status)
 
-    def _failed(self, what: str) -> None:
-        self.last_error = (time.time(), what)
+    def _failed(self, method: str, path: str, why: str) -> None:
+        """Remember a failure for `/readyz` and the status page, which anyone may read: no
+        repository name goes there (the log line has it)."""
+        kind = next((k for k in ("manifests", "blobs", "tags", "referrers") if f"/{k}/" in path), "request")
+        self.last_error = (time.time(), f"{method} {kind}: {why}")
         self.metrics.errors.inc()
+        log.warning("upstream request failed", upstream=self.name, method=method, path=path, why=why)
 
     async def head_manifest(self, repo: str, reference: str) -> str | None:
         """The digest a tag points at now, without a GET (Docker Hub does not rate-limit HEAD)."""
@@ -147,7 +153,7 @@ class Upstream:
                 if len(body) > MAX_MANIFEST_SIZE:
                     raise UpstreamError(self.name, f"manifest {repo}:{reference} is larger than 4 MiB")
         except httpx.HTTPError as exc:
-            self._failed(f"GET manifest {repo}:{reference}: {type(exc).__name__}")
+            self._failed("GET", f"/v2/{repo}/manifests/{reference}", type(exc).__name__)
             raise UpstreamUnavailable(self.name, f"manifest transfer broke off ({type(exc).__name__})") from exc
         finally:
             await response.aclose()
@@ -166,7 +172,7 @@ class Upstream:
                     self.metrics.fetched.inc(len(chunk))
                     yield chunk
             except httpx.HTTPError as exc:
-                self._failed(f"GET blob {digest}: {type(exc).__name__}")
+                self._failed("GET", f"/v2/{repo}/blobs/{digest}", type(exc).__name__)
                 raise UpstreamUnavailable(self.name, f"blob transfer broke off ({type(exc).__name__})") from exc
 
         return Source(size=size, chunks=chunks(), close=response.aclose)

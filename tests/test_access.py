@@ -208,6 +208,20 @@ def test_catalog_lists_only_what_the_caller_may_pull(client: httpx.Client, proxy
     assert client.get("/v2/_catalog", auth=(ALICE[0], "nope")).status_code == 401
 
 
+def test_status_page_shows_only_images_the_caller_may_pull(client: httpx.Client, ghcr: FaultyRegistry) -> None:
+    client.get("/v2/library/alpine/manifests/1").raise_for_status()
+    client.get(PRIVATE, auth=ALICE).raise_for_status()
+    ghcr.fail(503, path="acme/broken", times=1)
+    assert client.get("/v2/ghcr.io/acme/broken/manifests/1", auth=ALICE).status_code == 503
+    client.get("/v2/carol/box/manifests/1", auth=CAROL).raise_for_status()
+    anonymous = client.get("/").text
+    assert "library/alpine:1" in anonymous
+    for private in ("acme/app", "acme/broken", "carol/box"):
+        assert private not in anonymous
+    alice = client.get("/", auth=ALICE).text
+    assert "ghcr.io/acme/app:1" in alice and "acme/broken" in alice and "carol/box" not in alice
+
+
 def test_the_access_log_names_the_user(client: httpx.Client, proxy: Proxy) -> None:
     client.get("/v2/ghcr.io/acme/app/manifests/2", auth=ALICE).raise_for_status()
     deadline = time.monotonic() + 5
