@@ -156,6 +156,14 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _tables(data: dict[str, Any], key: str, name: str | None = None) -> list[tuple[int, object]]:
+    """An array of tables (`[[key]]`), numbered for messages such as `upstream[1].url`."""
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{name or key}: must be an array of tables ([[{name or key}]])")
+    return list(enumerate(value))
+
+
 def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
     for key in table:
         if key not in allowed:
@@ -287,22 +295,13 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     _check_keys("cache", cache, {"dir", "max_size", "tag_ttl", "offline", "pin_refresh"})
     cache_dir = Path(_string("cache.dir", cache.get("dir", "pullproxy-data")))
 
-    raw_upstreams = data.get("upstream", [])
-    if not isinstance(raw_upstreams, list):
-        raise ConfigError("upstream: must be an array of tables ([[upstream]])")
-    upstreams = tuple(_upstream(i, table, environ) for i, table in enumerate(raw_upstreams)) or (DEFAULT_UPSTREAM,)
+    upstreams = tuple(_upstream(i, table, environ) for i, table in _tables(data, "upstream")) or (DEFAULT_UPSTREAM,)
     _check_upstreams(upstreams)
-    raw_pins = data.get("pin", [])
-    if not isinstance(raw_pins, list):
-        raise ConfigError("pin: must be an array of tables ([[pin]])")
     auth = _auth(data["auth"], environ) if "auth" in data else None
     default_pull: Pull = ANYONE
     if auth is not None:
         default_pull = _pull("auth.default", data["auth"].get("default", []), auth)
-    raw_rules = data.get("access", [])
-    if not isinstance(raw_rules, list):
-        raise ConfigError("access: must be an array of tables ([[access]])")
-    access = tuple(_rule(i, table, auth, upstreams) for i, table in enumerate(raw_rules))
+    access = tuple(_rule(i, table, auth, upstreams) for i, table in _tables(data, "access"))
     return Config(
         listen_host=host,
         listen_port=port,
@@ -315,7 +314,7 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         offline=parse_bool("cache.offline", cache.get("offline", False)),
         pin_refresh=parse_duration("cache.pin_refresh", cache.get("pin_refresh", "1h")),
         upstreams=upstreams,
-        pins=tuple(_pin(i, table) for i, table in enumerate(raw_pins)),
+        pins=tuple(_pin(i, table) for i, table in _tables(data, "pin")),
         auth=auth,
         access=access,
         default_pull=default_pull,
@@ -383,10 +382,7 @@ def _auth(table: object, environ: dict[str, str]) -> AuthConfig:
             parse_htpasswd(text)
         except ValueError as exc:
             raise ConfigError(f"auth.htpasswd: {exc}") from None
-    raw_users = table.get("user", [])
-    if not isinstance(raw_users, list):
-        raise ConfigError("auth.user: must be an array of tables ([[auth.user]])")
-    users = tuple(_user(i, entry) for i, entry in enumerate(raw_users))
+    users = tuple(_user(i, entry) for i, entry in _tables(table, "user", "auth.user"))
     names = [u.name for u in users]
     if len(set(names)) != len(names):
         raise ConfigError(f"auth.user: {next(n for n in names if names.count(n) > 1)!r} is configured twice")
