@@ -90,11 +90,8 @@ class Mirror:
         return await self._once(("tag", upstream, route.repo, reference), lambda: self._resolve_tag(route, reference))
 
     async def _manifest_by_digest(self, route: Route, digest: str) -> tuple[Manifest, str]:
-        try:
-            digests.parse(digest)
-        except digests.InvalidDigest:
-            raise errors.digest_invalid(digest) from None
-        manifest = self.store.cached_manifest(digest) or await to_thread.run_sync(self.store.find_manifest, digest)
+        _parsed(digest)
+        manifest = await self._stored_manifest(digest)
         if manifest is not None:
             if not await self.links.holds(route, digest):
                 await self._confirm(route, digest, blob=False)
@@ -161,10 +158,7 @@ class Mirror:
 
     async def blob(self, route: Route, digest: str) -> Blob:
         """A reader for the blob: from disk, from a download in flight, or from a new one."""
-        try:
-            digests.parse(digest)
-        except digests.InvalidDigest:
-            raise errors.digest_invalid(digest) from None
+        _parsed(digest)
 
         async def opener() -> Source:
             source = await route.upstream.open_blob(route.repo, digest)
@@ -219,10 +213,7 @@ class Mirror:
 
     async def blob_size(self, route: Route, digest: str) -> tuple[int | None, str]:
         """For HEAD: answered from the cache or a running download, else by a HEAD upstream."""
-        try:
-            digests.parse(digest)
-        except digests.InvalidDigest:
-            raise errors.digest_invalid(digest) from None
+        _parsed(digest)
         cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
         download = self.downloads.in_flight(digest)
         if cached is not None:
@@ -271,10 +262,7 @@ class Mirror:
 
         From the upstream's referrers API, else its referrers tag (`sha256-<hex>`), else empty.
         """
-        try:
-            algorithm, hex_ = digests.parse(digest)
-        except digests.InvalidDigest:
-            raise errors.digest_invalid(digest) from None
+        algorithm, hex_ = _parsed(digest)
         upstream = route.upstream
         known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
         if known is not None and time.time() - known[0] < self.tag_ttl:
@@ -352,6 +340,14 @@ class Mirror:
                 return errors.RegistryError(429, "TOOMANYREQUESTS", f"{exc}", headers=headers)
             return errors.unavailable(f"{exc}")
         return errors.bad_upstream(f"{exc}")
+
+
+def _parsed(digest: str) -> tuple[str, str]:
+    """(algorithm, hex) of a digest a client sent; 400 DIGEST_INVALID when it is not one."""
+    try:
+        return digests.parse(digest)
+    except digests.InvalidDigest:
+        raise errors.digest_invalid(digest) from None
 
 
 def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> TagPage:
