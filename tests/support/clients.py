@@ -16,14 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from .images import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from .ports import free_port
-from .procs import spawn, stop, tail
+from .procs import Closing, spawn, stop, tail
 
 SKOPEO = "/usr/bin/skopeo"
 CONTAINERD = "/usr/bin/containerd"
@@ -231,7 +230,7 @@ class PullResult:
     stderr: str
 
 
-class Containerd:
+class Containerd(Closing):
     """A private containerd daemon (root, state and sockets in a short /tmp dir).
 
     Only content, metadata, snapshotter, diff and image services are loaded, so
@@ -306,17 +305,6 @@ class Containerd:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Containerd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def ctr(
         self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True

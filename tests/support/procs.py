@@ -14,8 +14,22 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+class Closing:
+    """A context manager that calls `close()` on exit: the servers and clients tests start."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def spawn(

@@ -16,11 +16,10 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from .ports import free_port, wait_http
-from .procs import spawn, stop, tail
+from .procs import Closing, spawn, stop, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +83,7 @@ def to_toml(data: Mapping[str, Any], _prefix: str = "") -> str:
 # --------------------------------------------------------------------------- process
 
 
-class Proxy:
+class Proxy(Closing):
     """The mirror on 127.0.0.1:<free port> with its own config file and cache dir.
 
     ``config`` is the TOML document as a dict (``server``, ``cache``,
@@ -180,17 +179,6 @@ class Proxy:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Proxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Proxy({self.url}, dir={self.dir})"

@@ -13,11 +13,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from .ports import free_port, wait_http
-from .procs import spawn, stop, tail
+from .procs import Closing, spawn, stop, tail
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -33,7 +32,7 @@ def htpasswd_lines(users: dict[str, str]) -> str:
     return "".join(out)
 
 
-class Registry:
+class Registry(Closing):
     """A distribution 2.8 process on 127.0.0.1:<free port> with filesystem storage.
 
     ``users`` enables htpasswd Basic auth. ``proxy_remote`` turns it into a
@@ -138,17 +137,6 @@ class Registry:
     def auth(self) -> tuple[str, str] | None:
         """First configured (user, password), handy for httpx ``auth=``."""
         return next(iter(self.users.items()), None)
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         mode = "proxy" if self.proxy_remote else ("htpasswd" if self.users else "plain")
