@@ -354,9 +354,6 @@ class Downloads:
     def in_flight(self, digest: str) -> Download | None:
         return self._running.get(digest)
 
-    def count(self) -> int:
-        return len(self._running)
-
     def fetching(self) -> int:
         """Downloads this process fetches from an upstream (not those it follows in another worker)."""
         return sum(isinstance(download, _Fetch) for download in self._running.values())
