@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from proxy import errors
 from proxy.config import DOCKER_HUB_ALIASES, effective_prefix
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 # The OCI distribution-spec repository name grammar.
 _NAME = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")

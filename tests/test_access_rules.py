@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.access import Policy, User
-from proxy.auth import client_address
+from proxy.access.gate import client_address
+from proxy.access.policy import Policy, User
 from tests.support.auth import password_hash
 
 ALICE = User("alice", frozenset({"dev"}))

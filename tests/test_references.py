@@ -7,7 +7,7 @@ import pytest
 from proxy import errors, references
 from proxy.config import UpstreamConfig
 from proxy.routing import Router
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 DIGEST = "sha256:" + "a" * 64
 

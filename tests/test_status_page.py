@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry
 
-from proxy import metrics, status
 from proxy.config import UpstreamConfig
-from proxy.health import upstream_state
-from proxy.observe import Activity, Failure
-from proxy.upstream import Upstream
+from proxy.ops import metrics, status
+from proxy.ops.health import upstream_state
+from proxy.ops.observe import Activity, Failure
+from proxy.upstream.client import Upstream
 from tests.support.browser import dump_dom, screenshot
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import Proxy

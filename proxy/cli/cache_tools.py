@@ -16,10 +16,10 @@ from cache import inventory
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import references
+from proxy.cli.progress import Progress, format_size
 from proxy.config import Config
-from proxy.progress import Progress, format_size
 from proxy.routing import Router
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 
 @contextlib.contextmanager

@@ -17,10 +17,10 @@ import httpx
 import structlog
 
 from cache.flight import Source
-from proxy import metrics
+from cache.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.config import UpstreamConfig
-from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
-from proxy.upstream_auth import RegistryAuth
+from proxy.ops import metrics
+from proxy.upstream.auth import RegistryAuth
 
 log = structlog.get_logger("pullproxy")
 MAX_MANIFEST_SIZE = 4 << 20

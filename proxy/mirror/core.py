@@ -20,15 +20,15 @@ from anyio import to_thread
 
 from cache import digests
 from cache.flight import AlreadyCached, Downloads, Source
+from cache.mediatypes import manifest_media_type
 from cache.meta import Metadata
 from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
 from proxy import errors
 from proxy.config import Config
-from proxy.links import Links, referenced_digests
-from proxy.mediatypes import manifest_media_type
+from proxy.mirror.links import Links, referenced_digests
 from proxy.routing import Route, Router
-from proxy.upstream import (
+from proxy.upstream.client import (
     TagPage,
     Upstream,
     UpstreamDenied,

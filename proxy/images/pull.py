@@ -17,8 +17,8 @@ from cache.flight import DownloadFailed
 from cache.manifests import Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
-from proxy.mirror import HIT, Blob, Mirror
-from proxy.progress import Task, format_size
+from proxy.cli.progress import Task, format_size
+from proxy.mirror.core import HIT, Blob, Mirror
 from proxy.routing import Route
 
 READ_SIZE = 1 << 20

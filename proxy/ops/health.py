@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.routing import Router
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 PROBE_INTERVAL = 2.0
 

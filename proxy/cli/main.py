@@ -10,9 +10,12 @@ from pathlib import Path
 
 import uvicorn
 
-from proxy import cli_cache, cli_images, errors, logs, metrics, references
 from proxy import config as configuration
-from proxy.app import CONFIG_ENV, create_app
+from proxy import errors, references
+from proxy.cli import cache_tools as cli_cache
+from proxy.cli import images as cli_images
+from proxy.http.app import CONFIG_ENV, create_app
+from proxy.ops import logs, metrics
 
 
 def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
@@ -30,7 +33,7 @@ def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
         if args.config is not None:
             os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
         with metrics.shared_by_workers():
-            uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
+            uvicorn.run("proxy.http.app:app_from_environment", factory=True, workers=workers, **options)
     else:
         uvicorn.run(create_app(config), **options)
     return 0

@@ -18,12 +18,12 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from proxy import metrics
-from proxy.access import route_name
-from proxy.auth import Gate
+from proxy.access.gate import Gate
+from proxy.access.policy import route_name
 from proxy.errors import RegistryError
-from proxy.health import upstream_state
-from proxy.observe import FROM_CACHE, Activity, classify
+from proxy.ops import metrics
+from proxy.ops.health import upstream_state
+from proxy.ops.observe import FROM_CACHE, Activity, classify
 from proxy.routing import Router
 
 REFRESH_SECONDS = 10

@@ -16,10 +16,11 @@ from anyio import to_thread
 
 from cache.pins import PinLock
 from cache.store import manifest_key
-from proxy import errors, pull, references
+from proxy import errors, references
+from proxy.cli.progress import Progress, format_size
 from proxy.config import Config, PinConfig
-from proxy.mirror import Mirror
-from proxy.progress import Progress, format_size
+from proxy.images import pull
+from proxy.mirror.core import Mirror
 from proxy.routing import Router
 
 log = structlog.get_logger("pullproxy")

@@ -19,14 +19,16 @@ from starlette.routing import Route
 
 from cache.store import ContentStore
 from proxy import config as configuration
-from proxy import errors, health, logs, metrics, observe, pinning, status
-from proxy.access import Policy
-from proxy.auth import Gate
-from proxy.mirror import open_mirror
-from proxy.routes import routes
-from proxy.throttle import LoginThrottle
-from proxy.tokens import Tokens, load_or_create_key
-from proxy.users import Users
+from proxy import errors
+from proxy.access.gate import Gate
+from proxy.access.policy import Policy
+from proxy.access.throttle import LoginThrottle
+from proxy.access.tokens import Tokens, load_or_create_key
+from proxy.access.users import Users
+from proxy.http.registry import routes
+from proxy.images import pinning
+from proxy.mirror.core import open_mirror
+from proxy.ops import health, logs, metrics, observe, status
 
 log = structlog.get_logger("pullproxy")
 TOUCH_INTERVAL = 2.0

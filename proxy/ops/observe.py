@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 from starlette.types import Scope
 
 from cache import digests
-from proxy import metrics
+from proxy.ops import metrics
 
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 FROM_CACHE = frozenset({"hit", "revalidated", "stale"})

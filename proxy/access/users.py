@@ -27,9 +27,9 @@ import structlog
 from anyio import CapacityLimiter, to_thread
 from cachetools import TTLCache
 
-from proxy.access import User
+from proxy.access.policy import User
+from proxy.access.throttle import LoginThrottle
 from proxy.config import UserConfig, parse_htpasswd
-from proxy.throttle import LoginThrottle
 
 log = structlog.get_logger("pullproxy.auth")
 

@@ -13,12 +13,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cache.mediatypes import OCI_INDEX
 from proxy import errors
-from proxy.access import full_name
-from proxy.auth import Gate, token
-from proxy.mediatypes import OCI_INDEX
-from proxy.mirror import Mirror
-from proxy.responses import BlobResponse, parse_range
+from proxy.access.gate import Gate, token
+from proxy.access.policy import full_name
+from proxy.http.responses import BlobResponse, parse_range
+from proxy.mirror.core import Mirror
 from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 

@@ -22,12 +22,12 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.access import Address, Policy, User, route_name
+from proxy.access.policy import Address, Policy, User, route_name
+from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
+from proxy.access.users import Users
 from proxy.config import Network
 from proxy.errors import RegistryError
 from proxy.routing import Route, Router
-from proxy.tokens import SERVICE, Grant, InvalidToken, Tokens
-from proxy.users import Users
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 

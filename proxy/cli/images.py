@@ -15,10 +15,11 @@ from anyio import to_thread
 
 from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter
 from cache.manifests import Descriptor
-from proxy import errors, pinning, pull, references
+from proxy import errors, references
+from proxy.cli.progress import Progress, format_size
 from proxy.config import Config
-from proxy.mirror import Blob, Mirror, open_mirror
-from proxy.progress import Progress, format_size
+from proxy.images import pinning, pull
+from proxy.mirror.core import Blob, Mirror, open_mirror
 from proxy.routing import Router
 
 
