@@ -19,7 +19,7 @@ from proxy import errors, references
 from proxy.cli.progress import Progress, format_size
 from proxy.config import Config
 from proxy.images import pinning, pull
-from proxy.mirror.core import Blob, Mirror, open_mirror
+from proxy.mirror import Blob, Mirror, open_mirror
 from proxy.routing import Router
 
 

@@ -27,7 +27,7 @@ from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
 from proxy.http.registry import routes
 from proxy.images import pinning
-from proxy.mirror.core import open_mirror
+from proxy.mirror import open_mirror
 from proxy.ops import health, logs, metrics, observe, status
 
 log = structlog.get_logger("pullproxy")

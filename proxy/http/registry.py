@@ -18,7 +18,7 @@ from proxy import errors
 from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
 from proxy.http.responses import BlobResponse, parse_range
-from proxy.mirror.core import Mirror
+from proxy.mirror import Mirror, Outcome
 from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
@@ -42,7 +42,7 @@ async def _route(request: Request) -> UpstreamRoute:
     return route
 
 
-def _outcome(request: Request, outcome: str) -> None:
+def _outcome(request: Request, outcome: Outcome) -> None:
     request.scope.setdefault("state", {})["cache"] = outcome
 
 
@@ -56,7 +56,7 @@ async def manifest(request: Request) -> Response:
     reference = request.path_params["reference"]
     if ":" not in reference and not _TAG.match(reference):
         raise errors.manifest_unknown(request.path_params["name"], reference)
-    found, outcome = await _mirror(request).manifest(route, reference)
+    found, outcome = await _mirror(request).manifests.get(route, reference)
     _outcome(request, outcome)
     headers = {
         **API_VERSION,
@@ -81,12 +81,12 @@ async def blob(request: Request) -> Response:
         "Cache-Control": "max-age=31536000",
     }
     if request.method == "HEAD":
-        size, outcome = await mirror.blob_size(route, digest)
+        size, outcome = await mirror.blobs.size(route, digest)
         _outcome(request, outcome)
         if size is not None:
             headers["Content-Length"] = str(size)
         return Response(b"", headers=headers)
-    found = await mirror.blob(route, digest)
+    found = await mirror.blobs.open(route, digest)
     _outcome(request, found.outcome)
     byte_range = parse_range(request.headers.get("range"), found.size)
     if byte_range == "unsatisfiable":
@@ -102,7 +102,7 @@ async def blob(request: Request) -> Response:
 
 async def referrers(request: Request) -> Response:
     route = await _route(request)
-    index, outcome = await _mirror(request).referrers(route, request.path_params["digest"])
+    index, outcome = await _mirror(request).referrers.index(route, request.path_params["digest"])
     _outcome(request, outcome)
     headers = dict(API_VERSION)
     artifact_type = request.query_params.get("artifactType")
@@ -130,7 +130,7 @@ def _next_link(path: str, query: dict[str, str], ns: str | None) -> str:
 async def tags(request: Request) -> Response:
     route = await _route(request)
     n, last = _page_params(request)
-    page, outcome = await _mirror(request).tags(route, n, last)
+    page, outcome = await _mirror(request).tags.page(route, n, last)
     _outcome(request, outcome)
     name = request.path_params["name"]
     headers = dict(API_VERSION)
@@ -149,7 +149,7 @@ async def catalog(request: Request) -> Response:
     address = gate.address(request)
     names = sorted(
         router.client_name(upstream, repo)
-        for upstream, repo in await _mirror(request).repositories()
+        for upstream, repo in await _mirror(request).tags.repositories()
         if gate.policy.allows(full_name(upstream, repo), caller.user, address)
     )
     if last is not None:

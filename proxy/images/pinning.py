@@ -20,7 +20,7 @@ from proxy import errors, references
 from proxy.cli.progress import Progress, format_size
 from proxy.config import Config, PinConfig
 from proxy.images import pull
-from proxy.mirror.core import Mirror
+from proxy.mirror import Mirror
 from proxy.routing import Router
 
 log = structlog.get_logger("pullproxy")

@@ -18,7 +18,7 @@ from cache.manifests import Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
 from proxy.cli.progress import Task, format_size
-from proxy.mirror.core import HIT, Blob, Mirror
+from proxy.mirror import Blob, Mirror, Outcome
 from proxy.routing import Route
 
 READ_SIZE = 1 << 20
@@ -45,7 +45,7 @@ class Plan:
 
 async def plan(mirror: Mirror, route: Route, reference: str, platforms: Sequence[str] | None) -> Plan:
     """Fetch (or find) every manifest; raises `errors.RegistryError` if the top one cannot be had."""
-    top, _ = await mirror.manifest(route, reference)
+    top, _ = await mirror.manifests.get(route, reference)
     result = Plan(top)
     blobs: dict[str, Descriptor] = {}
 
@@ -56,7 +56,7 @@ async def plan(mirror: Mirror, route: Route, reference: str, platforms: Sequence
             blobs.setdefault(blob.digest, blob)
         for child in select(found.manifests, platforms):
             try:
-                await walk((await mirror.manifest(route, child.digest))[0])
+                await walk((await mirror.manifests.get(route, child.digest))[0])
             except errors.RegistryError as exc:
                 result.problems.append(f"manifest {child.digest}: {exc.message}")
 
@@ -72,7 +72,7 @@ async def fetch(mirror: Mirror, route: Route, image: Plan, sink: BlobSink, concu
     async def one(descriptor: Descriptor) -> None:
         async with limit:
             try:
-                blob = await mirror.blob(route, descriptor.digest)
+                blob = await mirror.blobs.open(route, descriptor.digest)
             except errors.RegistryError as exc:
                 image.problems.append(f"blob {descriptor.digest}: {exc.message}")
                 return
@@ -94,14 +94,16 @@ async def store(mirror: Mirror, route: Route, image: Plan, task: Task | None = N
         if pin:  # now, before later blobs of a large image can evict it
             await to_thread.run_sync(mirror.store.pin, [descriptor.digest])
         if task:
-            task.item(f"{descriptor.digest} {format_size(blob.size)} {'cached' if blob.outcome == HIT else 'fetched'}")
+            task.item(
+                f"{descriptor.digest} {format_size(blob.size)} {'cached' if blob.outcome is Outcome.HIT else 'fetched'}"
+            )
 
     await fetch(mirror, route, image, sink)
 
 
 async def drain(blob: Blob, advance: Callable[[int], None]) -> None:
     """Wait for a download to be verified and stored, reporting bytes; a cached blob needs nothing."""
-    if blob.outcome == HIT:
+    if blob.outcome is Outcome.HIT:
         advance(blob.size or 0)
         return
     offset = 0

@@ -6,9 +6,9 @@ private repository must not be served under another name to whoever knows its di
 A link says a repository holds a digest. It is recorded for a manifest served from that
 repository and for everything the manifest references (config, layers, child
 manifests, subject), and whenever that repository's upstream answered for the digest.
-`Mirror` serves cached content by digest only where a link exists, and otherwise asks
-the upstream first. Links are looked up in memory, then SQLite; they are written only
-when new, so a repeated pull writes nothing.
+Cached content is served by digest only where a link exists; otherwise `ensure` asks
+the upstream first (one `HEAD`, shared by concurrent callers). Links are looked up in
+memory, then SQLite; they are written only when new, so a repeated pull writes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from anyio import to_thread
 from cache import digests
 from cache.meta import EXPANDED, LINKED, Metadata
 from cache.store import Manifest
+from proxy.mirror.failures import registry_error
+from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route
+from proxy.upstream.client import UpstreamError
 
 
 def referenced_digests(body: bytes) -> list[str]:
@@ -53,6 +56,7 @@ def _valid(digest: str) -> bool:
 class Links:
     def __init__(self, meta: Metadata) -> None:
         self.meta = meta
+        self._confirming: SingleFlight[tuple[str, str, str], int | None] = SingleFlight()
 
     async def _level(self, route: Route, digest: str) -> int:
         key = (route.upstream.name, route.repo, digest)
@@ -74,3 +78,25 @@ class Links:
         levels = dict.fromkeys(referenced_digests(manifest.body), LINKED)
         levels[manifest.digest] = EXPANDED
         await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
+
+    async def ensure(self, route: Route, digest: str, blob: bool) -> None:
+        """Before serving cached content: `route`'s repository holds it, or its upstream confirms it."""
+        if not await self.holds(route, digest):
+            await self.confirm(route, digest, blob)
+
+    async def confirm(self, route: Route, digest: str, blob: bool) -> int | None:
+        """HEAD upstream: if the repository has `digest` there, link it (and return a blob's size)."""
+
+        async def ask() -> int | None:
+            try:
+                if blob:
+                    size = await route.upstream.head_blob(route.repo, digest)
+                else:
+                    await route.upstream.head_manifest(route.repo, digest)
+                    size = None
+            except UpstreamError as exc:
+                raise registry_error(exc, route, digest, blob=blob) from None
+            await self.record(route, [digest])
+            return size
+
+        return await self._confirming.run((route.upstream.name, route.repo, digest), ask)

@@ -1,0 +1,71 @@
+"""The mirror: one component per kind of content, each composing the local store with the upstream.
+
+As distribution's proxy stores wrap a local and a remote store, `Manifests`, `Blobs`,
+`Tags` and `Referrers` answer from the cache when they can and from the route's upstream
+otherwise; `Links` decides under which repositories cached content may be served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from anyio import to_thread
+
+from cache.flight import Downloads
+from cache.meta import Metadata
+from cache.store import ContentStore
+from proxy.config import Config
+from proxy.mirror.blobs import Blobs
+from proxy.mirror.links import Links
+from proxy.mirror.manifests import Manifests
+from proxy.mirror.referrers import Referrers
+from proxy.mirror.tags import Tags
+from proxy.routing import Router
+from proxy.upstream.client import Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    store: ContentStore
+    meta: Metadata
+    downloads: Downloads
+    links: Links
+    manifests: Manifests
+    blobs: Blobs
+    tags: Tags
+    referrers: Referrers
+
+    @classmethod
+    def build(cls, store: ContentStore, meta: Metadata, tag_ttl: float, offline: bool = False) -> Mirror:
+        links = Links(meta)
+        downloads = Downloads(store)
+        manifests = Manifests(store, meta, links, tag_ttl, offline)
+        return cls(
+            store=store,
+            meta=meta,
+            downloads=downloads,
+            links=links,
+            manifests=manifests,
+            blobs=Blobs(store, downloads, links),
+            tags=Tags(meta, offline),
+            referrers=Referrers(meta, manifests, links, tag_ttl),
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The mirror and its router for `config`, as the server and every command use them."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
+    meta = await to_thread.run_sync(Metadata, config.cache_dir)
+    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    try:
+        yield Router(upstreams), Mirror.build(store, meta, config.tag_ttl, offline=config.offline)
+    finally:
+        for upstream in upstreams:
+            await upstream.aclose()
+        await to_thread.run_sync(store.flush_touches)
+        store.close()
+        meta.close()
