@@ -26,7 +26,7 @@ from proxy.access.policy import Address, Policy, User, route_name
 from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.access.users import Users
 from proxy.config import Network
-from proxy.errors import RegistryError
+from proxy.errors import BadRequest, Denied, RegistryError, Unauthorized
 from proxy.routing import Route, Router
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
@@ -67,8 +67,8 @@ def client_address(peer: str | None, forwarded: Sequence[str], trusted: Sequence
     return address
 
 
-def denied(name: str) -> RegistryError:
-    return RegistryError(403, "DENIED", "requested access to the resource is denied", _access_detail(name))
+def denied(name: str) -> Denied:
+    return Denied("requested access to the resource is denied", _access_detail(name))
 
 
 def _log_user(request: Request, user: User) -> None:
@@ -94,7 +94,7 @@ class Gate:
         peer = parse_address(request.client.host) if request.client else None
         return peer is not None and any(peer in network for network in self.trusted_proxies)
 
-    def challenge(self, request: Request, name: str | None, message: str, error: str | None = None) -> RegistryError:
+    def challenge(self, request: Request, name: str | None, message: str, error: str | None = None) -> Unauthorized:
         """401 with the `WWW-Authenticate: Bearer` header that starts a client's token flow."""
         scheme = request.url.scheme
         if self._trusted_peer(request) and request.headers.get("x-forwarded-proto") in ("http", "https"):
@@ -112,7 +112,7 @@ class Gate:
             header += f',scope="repository:{name}:pull"'
         if error:
             header += f',error="{error}"'
-        return RegistryError(401, "UNAUTHORIZED", message, _access_detail(name), {"WWW-Authenticate": header})
+        return Unauthorized(message, _access_detail(name), header)
 
     async def basic_user(self, request: Request, value: str) -> User | None:
         try:
@@ -193,18 +193,13 @@ async def token(request: Request) -> Response:
         scheme, _, value = header.partition(" ")
         user = await gate.basic_user(request, value.strip()) if scheme.lower() == "basic" else None
         if user is None:
-            raise RegistryError(
-                401,
-                "UNAUTHORIZED",
-                "incorrect username or password",
-                headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'},
-            )
+            raise Unauthorized("incorrect username or password", challenge=f'Basic realm="{SERVICE}"')
     service = request.query_params.get("service")
     if service is not None and service != SERVICE:
-        raise RegistryError(400, "UNSUPPORTED", f"this token service is {SERVICE!r}, not {service!r}")
+        raise BadRequest(f"this token service is {SERVICE!r}, not {service!r}")
     account = request.query_params.get("account")
     if user is not None and account and account != user.name:
-        raise RegistryError(401, "UNAUTHORIZED", "account does not match the credentials")
+        raise Unauthorized("account does not match the credentials")
     granted: set[str] = set()
     ns = request.query_params.get("ns")
     for scope in (s for value in request.query_params.getlist("scope") for s in value.split()):

@@ -25,6 +25,7 @@ from proxy.access.policy import Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
+from proxy.http.edge import error_response
 from proxy.http.registry import routes
 from proxy.images import pinning
 from proxy.mirror import open_mirror
@@ -38,19 +39,19 @@ CONFIG_ENV = "PULLPROXY_CONFIG"
 async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RegistryError)
     request.state.error = exc.message  # for the status page's recent errors
-    return exc.response()
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return errors.unsupported(f"{request.method} is not supported on {request.url.path}").response()
-    return errors.RegistryError(exc.status_code, "UNSUPPORTED", f"no such endpoint {request.url.path}").response()
+        return error_response(errors.unsupported(f"{request.method} is not supported on {request.url.path}"))
+    return error_response(errors.NoSuchEndpoint(f"no such endpoint {request.url.path}"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error", path=request.url.path)
-    return errors.RegistryError(500, "UNKNOWN", "internal error").response()
+    return error_response(errors.Internal("internal error"))
 
 
 OPERATING = [

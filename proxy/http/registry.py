@@ -17,12 +17,12 @@ from cache.mediatypes import OCI_INDEX
 from proxy import errors
 from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
+from proxy.http.edge import API_VERSION
 from proxy.http.responses import BlobResponse, parse_range
 from proxy.mirror import Mirror, Outcome
 from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -91,12 +91,7 @@ async def blob(request: Request) -> Response:
     byte_range = parse_range(request.headers.get("range"), found.size)
     if byte_range == "unsatisfiable":
         found.reader.close()
-        raise errors.RegistryError(
-            416,
-            "SIZE_INVALID",
-            "requested range is not satisfiable",
-            headers={"Content-Range": f"bytes */{found.size}"},
-        )
+        raise errors.RangeUnsatisfiable(found.size)
     return BlobResponse(found.reader, found.size, headers, byte_range if isinstance(byte_range, tuple) else None)
 
 
@@ -117,7 +112,7 @@ async def referrers(request: Request) -> Response:
 def _page_params(request: Request) -> tuple[str | None, str | None]:
     n = request.query_params.get("n")
     if n is not None and not n.isdigit():
-        raise errors.RegistryError(400, "PAGINATION_NUMBER_INVALID", f"n={n!r} is not a number")
+        raise errors.PaginationInvalid(f"n={n!r} is not a number")
     return n, request.query_params.get("last")
 
 

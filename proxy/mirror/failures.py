@@ -21,16 +21,12 @@ def registry_error(exc: UpstreamError, route: Route, reference: str, blob: bool 
     if isinstance(exc, UpstreamNotFound):
         return errors.blob_unknown(reference) if blob else errors.manifest_unknown(name, reference)
     if isinstance(exc, UpstreamDenied):
-        return errors.RegistryError(
-            404,
-            "BLOB_UNKNOWN" if blob else "MANIFEST_UNKNOWN",
-            f"{route.upstream.name} refused access to {route.repo} (check the upstream's credentials)",
-            {"name": name, "reference": reference},
-        )
+        kind = errors.BlobUnknown if blob else errors.ManifestUnknown
+        why = f"{route.upstream.name} refused access to {route.repo} (check the upstream's credentials)"
+        return kind(why, {"name": name, "reference": reference})
     if isinstance(exc, UpstreamUnavailable):
         if exc.status == 429:
-            headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
-            return errors.RegistryError(429, "TOOMANYREQUESTS", f"{exc}", headers=headers)
+            return errors.TooManyRequests(f"{exc}", exc.retry_after)
         return errors.unavailable(f"{exc}")
     return errors.bad_upstream(f"{exc}")
 

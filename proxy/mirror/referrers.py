@@ -46,7 +46,7 @@ class Referrers:
                 try:
                     index = (await self.manifests.get(route, f"{algorithm}-{hex_}"))[0].body
                 except errors.RegistryError as exc:
-                    if exc.status != 404:
+                    if not isinstance(exc, errors.NotFound):
                         raise
                     index = EMPTY_INDEX
             await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
@@ -59,7 +59,7 @@ class Referrers:
             error = registry_error(exc, route, digest)
         except errors.RegistryError as exc:  # from the referrers tag
             error = exc
-        if known is None or error.status not in (429, 503):
+        if known is None or not isinstance(error, errors.Unavailable):
             raise error
         log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
         return known[1], Outcome.STALE
