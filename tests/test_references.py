@@ -7,7 +7,6 @@ import pytest
 from proxy import errors, references
 from proxy.config import UpstreamConfig
 from proxy.routing import Router
-from proxy.upstream.client import Upstream
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -16,9 +15,9 @@ DIGEST = "sha256:" + "a" * 64
 def router() -> Router:
     return Router(
         [
-            Upstream(UpstreamConfig("docker.io", "http://hub", default=True)),
-            Upstream(UpstreamConfig("ghcr.io", "http://ghcr")),
-            Upstream(UpstreamConfig("registry.example:5000", "http://internal", prefix="internal")),
+            UpstreamConfig("docker.io", "http://hub", default=True),
+            UpstreamConfig("ghcr.io", "http://ghcr"),
+            UpstreamConfig("registry.example:5000", "http://internal", prefix="internal"),
         ]
     )
 

@@ -19,7 +19,6 @@ from proxy import references
 from proxy.cli.progress import Progress, format_size
 from proxy.config import Config
 from proxy.routing import Router
-from proxy.upstream.client import Upstream
 
 
 @contextlib.contextmanager
@@ -91,7 +90,7 @@ def rm(config: Config, image: str) -> int:
         ref = references.parse(image)
     except ValueError as exc:
         raise SystemExit(f"pullproxy: {exc}") from None
-    route = references.route(Router([Upstream(u) for u in config.upstreams]), ref)
+    route = references.route(Router(config.upstreams), ref)
     with _open(config) as (store, meta):
         tags, freed = inventory.remove(store, meta, route.upstream.name, route.repo, ref.reference)
     name = f"{route.upstream.name}/{route.repo}"

@@ -22,6 +22,7 @@ from proxy.mirror.links import Links
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
+from proxy.upstream.pool import Upstreams
 
 
 @dataclass(slots=True)
@@ -32,8 +33,9 @@ class Blob:
 
 
 class Blobs:
-    def __init__(self, store: ContentStore, downloads: Downloads, links: Links) -> None:
+    def __init__(self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links) -> None:
         self.store = store
+        self.upstreams = upstreams
         self.downloads = downloads
         self.links = links
 
@@ -78,7 +80,7 @@ class Blobs:
         return size, outcome
 
     async def _open_upstream(self, route: Route, digest: str) -> Source:
-        source = await route.upstream.open_blob(route.repo, digest)
+        source = await self.upstreams.of(route).open_blob(route.repo, digest)
         await self.links.record(route, [digest])  # before readers start: the upstream vouched
         return source
 

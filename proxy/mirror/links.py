@@ -25,6 +25,7 @@ from proxy.mirror.failures import registry_error
 from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
+from proxy.upstream.pool import Upstreams
 
 
 def referenced_digests(body: bytes) -> list[str]:
@@ -54,8 +55,9 @@ def _valid(digest: str) -> bool:
 
 
 class Links:
-    def __init__(self, meta: Metadata) -> None:
+    def __init__(self, meta: Metadata, upstreams: Upstreams) -> None:
         self.meta = meta
+        self.upstreams = upstreams
         self._confirming: SingleFlight[tuple[str, str, str], int | None] = SingleFlight()
 
     async def _level(self, route: Route, digest: str) -> int:
@@ -88,11 +90,12 @@ class Links:
         """HEAD upstream: if the repository has `digest` there, link it (and return a blob's size)."""
 
         async def ask() -> int | None:
+            upstream = self.upstreams.of(route)
             try:
                 if blob:
-                    size = await route.upstream.head_blob(route.repo, digest)
+                    size = await upstream.head_blob(route.repo, digest)
                 else:
-                    await route.upstream.head_manifest(route.repo, digest)
+                    await upstream.head_manifest(route.repo, digest)
                     size = None
             except UpstreamError as exc:
                 raise registry_error(exc, route, digest, blob=blob) from None

@@ -23,14 +23,18 @@ from proxy.mirror.links import Links
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError, UpstreamNotFound, UpstreamUnavailable
+from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
 Found = tuple[Manifest, Outcome]
 
 
 class Manifests:
-    def __init__(self, store: ContentStore, meta: Metadata, links: Links, tag_ttl: float, offline: bool) -> None:
+    def __init__(
+        self, store: ContentStore, meta: Metadata, upstreams: Upstreams, links: Links, tag_ttl: float, offline: bool
+    ) -> None:
         self.store = store
+        self.upstreams = upstreams
         self.meta = meta
         self.links = links
         self.tag_ttl = tag_ttl
@@ -72,7 +76,7 @@ class Manifests:
         return self.offline or time.time() - checked_at < self.tag_ttl
 
     async def _resolve(self, route: Route, tag: str) -> Found:
-        upstream = route.upstream
+        upstream = self.upstreams.of(route)
         record = self.meta.cached_tag(upstream.name, route.repo, tag) or await to_thread.run_sync(
             self.meta.find_tag, upstream.name, route.repo, tag
         )
@@ -104,7 +108,7 @@ class Manifests:
     async def _fetch(self, route: Route, reference: str, expected: str | None) -> Manifest:
         """GET from the upstream, verify against `expected` (or its own claim), store."""
         try:
-            fetched = await route.upstream.get_manifest(route.repo, reference)
+            fetched = await self.upstreams.of(route).get_manifest(route.repo, reference)
         except UpstreamError as exc:
             raise registry_error(exc, route, reference) from None
         claimed = expected or fetched.digest

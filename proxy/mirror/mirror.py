@@ -23,13 +23,14 @@ from proxy.mirror.manifests import Manifests
 from proxy.mirror.referrers import Referrers
 from proxy.mirror.tags import Tags
 from proxy.routing import Router
-from proxy.upstream.client import Upstream
+from proxy.upstream.pool import Upstreams
 
 
 @dataclass(frozen=True, slots=True)
 class Mirror:
     store: ContentStore
     meta: Metadata
+    upstreams: Upstreams
     downloads: Downloads
     links: Links
     manifests: Manifests
@@ -38,19 +39,22 @@ class Mirror:
     referrers: Referrers
 
     @classmethod
-    def build(cls, store: ContentStore, meta: Metadata, tag_ttl: float, offline: bool = False) -> Mirror:
-        links = Links(meta)
+    def build(
+        cls, store: ContentStore, meta: Metadata, upstreams: Upstreams, tag_ttl: float, offline: bool = False
+    ) -> Mirror:
+        links = Links(meta, upstreams)
         downloads = Downloads(store)
-        manifests = Manifests(store, meta, links, tag_ttl, offline)
+        manifests = Manifests(store, meta, upstreams, links, tag_ttl, offline)
         return cls(
             store=store,
             meta=meta,
+            upstreams=upstreams,
             downloads=downloads,
             links=links,
             manifests=manifests,
-            blobs=Blobs(store, downloads, links),
-            tags=Tags(meta, offline),
-            referrers=Referrers(meta, manifests, links, tag_ttl),
+            blobs=Blobs(store, upstreams, downloads, links),
+            tags=Tags(meta, upstreams, offline),
+            referrers=Referrers(meta, upstreams, manifests, links, tag_ttl),
         )
 
 
@@ -60,12 +64,11 @@ async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
     meta = await to_thread.run_sync(Metadata, config.cache_dir)
-    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    upstreams = Upstreams(config.upstreams, offline=config.offline)
     try:
-        yield Router(upstreams), Mirror.build(store, meta, config.tag_ttl, offline=config.offline)
+        yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)
     finally:
-        for upstream in upstreams:
-            await upstream.aclose()
+        await upstreams.aclose()
         await to_thread.run_sync(store.flush_touches)
         store.close()
         meta.close()

@@ -20,14 +20,18 @@ from proxy.mirror.manifests import Manifests
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
+from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
 EMPTY_INDEX = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
 
 
 class Referrers:
-    def __init__(self, meta: Metadata, manifests: Manifests, links: Links, tag_ttl: float) -> None:
+    def __init__(
+        self, meta: Metadata, upstreams: Upstreams, manifests: Manifests, links: Links, tag_ttl: float
+    ) -> None:
         self.meta = meta
+        self.upstreams = upstreams
         self.manifests = manifests
         self.links = links
         self.tag_ttl = tag_ttl
@@ -35,7 +39,7 @@ class Referrers:
 
     async def index(self, route: Route, digest: str) -> tuple[bytes, Outcome]:
         algorithm, hex_ = parsed(digest)
-        upstream = route.upstream
+        upstream = self.upstreams.of(route)
         known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
         if known is not None and time.time() - known[0] < self.tag_ttl:
             return known[1], Outcome.HIT

@@ -11,18 +11,20 @@ from proxy.mirror.failures import registry_error
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
 from proxy.upstream.client import TagPage, UpstreamError, UpstreamNotFound, UpstreamUnavailable
+from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
 
 
 class Tags:
-    def __init__(self, meta: Metadata, offline: bool) -> None:
+    def __init__(self, meta: Metadata, upstreams: Upstreams, offline: bool) -> None:
         self.meta = meta
+        self.upstreams = upstreams
         self.offline = offline
 
     async def page(self, route: Route, n: str | None, last: str | None) -> tuple[TagPage, Outcome]:
         try:
-            page = await route.upstream.tags(route.repo, n, last)
+            page = await self.upstreams.of(route).tags(route.repo, n, last)
         except UpstreamUnavailable as exc:
             known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
             if not known:

@@ -18,7 +18,6 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.routing import Router
 from proxy.upstream.client import Upstream
 
 PROBE_INTERVAL = 2.0
@@ -73,10 +72,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     problem = await request.app.state.probe.check()
-    router: Router = request.app.state.router
     body = {
         "ready": problem is None,
         "cache": {"writable": problem is None, "problem": problem},
-        "upstreams": [upstream_state(upstream) for upstream in router.upstreams()],
+        "upstreams": [upstream_state(upstream) for upstream in request.app.state.mirror.upstreams],
     }
     return JSONResponse(body, status_code=200 if problem is None else 503)

@@ -57,8 +57,7 @@ async def page(request: Request) -> Response:
     state = request.app.state
     await state.sampler.sample()
     snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
-    router: Router = state.router
-    upstreams = [upstream_state(upstream) for upstream in router.upstreams()]
+    upstreams = [upstream_state(upstream) for upstream in state.mirror.upstreams]
     body = render(snapshot, upstreams, state.activity, time.time(), await _visibility(request))
     return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 

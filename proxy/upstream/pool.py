@@ -1,0 +1,26 @@
+"""The upstream clients of one process, by upstream name: how to reach where routing points."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from proxy.config import UpstreamConfig
+from proxy.routing import Route
+from proxy.upstream.client import Upstream
+
+
+class Upstreams:
+    """One client (connection pool, credentials, health) per configured upstream."""
+
+    def __init__(self, configs: Sequence[UpstreamConfig], offline: bool = False) -> None:
+        self._clients = {config.name: Upstream(config, offline=offline) for config in configs}
+
+    def of(self, route: Route) -> Upstream:
+        return self._clients[route.upstream.name]
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._clients.values())
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
