@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 _REFERENCE_TYPE = "vnd.docker.reference.type"
 _REFERENCE_DIGEST = "vnd.docker.reference.digest"
 
+# Every walk over an image visits each digest once and goes at most this deep (an index of
+# indexes of images is 3 levels): repeated or nested children cannot make one image cost
+# more than its distinct manifests, and a chain of indexes cannot run a walk on forever.
+MAX_LEVELS = 8
+
 
 @dataclass(frozen=True, slots=True)
 class Descriptor:
