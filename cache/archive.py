@@ -2,31 +2,35 @@
 
 The writer streams into `<file>.partial` and renames it at the end, so an interrupted
 export never leaves a truncated archive under the requested name. The reader verifies
-every digest it hands to the store: an archive is only as trustworthy as its hashes.
+every digest and size it hands to the store: an archive is only as trustworthy as its hashes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import posixpath
+import secrets
 import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cache import digests
-from cache.manifests import Descriptor, refs
+from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
 from cache.store import ContentStore, Manifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-_BLOCK = tarfile.BLOCKSIZE
 MAX_MANIFEST = 4 << 20
+_BLOCK = tarfile.BLOCKSIZE
+MAX_LAYOUT_FILE = 64 << 10  # oci-layout holds one short field
 COPY_SIZE = 1 << 20
 
 
@@ -134,82 +138,133 @@ class ArchiveReader:
             self._tar = tarfile.open(path)  # noqa: SIM115 -- closed by close()
         except (OSError, tarfile.TarError) as exc:
             raise ArchiveError(f"{path}: not a readable tar archive ({exc})") from None
-        self._members = {m.name.removeprefix("./"): m for m in self._tar.getmembers() if m.isfile()}
-        if "oci-layout" not in self._members or "index.json" not in self._members:
-            raise ArchiveError(f"{path}: not an OCI image layout (no oci-layout or index.json)")
         try:
-            version = json.loads(self._read("oci-layout")).get("imageLayoutVersion")
-        except (ValueError, AttributeError):
-            version = None
-        if not str(version).startswith("1."):
-            raise ArchiveError(f"{path}: unsupported OCI layout version {version!r}")
+            self._members = _members(self._tar)
+            self._check_layout()
+        except ArchiveError as exc:
+            self._tar.close()
+            raise ArchiveError(f"{path}: {exc}") from None
+
+    def _check_layout(self) -> None:
+        for name in ("oci-layout", "index.json"):
+            if self._file(name, name) is None:
+                raise ArchiveError(f"not an OCI image layout (no {name})")
+        try:
+            layout = json.loads(self._read("oci-layout", "oci-layout", MAX_LAYOUT_FILE))
+        except ValueError:
+            raise ArchiveError("oci-layout is not JSON") from None
+        if not isinstance(layout, dict):
+            raise ArchiveError("oci-layout is not a JSON object")
+        version = layout.get("imageLayoutVersion")
+        if not isinstance(version, str):
+            raise ArchiveError("oci-layout names no imageLayoutVersion")
+        if not version.startswith("1."):
+            raise ArchiveError(f"unsupported OCI layout version {version!r}")
 
     def images(self) -> list[Descriptor]:
         """The entries of `index.json`, each with its ref name annotation if any."""
-        return refs(self._read("index.json")).manifests
+        try:
+            entries = index_entries(self._read("index.json", "index.json", MAX_MANIFEST))
+        except InvalidIndex as exc:
+            raise ArchiveError(f"index.json is not an OCI image index: {exc}") from None
+        if not entries:
+            raise ArchiveError("index.json lists no images")
+        return entries
 
     def plan(self, top: Descriptor) -> ImportPlan:
-        """Read and verify every manifest under `top`; raises `ArchiveError` for a missing or wrong one."""
+        """Read and verify every manifest under `top`, each once; raises `ArchiveError` for a missing or wrong one."""
         plan = ImportPlan(top)
         blobs: dict[str, Descriptor] = {}
+        seen: set[str] = set()
 
-        def walk(descriptor: Descriptor, required: bool) -> None:
-            if not self.holds(descriptor.digest):
-                if required:
-                    raise ArchiveError(f"the archive lacks manifest {descriptor.digest}")
+        def walk(descriptor: Descriptor, level: int) -> None:
+            digest = descriptor.digest
+            if digest in seen:
+                return
+            seen.add(digest)
+            if level > MAX_LEVELS:
+                raise ArchiveError(f"manifest {digest} is nested more than {MAX_LEVELS} levels deep")
+            member = self._file(_blob_path(digest), f"manifest {digest}")
+            if member is None:
+                if descriptor is top:
+                    raise ArchiveError(f"the archive lacks manifest {digest}")
                 plan.absent_children += 1
                 return
-            body = self._read(_blob_path(descriptor.digest), MAX_MANIFEST)
-            if not digests.matches(descriptor.digest, body):
-                raise ArchiveError(f"manifest {descriptor.digest} in the archive does not match its digest")
+            what = f"manifest {digest} in the archive"
+            if descriptor.size is not None and member.size != descriptor.size:
+                raise ArchiveError(f"{what}: size {member.size}, expected {descriptor.size}")
+            body = self._read(member, f"manifest {digest}", MAX_MANIFEST)
+            if not digests.matches(digest, body):
+                raise ArchiveError(f"{what} does not match its digest")
+            if not _is_object(body):
+                raise ArchiveError(f"{what} is not a JSON object")
             found = refs(body)
+            for child in found.manifests + found.blobs:
+                if not valid_digest(child.digest):
+                    raise ArchiveError(f"manifest {digest} names an invalid digest {child.digest!r}")
             for child in found.manifests:
-                walk(child, required=False)
+                walk(child, level + 1)
             for blob in found.blobs:
-                if not self.holds(blob.digest):
-                    raise ArchiveError(f"the archive lacks blob {blob.digest} of manifest {descriptor.digest}")
+                self._blob(blob, digest)
                 blobs.setdefault(blob.digest, blob)
-            plan.manifests.append(Manifest(descriptor.digest, _media_type(descriptor, body), body))
+            plan.manifests.append(Manifest(digest, _media_type(descriptor, body), body))
 
-        walk(top, required=True)
+        walk(top, 1)
         plan.blobs = list(blobs.values())
         return plan
 
-    def holds(self, digest: str) -> bool:
-        try:
-            return _blob_path(digest) in self._members
-        except digests.InvalidDigest:
-            return False
+    def _blob(self, descriptor: Descriptor, manifest: str | None = None) -> tarfile.TarInfo:
+        """The member holding a blob, if it is a file of the size its descriptor says."""
+        member = self._file(_blob_path(descriptor.digest), f"blob {descriptor.digest}")
+        if member is None:
+            of = f" of manifest {manifest}" if manifest else ""
+            raise ArchiveError(f"the archive lacks blob {descriptor.digest}{of}")
+        if descriptor.size is not None and member.size != descriptor.size:
+            raise ArchiveError(
+                f"blob {descriptor.digest} in the archive: size {member.size}, expected {descriptor.size}"
+            )
+        return member
 
     def import_blob(self, store: ContentStore, descriptor: Descriptor, advance: Callable[[int], None]) -> bool:
         """Copy one blob into the store, verified; False if the store had it already."""
         if store.has_blob(descriptor.digest):
             advance(descriptor.size or 0)
             return False
-        member = self._members[_blob_path(descriptor.digest)]
-        staged = store.partial_dir / f"import-{os.getpid()}-{descriptor.digest.replace(':', '-')}"
+        member = self._blob(descriptor)
         hasher = digests.hasher(descriptor.digest)
+        staged, fd = _new_file(store.partial_dir, f"import-{descriptor.digest.replace(':', '-')}")
         try:
             source = self._tar.extractfile(member)
             assert source is not None
-            with source, open(staged, "wb") as out:
+            with source, os.fdopen(fd, "wb") as out:
                 while chunk := source.read(COPY_SIZE):
                     out.write(chunk)
                     hasher.update(chunk)
                     advance(len(chunk))
             actual = f"{digests.parse(descriptor.digest)[0]}:{hasher.hexdigest()}"
-            if actual != descriptor.digest or (descriptor.size is not None and member.size != descriptor.size):
-                raise ArchiveError(f"blob {descriptor.digest} in the archive hashes to {actual} ({member.size} bytes)")
+            if actual != descriptor.digest:
+                raise ArchiveError(f"blob {descriptor.digest} in the archive hashes to {actual}")
             store.put_blob(descriptor.digest, staged)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
         return True
 
-    def _read(self, name: str, limit: int = MAX_MANIFEST) -> bytes:
-        member = self._members[name]
+    def _file(self, name: str, what: str) -> tarfile.TarInfo | None:
+        """The member `name`, None if there is none; refused if it is a link or anything but a file."""
+        member = self._members.get(name)
+        if member is None or member.isfile():
+            return member
+        kind = "symbolic link" if member.issym() else "hard link" if member.islnk() else "folder or special file"
+        raise ArchiveError(f"{what} in the archive is a {kind}, not a file")
+
+    def _read(self, member: tarfile.TarInfo | str, what: str, limit: int) -> bytes:
+        if isinstance(member, str):
+            found = self._file(member, what)
+            assert found is not None
+            member = found
         if member.size > limit:
-            raise ArchiveError(f"{name} in the archive is larger than {limit} bytes")
+            raise ArchiveError(f"{what} in the archive is larger than {limit} bytes")
         source = self._tar.extractfile(member)
         assert source is not None
         with source:
@@ -217,6 +272,38 @@ class ArchiveReader:
 
     def close(self) -> None:
         self._tar.close()
+
+
+def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """Members by normalised name; an archive naming a path outside itself is refused, not half-read."""
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+            raise ArchiveError(f"member {member.name!r} leaves the layout (an absolute path or '..')")
+        members[posixpath.normpath(member.name)] = member  # the last of a repeated name, as tar extracts it
+    return members
+
+
+def _new_file(folder: Path, name: str) -> tuple[Path, int]:
+    """A new file `<folder>/<name>.<random>.partial`, created exclusively: nothing planted there is followed.
+
+    Not `tempfile.mkstemp`, whose files are 0600 whatever the umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        path = folder / f"{name}.{secrets.token_hex(6)}.partial"
+        try:
+            return path, os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
+
+
+def _is_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 def _media_type(descriptor: Descriptor, body: bytes) -> str:

@@ -86,3 +86,17 @@ def test_export_into_a_missing_folder_is_one_clear_line(tmp_path: Path) -> None:
     done = pullproxy(mirror, "export", "--output", str(target), "alpine", check=False)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"pullproxy: {target}.partial: No such file or directory"]
+
+
+def test_import_of_an_archive_whose_index_json_is_not_an_index_fails_saying_so(tmp_path: Path) -> None:
+    mirror = Proxy(upstream_url="http://127.0.0.1:1", workdir=tmp_path / "mirror", start=False)
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", b'{"manifests": 1}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    done = pullproxy(mirror, "import", str(archive), check=False)
+    assert done.returncode == 1
+    expected = f'pullproxy: {archive}: index.json is not an OCI image index: no "manifests" list'
+    assert done.stderr.strip().splitlines() == [expected]
