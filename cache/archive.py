@@ -1,24 +1,27 @@
 """OCI image layout archives: a tar of `oci-layout`, `index.json` and `blobs/<alg>/<hex>`.
 
-The writer streams into `<file>.partial` and renames it at the end, so an interrupted
-export never leaves a truncated archive under the requested name. The reader verifies
-every digest and size it hands to the store: an archive is only as trustworthy as its hashes.
+The writer streams into a new hidden file beside the output (created exclusively, so
+nothing planted there is followed) and moves it into place at the end, so an interrupted
+export never leaves a truncated archive under the requested name, and an existing file is
+only replaced when asked. The reader verifies every digest and size it hands to the store:
+an archive is only as trustworthy as its hashes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import posixpath
 import secrets
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from cache import digests
 from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
@@ -29,7 +32,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_MANIFEST = 4 << 20
-_BLOCK = tarfile.BLOCKSIZE
 MAX_LAYOUT_FILE = 64 << 10  # oci-layout holds one short field
 COPY_SIZE = 1 << 20
 
@@ -38,51 +40,71 @@ class ArchiveError(Exception):
     """The archive is not an OCI layout, or its content does not match its digests."""
 
 
+class OutputExists(ArchiveError):
+    """The output file exists and was not to be replaced."""
+
+
+class Source(Protocol):
+    def read(self, size: int, /) -> bytes:
+        """Up to `size` bytes (at least one unless at the end); b"" at the end."""
+        ...
+
+
 def _blob_path(digest: str) -> str:
     algorithm, hex_ = digests.parse(digest)
     return f"blobs/{algorithm}/{hex_}"
 
 
 class ArchiveWriter:
-    """Blobs are written one at a time (`begin`, `write`..., `end`); `index.json` last."""
+    """Blobs are added one at a time; `index.json` last, by `commit`. `tarfile` writes the tar."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replace: bool = False) -> None:
         self.path = path
-        self._partial = path.with_name(path.name + ".partial")
-        self._out = open(self._partial, "wb")  # noqa: SIM115 -- closed by commit or abort
+        self._replace = replace
+        if path.is_dir():
+            raise ArchiveError(f"{path}: is a folder; name the archive file to write")
+        if not replace and (path.exists() or path.is_symlink()):
+            raise OutputExists(f"{path}: already exists")
+        if not path.parent.is_dir():
+            raise ArchiveError(f"{path}: folder {path.parent} does not exist")
+        self._partial, fd = self._create()
+        self._file = os.fdopen(fd, "wb")  # closed by commit or abort
+        self._tar = tarfile.open(  # noqa: SIM115 -- `commit` closes it; `abort` drops it unfinished
+            fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_SIZE
+        )
         self._blobs: set[str] = set()
+        self._folders: set[str] = set()
         self._index: list[dict[str, Any]] = []
-        self._pending: tuple[str, int] | None = None
-        self._written = 0
-        self._member("oci-layout", _LAYOUT)
-        for folder in ("blobs/", "blobs/sha256/"):
-            self._header(folder, 0, tarfile.DIRTYPE)
+        try:
+            with self._io():
+                self._add("oci-layout", _LAYOUT)
+                self._folder("blobs")
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self) -> tuple[Path, int]:
+        try:
+            return _new_file(self.path.parent, f".{self.path.name}")
+        except OSError as exc:
+            raise ArchiveError(f"{self.path}: cannot create a file in {self.path.parent}: {exc.strerror}") from None
 
     def has(self, digest: str) -> bool:
         return digest in self._blobs
 
     def add_bytes(self, digest: str, data: bytes) -> None:
         if digest not in self._blobs:
-            self.begin(digest, len(data))
-            self.write(data)
-            self.end()
+            self.add_blob(digest, len(data), io.BytesIO(data))
 
-    def begin(self, digest: str, size: int) -> None:
-        self._header(_blob_path(digest), size, tarfile.REGTYPE)
-        self._pending, self._written = (digest, size), 0
-
-    def write(self, data: bytes) -> None:
-        self._out.write(data)
-        self._written += len(data)
-
-    def end(self) -> None:
-        assert self._pending is not None
-        digest, size = self._pending
-        if self._written != size:
-            raise ArchiveError(f"{digest}: wrote {self._written} bytes, expected {size}")
-        self._pad(size)
+    def add_blob(self, digest: str, size: int, source: Source) -> None:
+        """One blob of exactly `size` bytes, read from `source` (blocking: call it off the event loop)."""
+        exact = _Exact(source, digest, size)
+        with self._io():
+            self._folder(os.path.dirname(_blob_path(digest)))
+            self._tar.addfile(self._info(_blob_path(digest), size), exact)
+        if exact.read(1):
+            raise ArchiveError(f"blob {digest}: more than {size} bytes")
         self._blobs.add(digest)
-        self._pending = None
 
     def add_image(self, manifest: Manifest, name: str) -> None:
         """An `index.json` entry: the image's top manifest under its full reference name."""
@@ -90,32 +112,81 @@ class ArchiveWriter:
         self._index.append({**entry, "annotations": {REF_NAME: name}})
 
     def commit(self) -> None:
+        """Write `index.json`, sync, and move the file into place (never over one that appeared meanwhile)."""
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self._index}
-        self._member("index.json", json.dumps(index, indent=2).encode())
-        self._out.write(b"\0" * (2 * _BLOCK))
-        self._out.flush()
-        os.fsync(self._out.fileno())
-        self._out.close()
-        os.replace(self._partial, self.path)
+        with self._io():
+            self._add("index.json", json.dumps(index, indent=2).encode())
+            self._tar.close()  # the end-of-archive blocks; leaves the file open
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if self._replace:
+                os.replace(self._partial, self.path)
+            else:
+                self._place()
+
+    def _place(self) -> None:
+        try:
+            os.link(self._partial, self.path)  # fails if the output exists, unlike a rename
+        except FileExistsError:
+            raise OutputExists(f"{self.path}: already exists") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):  # no hard links here
+                raise
+            if self.path.exists() or self.path.is_symlink():
+                raise OutputExists(f"{self.path}: already exists") from None
+            os.rename(self._partial, self.path)
+            return
+        os.unlink(self._partial)
 
     def abort(self) -> None:
-        self._out.close()
+        self._file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._partial)
 
-    def _member(self, name: str, data: bytes) -> None:
-        self._header(name, len(data), tarfile.REGTYPE)
-        self._out.write(data)
-        self._pad(len(data))
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """A failed write names the output, not the hidden file beside it."""
+        try:
+            yield
+        except OSError as exc:
+            raise ArchiveError(f"{self.path}: {exc.strerror or exc}") from None
 
-    def _header(self, name: str, size: int, kind: bytes) -> None:
+    def _add(self, name: str, data: bytes) -> None:
+        self._tar.addfile(self._info(name, len(data)), io.BytesIO(data))
+
+    def _folder(self, name: str) -> None:
+        for folder in (os.path.dirname(name), name):
+            if folder and folder not in self._folders:
+                self._folders.add(folder)
+                info = self._info(folder, 0)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                self._tar.addfile(info)
+
+    @staticmethod
+    def _info(name: str, size: int) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
-        info.size, info.type, info.mtime = size, kind, int(time.time())
-        info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-        self._out.write(info.tobuf(tarfile.PAX_FORMAT))
+        info.size, info.mtime, info.mode = size, int(time.time()), 0o644
+        return info
 
-    def _pad(self, size: int) -> None:
-        self._out.write(b"\0" * (-size % _BLOCK))
+
+class _Exact:
+    """`source` as tarfile reads it: full reads of what it asks for, and no fewer than `size` bytes in all."""
+
+    def __init__(self, source: Source, digest: str, size: int) -> None:
+        self._source, self._digest, self._size, self._done = source, digest, size, 0
+
+    def read(self, size: int) -> bytes:
+        chunks: list[bytes] = []
+        wanted = size
+        while wanted > 0 and (chunk := self._source.read(wanted)):
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        data = b"".join(chunks)
+        self._done += len(data)
+        if wanted > 0 and self._done < self._size:
+            raise ArchiveError(f"blob {self._digest}: {self._done} bytes, expected {self._size}")
+        return data
 
 
 @dataclass

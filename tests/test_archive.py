@@ -1,4 +1,4 @@
-"""OCI layout archives in-process: what the reader refuses, how often it reads."""
+"""OCI layout archives in-process: what the reader refuses, how often it reads, how the writer places its file."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from cache import digests
-from cache.archive import ArchiveError, ArchiveReader
+from cache.archive import ArchiveError, ArchiveReader, ArchiveWriter, OutputExists
 from cache.manifests import MAX_LEVELS, Descriptor
-from cache.store import ContentStore
+from cache.store import ContentStore, Manifest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -281,3 +281,44 @@ def test_a_blob_of_another_size_than_its_descriptor_says_so(tmp_path: Path, stor
     finally:
         reader.close()
     assert list(store.partial_dir.iterdir()) == []  # no staged file left
+
+
+# -- the writer ------------------------------------------------------------------------------
+
+
+def test_the_writer_never_replaces_an_output_that_appeared_meanwhile(tmp_path: Path) -> None:
+    target = tmp_path / "out.tar"
+    writer = ArchiveWriter(target)
+    writer.add_bytes(digests.of(b"{}"), b"{}")
+    target.write_bytes(b"someone else's")
+    with pytest.raises(OutputExists):
+        writer.commit()
+    writer.abort()
+    assert target.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tar"]
+
+    replacing = ArchiveWriter(target, replace=True)
+    replacing.add_bytes(digests.of(b"{}"), b"{}")
+    replacing.add_image(Manifest(digests.of(b"{}"), OCI_MANIFEST, b"{}"), "docker.io/acme/x:1")
+    replacing.commit()
+    with tarfile.open(target) as tar:
+        names = tar.getnames()
+    assert names == ["oci-layout", "blobs", "blobs/sha256", f"blobs/sha256/{digests.of(b'{}')[7:]}", "index.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tar"]
+
+
+def test_the_writer_refuses_a_blob_shorter_or_longer_than_its_size(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path / "out.tar")
+    try:
+        digest = digests.of(b"abc")
+        with pytest.raises(ArchiveError, match=rf"blob {digest}: 3 bytes, expected 4"):
+            writer.add_blob(digest, 4, io.BytesIO(b"abc"))
+    finally:
+        writer.abort()
+    writer = ArchiveWriter(tmp_path / "out.tar")
+    try:
+        with pytest.raises(ArchiveError, match=rf"blob {digest}: more than 2 bytes"):
+            writer.add_blob(digest, 2, io.BytesIO(b"abc"))
+    finally:
+        writer.abort()
+    assert list(tmp_path.iterdir()) == []
