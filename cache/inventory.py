@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache import digests
-from cache.manifests import refs
+from cache.manifests import MAX_LEVELS, refs
 from cache.meta import Metadata
 from cache.store import ContentStore, Entry, manifest_key
 
@@ -33,21 +33,26 @@ class Tree:
 
 
 def tree(store: ContentStore, digest: str) -> Tree:
+    """Each manifest is read once however often indexes list it, and no deeper than `MAX_LEVELS`."""
     result = Tree()
+    held: dict[str, bool] = {}
 
-    def walk(current: str) -> bool:
-        manifest = store.find_manifest(current)
+    def walk(current: str, level: int) -> bool:
+        if current in held:
+            return held[current]
+        manifest = store.find_manifest(current) if level <= MAX_LEVELS else None
+        held[current] = manifest is not None
         if manifest is None:
             return False
         result.manifests.add(current)
         found = refs(manifest.body)
         result.blobs.update(b.digest for b in found.blobs)
-        held = sum(walk(child.digest) for child in found.manifests)
+        cached = sum(walk(child.digest, level + 1) for child in found.manifests)
         if found.manifests and current == digest:
-            result.platforms = (held, len(found.manifests))
+            result.platforms = (cached, len(found.manifests))
         return True
 
-    result.found = walk(digest)
+    result.found = walk(digest, 1)
     return result
 
 

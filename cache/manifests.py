@@ -10,9 +10,21 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cache import digests
+
 # Docker buildx attaches provenance/SBOM manifests to an index, bound to one platform's manifest.
 _REFERENCE_TYPE = "vnd.docker.reference.type"
 _REFERENCE_DIGEST = "vnd.docker.reference.digest"
+_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+# Every walk over an image visits each digest once and goes at most this deep (an index of
+# indexes of images is 3 levels): repeated or nested children cannot make one image cost
+# more than its distinct manifests, and a chain of indexes cannot run a walk on forever.
+MAX_LEVELS = 8
+
+
+class InvalidIndex(ValueError):
+    """A body that is not an OCI image index; the message says what is wrong."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,46 @@ def refs(body: bytes) -> Refs:
     return Refs([c for c in children if c.digest], list(unique.values()))
 
 
+def index_entries(body: bytes) -> list[Descriptor]:
+    """The entries of an OCI image index, checked as the image spec requires (`refs` is lenient)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # also UnicodeDecodeError
+        raise InvalidIndex("not JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidIndex("not a JSON object")
+    if parsed.get("schemaVersion", 2) != 2:
+        raise InvalidIndex(f"schemaVersion {parsed['schemaVersion']!r}, not 2")
+    if parsed.get("mediaType", _OCI_INDEX) != _OCI_INDEX:
+        raise InvalidIndex(f"mediaType {parsed['mediaType']!r}, not {_OCI_INDEX}")
+    entries = parsed.get("manifests")
+    if not isinstance(entries, list):
+        raise InvalidIndex('no "manifests" list')
+    for i, entry in enumerate(entries):
+        where = f"manifests[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidIndex(f"{where} is not an object")
+        digest, size = entry.get("digest"), entry.get("size")
+        if not isinstance(digest, str) or not valid_digest(digest):
+            raise InvalidIndex(f"{where}.digest {digest!r} is not a valid digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidIndex(f"{where}.size {size!r} is not a byte count")
+        if not isinstance(entry.get("mediaType", ""), str):
+            raise InvalidIndex(f"{where}.mediaType is not a string")
+        annotations = entry.get("annotations", {})
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise InvalidIndex(f"{where}.annotations is not an object of strings")
+    return [_descriptor(entry) for entry in entries]
+
+
+def valid_digest(digest: str) -> bool:
+    try:
+        digests.parse(digest)
+    except digests.InvalidDigest:
+        return False
+    return True
+
+
 def _descriptor(raw: dict) -> Descriptor:
     platform = raw.get("platform")
     name = None
@@ -81,8 +133,8 @@ def select(children: list[Descriptor], platforms: Iterable[str] | None) -> list[
         return list(children)
     wanted = list(platforms)
     chosen = [c for c in children if any(matches(c.platform, w) for w in wanted)]
-    digests = {c.digest for c in chosen}
+    picked = {c.digest for c in chosen}
     attached = [
-        c for c in children if _REFERENCE_TYPE in c.annotations and c.annotations.get(_REFERENCE_DIGEST) in digests
+        c for c in children if _REFERENCE_TYPE in c.annotations and c.annotations.get(_REFERENCE_DIGEST) in picked
     ]
-    return chosen + [c for c in attached if c.digest not in digests]
+    return chosen + [c for c in attached if c.digest not in picked]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -85,4 +86,64 @@ def test_export_into_a_missing_folder_is_one_clear_line(tmp_path: Path) -> None:
     target = tmp_path / "nowhere" / "x.tar"
     done = pullproxy(mirror, "export", "--output", str(target), "alpine", check=False)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"pullproxy: {target}.partial: No such file or directory"]
+    assert done.stderr.strip().splitlines() == [f"pullproxy: {target}: folder {target.parent} does not exist"]
+
+
+def test_export_to_a_folder_names_the_folder_before_fetching_anything(tmp_path: Path) -> None:
+    mirror = Proxy(upstream_url="http://127.0.0.1:1", workdir=tmp_path / "mirror", start=False)
+    target = tmp_path / "out"
+    target.mkdir()
+    done = pullproxy(mirror, "export", "--output", str(target), "alpine", check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"pullproxy: {target}: is a folder; name the archive file to write"]
+    assert list(target.iterdir()) == []
+
+
+def test_export_never_writes_through_a_file_planted_beside_its_output(tmp_path: Path) -> None:
+    mirror = Proxy(upstream_url="http://127.0.0.1:1", workdir=tmp_path / "mirror", start=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (out / "x.tar.partial").symlink_to(victim)  # the name the writer used to stream into
+    done = pullproxy(mirror, "export", "--output", str(out / "x.tar"), "alpine", check=False)
+    assert done.returncode == 1  # the upstream is unreachable
+    assert victim.read_bytes() == b"precious"
+    assert [p.name for p in out.iterdir()] == ["x.tar.partial"]  # nothing of its own left behind
+
+
+def test_export_refuses_an_existing_output_unless_forced(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    alpine: PushedImage = upstream.images["alpine"]  # type: ignore[attr-defined]
+    source = proxy_factory(upstream_url=upstream.url, start=False)
+    archive = tmp_path / "out" / "images.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(b"an older export")
+    ref = f"{alpine.repo}:{alpine.tag}"
+    refused = pullproxy(source, "export", "--output", str(archive), ref, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [f"pullproxy: {archive}: already exists; --force replaces it"]
+    assert archive.read_bytes() == b"an older export"
+
+    pullproxy(source, "export", "--output", str(archive), "--force", ref)
+    skopeo_copy(f"oci-archive:{archive}:docker.io/{ref}", f"dir:{tmp_path / 'copied'}")
+    assert_same(tmp_path / "copied", alpine.manifest, [b.digest for b in alpine.blobs])
+    assert [p.name for p in archive.parent.iterdir()] == ["images.tar"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert archive.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not mkstemp's 0600
+
+
+def test_import_of_an_archive_whose_index_json_is_not_an_index_fails_saying_so(tmp_path: Path) -> None:
+    mirror = Proxy(upstream_url="http://127.0.0.1:1", workdir=tmp_path / "mirror", start=False)
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", b'{"manifests": 1}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    done = pullproxy(mirror, "import", str(archive), check=False)
+    assert done.returncode == 1
+    expected = f'pullproxy: {archive}: index.json is not an OCI image index: no "manifests" list'
+    assert done.stderr.strip().splitlines() == [expected]

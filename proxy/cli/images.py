@@ -8,13 +8,14 @@ and fetch through the same `Mirror` and upstream clients the server uses.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from anyio import to_thread
+from anyio import from_thread, to_thread
 
-from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter
+from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter, OutputExists
 from cache.manifests import Descriptor
+from cache.readers import BlobReader
 from proxy import errors, references
 from proxy.cli.progress import Progress, format_size
 from proxy.config import Config
@@ -70,19 +71,44 @@ async def _prefetch(
 # -- export ------------------------------------------------------------------------------
 
 
-async def export(config: Config, images: Sequence[str], output: Path, platforms: Sequence[str] | None) -> int:
-    """Write an OCI layout archive from the cache, fetching what it lacks."""
-    async with open_mirror(config) as (router, mirror):
-        archive = await to_thread.run_sync(ArchiveWriter, output)
-        try:
+async def export(
+    config: Config, images: Sequence[str], output: Path, platforms: Sequence[str] | None, force: bool = False
+) -> int:
+    """Write an OCI layout archive from the cache, fetching what it lacks; an existing `output` only with `force`."""
+    try:
+        archive = await to_thread.run_sync(ArchiveWriter, output, force)
+    except ArchiveError as exc:
+        raise SystemExit(_export_error(exc)) from None
+    try:
+        async with open_mirror(config) as (router, mirror):
             with Progress() as progress:
                 for text in images:
                     await _export(router, mirror, archive, text, platforms, progress)
             await to_thread.run_sync(archive.commit)
-        except BaseException:
-            archive.abort()
-            raise
+    except ArchiveError as exc:
+        archive.abort()
+        raise SystemExit(_export_error(exc)) from None
+    except BaseException:
+        archive.abort()
+        raise
     return 0
+
+
+def _export_error(exc: ArchiveError) -> str:
+    return f"pullproxy: {exc}; --force replaces it" if isinstance(exc, OutputExists) else f"pullproxy: {exc}"
+
+
+class _BlockingReader:
+    """A blob's bytes for `tarfile`, which reads in a worker thread: each read waits on the event loop."""
+
+    def __init__(self, reader: BlobReader, advance: Callable[[int], None]) -> None:
+        self._reader, self._advance, self._offset = reader, advance, 0
+
+    def read(self, size: int) -> bytes:
+        chunk = from_thread.run(self._reader.read, self._offset, min(size, pull.READ_SIZE))
+        self._offset += len(chunk)
+        self._advance(len(chunk))
+        return chunk
 
 
 async def _export(
@@ -109,13 +135,8 @@ async def _export(
         if archive.has(descriptor.digest):  # shared with an image exported before
             task.advance(size)
             return
-        await to_thread.run_sync(archive.begin, descriptor.digest, size)
-        offset = 0
-        while chunk := await blob.reader.read(offset, pull.READ_SIZE):  # verified before its last byte
-            await to_thread.run_sync(archive.write, chunk)
-            offset += len(chunk)
-            task.advance(len(chunk))
-        await to_thread.run_sync(archive.end)
+        source = _BlockingReader(blob.reader, task.advance)  # verified before its last byte
+        await to_thread.run_sync(archive.add_blob, descriptor.digest, size, source)
         task.item(f"{descriptor.digest} {format_size(size)}")
 
     await pull.fetch(mirror, route, image, sink, concurrency=1)  # one tar member at a time

@@ -75,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common, platform], help="write images to an OCI layout archive")
     export.add_argument("--output", "-o", type=Path, required=True, metavar="FILE.tar")
+    export.add_argument("--force", action="store_true", help="replace FILE.tar if it exists")
     export.add_argument("images", nargs="+", metavar="IMAGE")
-    export.set_defaults(run=lambda a, c: asyncio.run(cli_images.export(c, a.images, a.output, _platforms(a))))
+    export.set_defaults(
+        run=lambda a, c: asyncio.run(cli_images.export(c, a.images, a.output, _platforms(a), force=a.force))
+    )
 
     load = commands.add_parser("import", parents=[common], help="load an OCI layout archive into the cache")
     load.add_argument("archive", type=Path, metavar="FILE.tar")

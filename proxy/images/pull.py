@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from anyio import to_thread
 
 from cache.flight import DownloadFailed
-from cache.manifests import Descriptor, refs, select
+from cache.manifests import MAX_LEVELS, Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
 from proxy.cli.progress import Task, format_size
@@ -44,23 +44,35 @@ class Plan:
 
 
 async def plan(mirror: Mirror, route: Route, reference: str, platforms: Sequence[str] | None) -> Plan:
-    """Fetch (or find) every manifest; raises `errors.RegistryError` if the top one cannot be had."""
+    """Fetch (or find) every manifest; raises `errors.RegistryError` if the top one cannot be had.
+
+    Each digest is visited once however often indexes list it, and no deeper than `MAX_LEVELS`.
+    """
     top, _ = await mirror.manifests.get(route, reference)
     result = Plan(top)
     blobs: dict[str, Descriptor] = {}
+    seen = {top.digest}
 
-    async def walk(manifest: Manifest) -> None:
+    async def walk(manifest: Manifest, level: int) -> None:
         result.manifests.append(manifest)
         found = refs(manifest.body)
         for blob in found.blobs:
             blobs.setdefault(blob.digest, blob)
         for child in select(found.manifests, platforms):
+            if child.digest in seen:
+                continue
+            seen.add(child.digest)
+            if level >= MAX_LEVELS:
+                result.problems.append(f"manifest {child.digest}: nested more than {MAX_LEVELS} levels deep")
+                continue
             try:
-                await walk((await mirror.manifests.get(route, child.digest))[0])
+                fetched, _ = await mirror.manifests.get(route, child.digest)
             except errors.RegistryError as exc:
                 result.problems.append(f"manifest {child.digest}: {exc.message}")
+                continue
+            await walk(fetched, level + 1)
 
-    await walk(top)
+    await walk(top, 1)
     result.blobs = list(blobs.values())
     return result
 
