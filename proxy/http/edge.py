@@ -32,7 +32,7 @@ _STATUS: dict[type[errors.RegistryError], int] = {
 def status_of(error: errors.RegistryError) -> int:
     """The status of the most specific class of `error` that has one."""
     for kind in type(error).__mro__:
-        status = _STATUS.get(kind)  # type: ignore[call-overload]
+        status = _STATUS.get(kind)
         if status is not None:
             return status
     return 500
