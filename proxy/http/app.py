@@ -26,6 +26,7 @@ from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
 from proxy.http.edge import error_response
+from proxy.http.record import record_of
 from proxy.http.registry import routes
 from proxy.images import pinning
 from proxy.mirror import open_mirror
@@ -38,7 +39,7 @@ CONFIG_ENV = "PULLPROXY_CONFIG"
 
 async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RegistryError)
-    request.state.error = exc.message  # for the status page's recent errors
+    record_of(request.scope).error = exc.message  # for the status page's recent errors
     return error_response(exc)
 
 
