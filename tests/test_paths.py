@@ -40,4 +40,4 @@ def test_endpoints_are_the_route_labels_of_the_request_metrics() -> None:
     labels = {"manifest", "blob", "tags", "referrers", "catalog", "base", "token", "other"}
     assert {str(endpoint) for endpoint in Endpoint} == labels
     classified = classify("/v2/acme/app/manifests/1")
-    assert classified.endpoint is Endpoint.MANIFEST and classified.endpoint == "manifest"
+    assert classified.endpoint is Endpoint.MANIFEST and str(classified.endpoint) == "manifest"

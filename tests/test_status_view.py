@@ -114,7 +114,7 @@ def test_view_model_holds_cache_use_hit_ratio_traffic_and_upstreams() -> None:
 def test_view_model_says_none_yet_without_requests() -> None:
     view = status.build(metrics.Snapshot(CollectorRegistry()), [], Activity(), NOW)
     assert (view.hits.ratio, view.cache.used, view.cache.used_percent) == ("none yet", "0%", 0.0)
-    assert view.upstreams == view.pulls == view.errors == ()
+    assert (view.upstreams, view.pulls, view.errors) == ((), (), ())
 
 
 def test_view_model_shows_only_what_the_caller_may_pull_and_bounds_the_lists() -> None:
