@@ -27,6 +27,7 @@ from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.access.users import Users
 from proxy.config import Network
 from proxy.errors import BadRequest, Denied, RegistryError, Unauthorized
+from proxy.record import record_of
 from proxy.routing import Route, Router
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
@@ -72,7 +73,7 @@ def denied(name: str) -> Denied:
 
 
 def _log_user(request: Request, user: User) -> None:
-    request.scope.setdefault("state", {})["user"] = user.name  # for the access log
+    record_of(request.scope).user = user.name  # for the access log
 
 
 def _access_detail(name: str | None) -> list[dict[str, str]] | None:

@@ -30,6 +30,7 @@ from proxy.http.registry import routes
 from proxy.images import pinning
 from proxy.mirror import open_mirror
 from proxy.ops import health, logs, metrics, observe, status
+from proxy.record import record_of
 
 log = structlog.get_logger("pullproxy")
 TOUCH_INTERVAL = 2.0
@@ -38,7 +39,7 @@ CONFIG_ENV = "PULLPROXY_CONFIG"
 
 async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RegistryError)
-    request.state.error = exc.message  # for the status page's recent errors
+    record_of(request.scope).error = exc.message  # for the status page's recent errors
     return error_response(exc)
 
 

@@ -20,6 +20,7 @@ from proxy.access.policy import full_name
 from proxy.http.edge import API_VERSION
 from proxy.http.responses import BlobResponse, parse_range
 from proxy.mirror import Mirror, Outcome
+from proxy.record import record_of
 from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
@@ -43,7 +44,7 @@ async def _route(request: Request) -> UpstreamRoute:
 
 
 def _outcome(request: Request, outcome: Outcome) -> None:
-    request.scope.setdefault("state", {})["cache"] = outcome
+    record_of(request.scope).outcome = outcome
 
 
 async def base(request: Request) -> Response:

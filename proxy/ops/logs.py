@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.record import record_of
+
 
 def configure(log_format: str = "auto") -> None:
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -37,7 +39,8 @@ class AccessLog:
     """Pure ASGI middleware: one log line per request (method, path, status, bytes, time, cache).
 
     It is the one wrapper around `send` that sees every request's outcome, so the metrics
-    listen here too (`listeners`) instead of wrapping `send` a second time.
+    listen here too (`listeners`) instead of wrapping `send` a second time. It creates the
+    request's `RequestRecord`, which handlers fill in and the line and the listeners read.
     """
 
     def __init__(self, app: ASGIApp, listeners: Sequence[Listener] = ()) -> None:
@@ -50,6 +53,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        record = record_of(scope)  # created here, so handlers and listeners share this one
         status = 0
         sent = 0
 
@@ -69,7 +73,6 @@ class AccessLog:
             raise
         finally:
             client = scope.get("client")
-            state = scope.get("state", {})
             self.log.info(
                 "request",
                 method=scope["method"],
@@ -78,8 +81,8 @@ class AccessLog:
                 status=status or 500,
                 bytes=sent,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                cache=state.get("cache"),
-                user=state.get("user"),
+                cache=record.outcome,
+                user=record.user,
                 client=client[0] if client else None,
                 **({"aborted": True} if failure is not None else {}),
             )

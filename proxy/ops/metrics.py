@@ -18,9 +18,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from anyio import to_thread
@@ -32,6 +33,10 @@ from starlette.responses import Response
 
 from cache.flight import Downloads
 from cache.store import ContentStore
+from proxy.paths import Endpoint
+
+if TYPE_CHECKING:  # at run time the import would cycle back here through the upstream client
+    from proxy.mirror.outcome import Outcome
 
 log = structlog.get_logger("pullproxy")
 
@@ -173,7 +178,10 @@ def collected() -> CollectorRegistry:
 
 
 class Snapshot:
-    """Every sample of one collection, summed by name and labels (for the status page)."""
+    """Every sample of one collection, summed by name and labels (for the status page).
+
+    Readers use the typed accessors below, so the series names stay beside their definitions.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._samples = [sample for family in registry.collect() for sample in family.samples]
@@ -184,6 +192,46 @@ class Snapshot:
             for sample in self._samples
             if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
         )
+
+    def _count(self, name: str, **labels: str) -> int:
+        return int(self.total(name, **labels))
+
+    def cache_size(self) -> int:
+        return self._count("pullproxy_cache_size_bytes")
+
+    def cache_limit(self) -> int:
+        return self._count("pullproxy_cache_limit_bytes")
+
+    def cache_entries(self) -> int:
+        return self._count("pullproxy_cache_entries")
+
+    def evictions(self) -> int:
+        return self._count("pullproxy_cache_evictions_total")
+
+    def cache_answers(self, outcome: Outcome, kinds: Iterable[Endpoint] = (Endpoint.MANIFEST, Endpoint.BLOB)) -> int:
+        """Requests of those kinds that the cache answered with `outcome`."""
+        return sum(self._count("pullproxy_cache_requests_total", kind=kind, outcome=outcome) for kind in kinds)
+
+    def served_bytes(self) -> int:
+        """Sent to clients from the cache, all kinds."""
+        return self._count("pullproxy_cache_served_bytes_total")
+
+    def fetched_bytes(self, upstream: str | None = None) -> int:
+        """Received from one upstream, or from all."""
+        labels = {} if upstream is None else {"upstream": upstream}
+        return self._count("pullproxy_upstream_fetched_bytes_total", **labels)
+
+    def downloads_in_flight(self) -> int:
+        return self._count("pullproxy_downloads_in_flight")
+
+    def download_clients(self) -> int:
+        return self._count("pullproxy_download_clients")
+
+    def upstream_requests(self, upstream: str) -> int:
+        return self._count("pullproxy_upstream_request_duration_seconds_count", upstream=upstream)
+
+    def upstream_errors(self, upstream: str) -> int:
+        return self._count("pullproxy_upstream_errors_total", upstream=upstream)
 
 
 async def endpoint(request: Request) -> Response:

@@ -1,8 +1,10 @@
 """Per-request accounting: the request and cache counters, and the status page's recent history.
 
-A listener of the access log middleware (`proxy.logs.AccessLog`): per request it
-classifies the path into a route of bounded cardinality and increments two or three
-counters; nothing else on the hot path. Most pulled images and recent errors are kept in bounded memory, per process.
+A listener of the access log middleware (`proxy.ops.logs.AccessLog`): per request it
+classifies the path into a route of bounded cardinality (`proxy.paths.classify`), reads
+the request's record (`proxy.record`) and increments two or three counters; nothing
+else on the hot path. Most pulled images and recent errors are kept in bounded memory,
+per process.
 """
 
 from __future__ import annotations
@@ -16,28 +18,8 @@ from starlette.types import Scope
 
 from cache import digests
 from proxy.ops import metrics
-
-_KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
-FROM_CACHE = frozenset({"hit", "revalidated", "stale"})
-
-
-def classify(path: str) -> tuple[str, str, str]:
-    """The route label of a path, and the repository and reference it names ("" when none).
-
-    `/v2/<name>/<kind>/<reference>` is taken apart from the right, as Starlette matches it.
-    """
-    if path.startswith("/v2/"):
-        rest, _, reference = path.rpartition("/")
-        name, _, kind = rest.rpartition("/")
-        if kind in _KINDS and len(name) > 4:
-            return _KINDS[kind], name[4:], reference
-        if path == "/v2/":
-            return "base", "", ""
-        if path == "/v2/_catalog":
-            return "catalog", "", ""
-    if path == "/token" or path.endswith("/token"):
-        return "token", "", ""
-    return "other", "", ""
+from proxy.paths import Endpoint, classify
+from proxy.record import record_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +65,19 @@ class Observe:
     def __call__(self, scope: Scope, status: int, sent: int, error: Exception | None) -> None:
         route, name, reference = classify(scope["path"])
         self._requests(route, status).inc()
-        state = scope.get("state", {})
-        outcome = state.get("cache")
+        record = record_of(scope)
+        outcome = record.outcome
         if name and outcome is not None:
             self._cache(route, outcome).inc()
-            if outcome in FROM_CACHE:
+            if outcome.from_cache:
                 self._served(route).inc(sent)
-            if route == "manifest" and status == 200 and not digests.is_digest(reference):
+            if route is Endpoint.MANIFEST and status == 200 and not digests.is_digest(reference):
                 self.activity.pulled(f"{_client_name(scope, name)}:{reference}")
         if (error is not None or status >= 500 or status == 429) and scope["path"].startswith("/v2/"):
             if error is not None:
                 message = f"{type(error).__name__} after {sent} bytes were sent: {error}"
             else:
-                message = state.get("error") or ""
+                message = record.error or ""
             self.activity.failed(Failure(time.time(), scope["method"], scope["path"], status, message))
 
 

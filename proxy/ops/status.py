@@ -3,54 +3,160 @@
 Cache use, hit ratio and traffic come from the metrics, so with several workers they
 cover all of them; upstream state, most pulled images and recent errors are the
 answering worker's own. The page refreshes itself; it needs no JavaScript.
+
+`build` turns what the process knows into a `StatusView` of display-ready values (pure,
+so tests build one without a server); `templates/status.html` lays it out, with Jinja's
+autoescape, so no repository name, error message or upstream URL can inject markup.
 """
 
 from __future__ import annotations
 
-import html
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import jinja2
 from anyio import to_thread
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
 
 from proxy.access.gate import Gate
 from proxy.access.policy import route_name
 from proxy.errors import RegistryError
+from proxy.mirror.outcome import Outcome
 from proxy.ops import metrics
 from proxy.ops.health import upstream_state
-from proxy.ops.observe import FROM_CACHE, Activity, classify
+from proxy.ops.observe import Activity
+from proxy.paths import classify
 from proxy.routing import Router
 
 REFRESH_SECONDS = 10
-OUTCOMES = ("hit", "revalidated", "stale", "joined", "miss")
+TEMPLATE = "status.html"
+OUTCOMES = (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE, Outcome.JOINED, Outcome.MISS)  # in display order
+PULLS_SHOWN = 10
+ERRORS_SHOWN = 20
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
 
-_STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #1d232b; background: #f5f6f8; margin: 0; }
-main { max-width: 1100px; margin: 0 auto; padding: 20px 24px 40px; }
-h1 { font-size: 22px; margin: 0 0 2px; } h2 { font-size: 17px; margin: 0 0 10px; }
-.sub, .note { color: #5b6572; font-size: 13px; }
-section { background: #fff; border: 1px solid #dde1e6; border-radius: 8px; padding: 14px 18px; margin-top: 16px; }
-.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(230px, 1fr)); gap: 16px; }
-.big { font-size: 26px; font-weight: 600; }
-.bar { height: 10px; background: #e4e7eb; border-radius: 5px; overflow: hidden; margin: 6px 0; }
-.bar div { height: 100%; background: #2f6fde; }
-table { width: 100%; border-collapse: collapse; }
-th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid #eceef1; vertical-align: top; }
-th { font-size: 13px; color: #5b6572; font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.nowrap { white-space: nowrap; }
-code { font: 13px ui-monospace, monospace; overflow-wrap: anywhere; }
-.state { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 13px; font-weight: 600; }
-.ok { background: #dcf3e3; color: #17663a; } .failing { background: #fbe0e0; color: #a32020; }
-.unknown { background: #eceef1; color: #5b6572; }
-"""
+templates = Jinja2Templates(
+    env=jinja2.Environment(
+        loader=jinja2.PackageLoader("proxy.ops", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of showing nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+)
+
+
+# -- the view model: display-ready values, escaped only by the template ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """Text shown in monospace with digests shortened; the full text shows on hover."""
+
+    full: str
+    shown: str
+
+    @classmethod
+    def of(cls, text: str) -> Code:
+        return cls(text, _short(text))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUse:
+    size: str
+    limit: str
+    used_percent: float  # 0 to 100, the bar's width
+    used: str  # the same for reading: "<1%" when some but less than one
+    entries: str
+    evicted: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeCount:
+    outcome: Outcome
+    count: str
+
+
+@dataclass(frozen=True, slots=True)
+class HitRatio:
+    ratio: str  # "none yet" before the first manifest or blob request
+    answered: str
+    breakdown: tuple[OutcomeCount, ...]  # in `OUTCOMES` order
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    served: str
+    fetched: str
+    downloads: str
+    clients: str
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    ago: str
+    what: Code
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRow:
+    name: str
+    url: str
+    state: str  # ok, failing or unknown: also its badge's CSS class
+    last_ok: str
+    last_error: LastError | None
+    requests: str
+    errors: str
+    fetched: str
+    notes: tuple[str, ...] = ()  # extra lines under the URL, e.g. a warning that TLS is not verified
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    image: str
+    count: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    clock: str
+    ago: str
+    status: int
+    request: Code
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One row about the server itself, e.g. TLS on or off, or when its certificate expires."""
+
+    label: str
+    value: str
+    warning: bool = False  # shown as a red badge
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    clock: str
+    refresh_seconds: int
+    cache: CacheUse
+    hits: HitRatio
+    traffic: Traffic
+    upstreams: tuple[UpstreamRow, ...]
+    pulls: tuple[Pull, ...]  # "no pulls yet" when empty
+    errors: tuple[ErrorRow, ...]  # "no errors" when empty
+    note: str
+    server: tuple[Fact, ...] = ()  # a "Server" section, shown only when there are facts
+
+
+# -- the page -----------------------------------------------------------------------------
 
 
 async def page(request: Request) -> Response:
@@ -58,8 +164,8 @@ async def page(request: Request) -> Response:
     await state.sampler.sample()
     snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
     upstreams = [upstream_state(upstream) for upstream in state.mirror.upstreams]
-    body = render(snapshot, upstreams, state.activity, time.time(), await _visibility(request))
-    return HTMLResponse(body, headers={"Cache-Control": "no-store"})
+    view = build(snapshot, upstreams, state.activity, time.time(), await _visibility(request), _worker())
+    return templates.TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
 async def _visibility(request: Request) -> Callable[[str], bool]:
@@ -86,146 +192,126 @@ async def _visibility(request: Request) -> Callable[[str], bool]:
     return visible
 
 
+def _worker() -> int | None:
+    """This process's pid when the metrics cover several workers (the page then says whose the rest is)."""
+    return os.getpid() if metrics.MULTIPROCESS else None
+
+
 def render(
     snapshot: metrics.Snapshot,
-    upstreams: list[dict[str, object]],
+    upstreams: Sequence[Mapping[str, object]],
     activity: Activity,
     now: float,
     visible: Callable[[str], bool] = lambda name: True,
 ) -> str:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="refresh" content="{REFRESH_SECONDS}">
-<title>pullproxy status</title><style>{_STYLE}</style></head>
-<body><main>
-<h1>pullproxy</h1>
-<div class="sub">Pull-through registry mirror · {_clock(now)} UTC · refreshes every {REFRESH_SECONDS} s ·
-<a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></div>
-{_overview(snapshot)}
-{_upstreams(snapshot, upstreams, now)}
-{_pulls(activity, visible)}
-{_errors(activity, now, visible)}
-<p class="note">{_scope_note(activity)}</p>
-</main></body></html>
-"""
+    """The page as `page` serves it, without a request."""
+    return render_view(build(snapshot, upstreams, activity, now, visible, _worker()))
 
 
-def _overview(snapshot: metrics.Snapshot) -> str:
-    size = snapshot.total("pullproxy_cache_size_bytes")
-    limit = snapshot.total("pullproxy_cache_limit_bytes")
-    used = min(100.0, 100 * size / limit) if limit else 0.0
-    percent = "<1%" if 0 < used < 1 else f"{used:.0f}%"
-    counts = {
-        outcome: sum(
-            snapshot.total("pullproxy_cache_requests_total", kind=kind, outcome=outcome)
-            for kind in ("manifest", "blob")
-        )
-        for outcome in OUTCOMES
-    }
-    answered = sum(counts.values())
-    from_cache = sum(counts[outcome] for outcome in FROM_CACHE)
-    ratio = f"{100 * from_cache / answered:.1f}%" if answered else "none yet"
-    served = snapshot.total("pullproxy_cache_served_bytes_total")
-    fetched = snapshot.total("pullproxy_upstream_fetched_bytes_total")
-    breakdown = " · ".join(f"{outcome} {_count(counts[outcome])}" for outcome in OUTCOMES)
-    return f"""<section><div class="figures">
-<div><h2>Cache</h2><div class="big" id="cache-use">{_bytes(size)} of {_bytes(limit)}</div>
-<div class="bar" role="img" aria-label="{percent} used"><div style="width:{used:.1f}%"></div></div>
-<div class="sub">{_e(percent)} used · {_count(snapshot.total("pullproxy_cache_entries"))} entries ·
-{_count(snapshot.total("pullproxy_cache_evictions_total"))} evicted</div></div>
-<div><h2>Hit ratio</h2><div class="big" id="hit-ratio">{ratio}</div>
-<div class="sub">of {_count(answered)} manifest and blob requests came from the cache<br>{breakdown}</div></div>
-<div><h2>Traffic</h2><div class="big">{_bytes(served)}</div>
-<div class="sub">served from the cache · {_bytes(fetched)} fetched from upstreams<br>
-{_count(snapshot.total("pullproxy_downloads_in_flight"))} downloads in flight,
-{_count(snapshot.total("pullproxy_download_clients"))} clients receiving them</div></div>
-</div></section>"""
+def render_view(view: StatusView) -> str:
+    return templates.get_template(TEMPLATE).render(view=view)
 
 
-def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], now: float) -> str:
-    rows = []
-    for upstream in upstreams:
-        name = str(upstream["name"])
-        error = upstream["last_error"]
-        rows.append(
-            [
-                f'<b>{_e(name)}</b><br><code class="nowrap">{_e(upstream["url"])}</code>',
-                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>',
-                _ago(upstream["last_ok"], now),
-                f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
-                _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
-                _count(snapshot.total("pullproxy_upstream_errors_total", upstream=name)),
-                _bytes(snapshot.total("pullproxy_upstream_fetched_bytes_total", upstream=name)),
-            ]
-        )
-    headers = ["Registry", "State", "Last success", "Last error", "#Requests", "#Errors", "#Fetched"]
-    return _section("upstreams", "Upstreams", _table(headers, rows))
-
-
-def _pulls(activity: Activity, visible: Callable[[str], bool]) -> str:
-    pulled = [(image, count) for image, count in activity.most_pulled(50) if visible(image.rpartition(":")[0])]
-    rows = [[f"<code>{_e(image)}</code>", _count(count)] for image, count in pulled[:10]]
-    return _section("pulls", "Most pulled images", _table(["Image", "#Pulls"], rows) if rows else _none("no pulls yet"))
-
-
-def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> str:
-    names = ((failure, classify(failure.path)[1]) for failure in activity.errors)
-    shown = [failure for failure, name in names if not name or visible(name)]
-    rows = [
-        [
-            f'<span class="nowrap">{_clock(failure.at)}</span><br><span class="sub">{_ago(failure.at, now)}</span>',
-            str(failure.status),
-            _code(f"{failure.method} {failure.path}"),
-            _e(_short(failure.message)),
-        ]
-        for failure in shown[:20]
-    ]
-    table = _table(["When (UTC)", "#Status", "Request", "Why"], rows) if rows else _none("no errors")
-    return _section("errors", "Recent errors", table)
-
-
-def _section(id_: str, title: str, content: str) -> str:
-    return f'<section id="{id_}"><h2>{title}</h2>{content}</section>'
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    """Cells are HTML already; a header starting with `#` marks a right-aligned numeric column."""
-    classes = [' class="num"' if header.startswith("#") else "" for header in headers]
-    head = "".join(f"<th{cls}>{header.lstrip('#')}</th>" for header, cls in zip(headers, classes, strict=True))
-    body = "".join(
-        "<tr>" + "".join(f"<td{cls}>{cell}</td>" for cell, cls in zip(row, classes, strict=True)) + "</tr>"
-        for row in rows
+def build(
+    snapshot: metrics.Snapshot,
+    upstreams: Sequence[Mapping[str, object]],
+    activity: Activity,
+    now: float,
+    visible: Callable[[str], bool] = lambda name: True,
+    worker: int | None = None,
+) -> StatusView:
+    """The page's content, from the metrics, the upstreams' state (`health.upstream_state`)
+    and this process's activity; `visible` says which repository names the caller may see."""
+    return StatusView(
+        clock=_clock(now),
+        refresh_seconds=REFRESH_SECONDS,
+        cache=_cache_use(snapshot),
+        hits=_hit_ratio(snapshot),
+        traffic=Traffic(
+            served=_bytes(snapshot.served_bytes()),
+            fetched=_bytes(snapshot.fetched_bytes()),
+            downloads=_count(snapshot.downloads_in_flight()),
+            clients=_count(snapshot.download_clients()),
+        ),
+        upstreams=tuple(_upstream(snapshot, upstream, now) for upstream in upstreams),
+        pulls=_pulls(activity, visible),
+        errors=_errors(activity, now, visible),
+        note=_scope_note(activity, worker),
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _scope_note(activity: Activity) -> str:
+def _cache_use(snapshot: metrics.Snapshot) -> CacheUse:
+    size, limit = snapshot.cache_size(), snapshot.cache_limit()
+    used = min(100.0, 100 * size / limit) if limit else 0.0
+    return CacheUse(
+        size=_bytes(size),
+        limit=_bytes(limit),
+        used_percent=round(used, 1),
+        used="<1%" if 0 < used < 1 else f"{used:.0f}%",
+        entries=_count(snapshot.cache_entries()),
+        evicted=_count(snapshot.evictions()),
+    )
+
+
+def _hit_ratio(snapshot: metrics.Snapshot) -> HitRatio:
+    counts = {outcome: snapshot.cache_answers(outcome) for outcome in OUTCOMES}
+    answered = sum(counts.values())
+    from_cache = sum(count for outcome, count in counts.items() if outcome.from_cache)
+    return HitRatio(
+        ratio=f"{100 * from_cache / answered:.1f}%" if answered else "none yet",
+        answered=_count(answered),
+        breakdown=tuple(OutcomeCount(outcome, _count(count)) for outcome, count in counts.items()),
+    )
+
+
+def _upstream(snapshot: metrics.Snapshot, upstream: Mapping[str, object], now: float) -> UpstreamRow:
+    name = str(upstream["name"])
+    error = upstream["last_error"]
+    return UpstreamRow(
+        name=name,
+        url=str(upstream["url"]),
+        state=str(upstream["state"]),
+        last_ok=_ago(upstream["last_ok"], now),
+        last_error=LastError(_ago(error["at"], now), Code.of(str(error["what"]))) if isinstance(error, dict) else None,
+        requests=_count(snapshot.upstream_requests(name)),
+        errors=_count(snapshot.upstream_errors(name)),
+        fetched=_bytes(snapshot.fetched_bytes(name)),
+    )
+
+
+def _pulls(activity: Activity, visible: Callable[[str], bool]) -> tuple[Pull, ...]:
+    pulled = [(image, count) for image, count in activity.most_pulled(50) if visible(image.rpartition(":")[0])]
+    return tuple(Pull(image, _count(count)) for image, count in pulled[:PULLS_SHOWN])
+
+
+def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> tuple[ErrorRow, ...]:
+    names = ((failure, classify(failure.path).name) for failure in activity.errors)
+    shown = [failure for failure, name in names if not name or visible(name)]
+    return tuple(
+        ErrorRow(
+            clock=_clock(failure.at),
+            ago=_ago(failure.at, now),
+            status=failure.status,
+            request=Code.of(f"{failure.method} {failure.path}"),
+            why=_short(failure.message),
+        )
+        for failure in shown[:ERRORS_SHOWN]
+    )
+
+
+def _scope_note(activity: Activity, worker: int | None) -> str:
     since = f"since {_clock(activity.since)} UTC"
-    if not metrics.MULTIPROCESS:
+    if worker is None:
         return f"Pulls count tag lookups {since}."
     return (
         "Cache, hit ratio, traffic and upstream counts cover all workers. Upstream state, most pulled images "
-        f"and recent errors are this worker's (pid {os.getpid()}) {since}; pulls count tag lookups."
+        f"and recent errors are this worker's (pid {worker}) {since}; pulls count tag lookups."
     )
-
-
-def _none(text: str) -> str:
-    return f'<p class="sub">{text}</p>'
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value))
 
 
 def _short(text: str) -> str:
     """Digests cut to their first 12 hex digits, for reading."""
     return _DIGEST.sub(r"\1…", text)
-
-
-def _code(text: str) -> str:
-    """Code with digests shortened; the full text shows on hover."""
-    return f'<code title="{_e(text)}">{_e(_short(text))}</code>'
 
 
 def _count(value: float) -> str:
