@@ -3,13 +3,17 @@
 Each upstream has its own connection pool and timeouts, so one that is down or slow
 never holds up requests for the others. Failures are sorted into what the mirror acts
 on: not found, refused, or unavailable (unreachable, timed out, 5xx, 429) — the last
-being when a cached answer may be served stale. No body is read whole beyond a limit
-per kind, and redirects are followed for blobs only.
+being when a cached answer may be served stale. A failing upstream is backed off from,
+so requests meanwhile fail at once instead of each waiting for a timeout. No body is
+read whole beyond a limit per kind, and redirects are followed for blobs only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +39,15 @@ MAX_TAGS_SIZE = 8 << 20  # about 200,000 tags of usual length, in one tags/list 
 MAX_TOKEN_SIZE = 1 << 20  # a token answer is a few KiB even with a large JWT
 
 MAX_REDIRECTS = 5  # Docker Hub, ghcr.io, ECR and Quay redirect a blob once, to their CDN or storage
+
+# While an upstream fails, it is not asked for a window that starts at BACKOFF_FIRST seconds
+# and doubles up to BACKOFF_MAX: a request is refused at once (a tag is then served stale)
+# and one `GET /v2/` probes it when the window ends. Unreachable or timed out opens the
+# window at once; answers of 5xx or 429 only after FAILED_ANSWERS_BEFORE_BACKOFF in a row,
+# as one such answer costs no waiting and may be a single bad path.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+FAILED_ANSWERS_BEFORE_BACKOFF = 3
 
 # httpcore reads a response body 64 KiB per call, each call paying for a timeout scope;
 # blobs are large, so let one call take what one transport read delivers (up to 256 KiB).
@@ -97,6 +110,10 @@ class UpstreamOffline(UpstreamUnavailable):
         super().__init__(upstream, "not contacted in offline mode", 503)
 
 
+class UpstreamBackingOff(UpstreamUnavailable):
+    """Not contacted: it failed just now, and is probed in the background until it answers."""
+
+
 @dataclass(frozen=True, slots=True)
 class FetchedManifest:
     body: bytes
@@ -135,6 +152,12 @@ class Upstream:
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
         self.metrics = metrics.for_upstream(config.name)
+        self._streak = 0  # 5xx/429 answers in a row
+        self._windows = 0  # backoff windows in a row, for the doubling
+        self._retry_at: float | None = None  # monotonic end of the backoff window; None: not backing off
+        self._backoff_why = ""
+        self._rate_limited = False
+        self._prober: asyncio.Task[None] | None = None
 
     # -- sending -----------------------------------------------------------------------
 
@@ -150,12 +173,14 @@ class Upstream:
         """Send, mapping every failure to an `UpstreamError`; the body is left open (close it)."""
         if self.offline:
             raise UpstreamOffline(self.name)
+        self._refuse_while_backing_off()
         request = self.client.build_request(method, path, headers=headers, params=params)
         started = time.perf_counter()
         try:
             response = await self._exchange(request, kind)
         except httpx.HTTPError as exc:
             self._failed(method, path, type(exc).__name__)
+            self._back_off(type(exc).__name__)
             raise UpstreamUnavailable(self.name, f"unreachable ({type(exc).__name__})") from exc
         except RealmRefused as exc:
             raise UpstreamError(self.name, str(exc)) from None
@@ -166,7 +191,9 @@ class Upstream:
             await response.aclose()
             retry_after = response.headers.get("Retry-After")
             self._failed(method, path, str(status))
+            self._back_off(str(status), answered=status, retry_after=retry_after)
             raise UpstreamUnavailable(self.name, f"answered {status}", status, retry_after)
+        self._answered()
         if status < 400:
             self.last_ok = time.time()
             return response
@@ -263,6 +290,90 @@ class Upstream:
         self.metrics.errors.inc()
         log.warning("upstream request failed", upstream=self.name, method=method, path=path, why=why)
 
+    # -- backing off -------------------------------------------------------------------
+
+    @property
+    def backoff_until(self) -> float | None:
+        """When (wall clock) the upstream is probed next, while it is being backed off from; else None."""
+        if self._retry_at is None:
+            return None
+        return time.time() + max(0.0, self._retry_at - time.monotonic())
+
+    def _refuse_while_backing_off(self) -> None:
+        if self._retry_at is None:
+            return
+        if self._prober is None or self._prober.done():
+            self._start_prober()
+        wait = max(1, math.ceil(self._retry_at - time.monotonic()))
+        raise UpstreamBackingOff(
+            self.name,
+            f"not contacted for {wait} s more, as it just failed ({self._backoff_why})",
+            429 if self._rate_limited else 503,
+            str(wait),
+        )
+
+    def _back_off(self, why: str, answered: int | None = None, retry_after: str | None = None) -> None:
+        """A failure: open a backoff window (or, once the last one ended, a twice longer one)."""
+        if answered is not None:
+            self._streak += 1
+            if self._streak < FAILED_ANSWERS_BEFORE_BACKOFF and self._retry_at is None:
+                return
+        now = time.monotonic()
+        if self._retry_at is not None and now < self._retry_at:
+            return  # requests sent before the window opened, failing now: no reason to wait longer
+        window = min(BACKOFF_FIRST * 2**self._windows, BACKOFF_MAX)
+        if retry_after is not None and retry_after.strip().isdigit():
+            window = max(window, min(float(retry_after), BACKOFF_MAX))
+        self._windows += 1
+        self._retry_at = now + window
+        self._backoff_why = why
+        self._rate_limited = answered == 429
+        log.warning("upstream backed off", upstream=self.name, seconds=window, why=why)
+        if self._prober is None or self._prober.done():
+            self._start_prober()
+
+    def _answered(self) -> None:
+        """The upstream answered (anything but 5xx/429): it is not failing."""
+        self._streak = 0
+        if self._retry_at is not None:
+            log.info("upstream answers again", upstream=self.name)
+        self._retry_at = None
+        self._windows = 0
+
+    def _start_prober(self) -> None:
+        self._prober = asyncio.get_running_loop().create_task(self._probe_until_answered())
+
+    async def _probe_until_answered(self) -> None:
+        """At the end of each window, one `GET /v2/` (any answer but 5xx/429 will do), until one succeeds."""
+        while self._retry_at is not None:
+            await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
+            if self._retry_at is None:
+                return
+            why, status, retry_after = await self._probe()
+            if why is None:
+                # Requests go through again, but `/v2/` answering says little about the rest:
+                # one more failure opens the next (longer) window, a real answer ends all this.
+                self.last_ok = time.time()
+                self._retry_at = None
+                self._streak = max(self._streak, FAILED_ANSWERS_BEFORE_BACKOFF - 1)
+                log.info("upstream answers its probe", upstream=self.name)
+                return
+            self._failed("GET", "/v2/", why)
+            self._back_off(why, answered=status, retry_after=retry_after)
+
+    async def _probe(self) -> tuple[str | None, int | None, str | None]:
+        """(why it failed or None, the status if it answered, its Retry-After)."""
+        request = self.client.build_request("GET", "/v2/", timeout=httpx.Timeout(self.config.connect_timeout))
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, None, None
+        await response.aclose()
+        status = response.status_code
+        if status == 429 or status >= 500:
+            return str(status), status, response.headers.get("Retry-After")
+        return None, status, None
+
     # -- requests ----------------------------------------------------------------------
 
     async def head_manifest(self, repo: str, reference: str) -> str | None:
@@ -330,4 +441,8 @@ class Upstream:
         return TagPage(str(answer.get("name") or repo), tags, next_query)
 
     async def aclose(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
         await self.client.aclose()

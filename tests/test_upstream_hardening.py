@@ -10,16 +10,30 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 
+from proxy import metrics, status
 from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
-from proxy.upstream import MAX_REDIRECTS, Upstream, UpstreamRedirectRefused, UpstreamTooLarge
+from proxy.health import upstream_state
+from proxy.observe import Activity
+from proxy.upstream import (
+    FAILED_ANSWERS_BEFORE_BACKOFF,
+    MAX_REDIRECTS,
+    Upstream,
+    UpstreamBackingOff,
+    UpstreamNotFound,
+    UpstreamRedirectRefused,
+    UpstreamTooLarge,
+    UpstreamUnavailable,
+)
 from tests.support.faulty import OCI_INDEX, FaultyRegistry
 from tests.support.proxy import Proxy
 
@@ -354,6 +368,183 @@ def test_a_realm_on_an_address_the_upstream_is_not_on_is_never_asked() -> None:
 
     run(work)
     assert recorded.hosts() == {"203.0.113.10"}
+
+
+# -- 4. a failing upstream is backed off from ----------------------------------------------
+
+
+def ready_upstream(proxy: Proxy) -> dict[str, Any]:
+    (state,) = httpx.get(f"{proxy.url}/readyz", timeout=5).json()["upstreams"]
+    return dict(state)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_a_black_holed_upstream_is_not_asked_again_while_backed_off_and_tags_are_served_stale(
+    faulty: FaultyRegistry,
+) -> None:
+    digest, _ = faulty.add_image("acme/app", "latest")
+    with (
+        mirror(faulty, tag_ttl="0s", timeout="1s", connect_timeout="1s") as proxy,
+        httpx.Client(base_url=proxy.url, timeout=30) as client,
+    ):
+        assert client.get("/v2/acme/app/manifests/latest").headers["Docker-Content-Digest"] == digest
+        hole = faulty.slow(header_delay=60)  # accepts, reads the request, never answers
+        faulty.reset_log()
+        for _ in range(8):
+            stale = client.get("/v2/acme/app/manifests/latest")
+            assert stale.status_code == 200 and stale.headers["Docker-Content-Digest"] == digest
+        missing = client.get("/v2/acme/app/manifests/other")
+        assert missing.status_code == 503 and oci_error(missing)["code"] == "UNAVAILABLE"
+        assert int(missing.headers["Retry-After"]) >= 1
+        # One request met the black hole; since then only background probes of /v2/.
+        asked = [r.path for r in faulty.requests()]
+        assert sum("/manifests/" in path for path in asked) == 1
+        assert set(asked) - {"/v2/"} == {"/v2/acme/app/manifests/latest"}
+        state = ready_upstream(proxy)
+        assert state["state"] == "failing" and state["backoff_until"] is not None
+
+        faulty.remove_fault(hole)
+        wait_until(lambda: ready_upstream(proxy)["state"] == "ok")  # a probe got through
+        assert ready_upstream(proxy)["backoff_until"] is None
+        faulty.reset_log()
+        assert client.get("/v2/acme/app/manifests/latest").status_code == 200
+        assert faulty.count("HEAD", "/manifests/latest") == 1  # asked again
+
+
+def test_failed_answers_in_a_row_back_off_too(faulty: FaultyRegistry) -> None:
+    digest, _ = faulty.add_image("acme/app", "latest")
+    with mirror(faulty, tag_ttl="0s") as proxy, httpx.Client(base_url=proxy.url, timeout=30) as client:
+        assert client.get("/v2/acme/app/manifests/latest").status_code == 200
+        failing = faulty.fail(503)  # probes of /v2/ too
+        faulty.reset_log()
+        for _ in range(FAILED_ANSWERS_BEFORE_BACKOFF + 5):
+            assert client.get("/v2/acme/app/manifests/latest").headers["Docker-Content-Digest"] == digest
+        assert faulty.count(None, "/manifests/") == FAILED_ANSWERS_BEFORE_BACKOFF
+        faulty.remove_fault(failing)
+        wait_until(lambda: ready_upstream(proxy)["state"] == "ok")
+
+
+def upstream_answering(answer: Callable[[httpx.Request], httpx.Response]) -> tuple[Recorded, Upstream]:
+    recorded = Recorded(answer)
+    return recorded, recorded.upstream()
+
+
+def test_not_found_is_no_failure_and_a_success_resets_the_count() -> None:
+    statuses = iter([404] * 10 + [503] * (FAILED_ANSWERS_BEFORE_BACKOFF - 1) + [200] + [503])
+    recorded = Recorded(lambda request: httpx.Response(next(statuses), headers={"Docker-Content-Digest": DIGEST}))
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            for _ in range(10):
+                with pytest.raises(UpstreamNotFound):
+                    await upstream.head_manifest("acme/app", "1")
+            for _ in range(FAILED_ANSWERS_BEFORE_BACKOFF - 1):
+                with pytest.raises(UpstreamUnavailable):
+                    await upstream.head_manifest("acme/app", "1")
+            assert await upstream.head_manifest("acme/app", "1") == DIGEST
+            with pytest.raises(UpstreamUnavailable) as failed:
+                await upstream.head_manifest("acme/app", "1")
+            assert not isinstance(failed.value, UpstreamBackingOff)
+            assert upstream.backoff_until is None
+        finally:
+            await upstream.aclose()
+
+    run(work)
+    assert len(recorded.seen) == 10 + FAILED_ANSWERS_BEFORE_BACKOFF + 1
+
+
+def test_the_window_doubles_while_probes_fail_honours_retry_after_and_ends_when_one_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream_module, "BACKOFF_FIRST", 0.05)
+    down = {"yes": True}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if down["yes"]:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(401 if request.url.path == "/v2/" else 200)
+
+    recorded = Recorded(answer)
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await upstream.head_blob("acme/app", DIGEST)
+            with pytest.raises(UpstreamBackingOff) as refused:
+                await upstream.head_blob("acme/app", DIGEST)
+            assert refused.value.status == 503 and refused.value.retry_after == "1"
+            await _until(lambda: sum(r.url.path == "/v2/" for r in recorded.seen) >= 2)
+            assert upstream._windows >= 2  # each failed probe doubled the window
+            down["yes"] = False
+            await _until(lambda: upstream.backoff_until is None)
+            assert upstream.last_ok is not None
+            await upstream.head_blob("acme/app", DIGEST)
+        finally:
+            await upstream.aclose()
+
+    run(work)
+    blobs = [r for r in recorded.seen if "/blobs/" in r.url.path]
+    assert len(blobs) == 2  # the first, and the one after the probe succeeded
+
+
+def test_a_rate_limit_backs_off_for_its_retry_after() -> None:
+    recorded = Recorded(lambda request: httpx.Response(429, headers={"Retry-After": "30"}))
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            for _ in range(FAILED_ANSWERS_BEFORE_BACKOFF):
+                with pytest.raises(UpstreamUnavailable):
+                    await upstream.get_manifest("acme/app", "1")
+            with pytest.raises(UpstreamBackingOff) as refused:
+                await upstream.get_manifest("acme/app", "1")
+            assert refused.value.status == 429 and int(refused.value.retry_after or 0) >= 29
+        finally:
+            await upstream.aclose()
+
+    run(work)
+    assert len(recorded.seen) == FAILED_ANSWERS_BEFORE_BACKOFF
+
+
+def test_readyz_state_and_the_status_page_show_the_backoff() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    recorded = Recorded(refuse)
+    states: list[dict[str, object]] = []
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            states.append(upstream_state(upstream))
+            with pytest.raises(UpstreamUnavailable):
+                await upstream.head_blob("acme/app", DIGEST)
+            states.append(upstream_state(upstream))
+        finally:
+            await upstream.aclose()
+
+    run(work)
+    before, during = states
+    assert before["state"] == "unknown" and before["backoff_until"] is None
+    assert during["state"] == "failing" and isinstance(during["backoff_until"], float)
+    assert during["last_error"] == {"at": pytest.approx(time.time(), abs=60), "what": "HEAD blobs: ConnectError"}
+    page = status.render(metrics.Snapshot(CollectorRegistry()), [during], Activity(), time.time())
+    assert re.search(r"failing</span><br><span class=\"sub\">not asked, next try in [01] s", page)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def test_too_large_is_its_own_error() -> None:
