@@ -338,7 +338,10 @@ class Mirror:
             if exc.status == 429:
                 headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
                 return errors.RegistryError(429, "TOOMANYREQUESTS", f"{exc}", headers=headers)
-            return errors.unavailable(f"{exc}")
+            error = errors.unavailable(f"{exc}")
+            if exc.retry_after:  # e.g. the rest of a backoff window
+                error.headers["Retry-After"] = exc.retry_after
+            return error
         return errors.bad_upstream(f"{exc}")
 
 

@@ -152,7 +152,7 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
         rows.append(
             [
                 f'<b>{_e(name)}</b><br><code class="nowrap">{_e(upstream["url"])}</code>',
-                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>',
+                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>' + _backoff(upstream, now),
                 _ago(upstream["last_ok"], now),
                 f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
                 _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
@@ -162,6 +162,13 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
         )
     headers = ["Registry", "State", "Last success", "Last error", "#Requests", "#Errors", "#Fetched"]
     return _section("upstreams", "Upstreams", _table(headers, rows))
+
+
+def _backoff(upstream: dict[str, object], now: float) -> str:
+    until = upstream.get("backoff_until")
+    if not isinstance(until, int | float):
+        return ""
+    return f'<br><span class="sub">not asked, next try in {max(0, round(until - now))} s</span>'
 
 
 def _pulls(activity: Activity, visible: Callable[[str], bool]) -> str:
