@@ -196,6 +196,22 @@ def test_truncate_with_reset_errors(reg: FaultyRegistry, client: httpx.Client) -
         client.get(f"/v2/{NAME}/blobs/{digest}")
 
 
+def test_endless_sends_until_its_bound_or_until_the_client_hangs_up(reg: FaultyRegistry, client: httpx.Client) -> None:
+    whole = reg.endless(path="/tags/list", prefix=b"[", filler=b"ab" * 500, total=100_000, times=1)
+    answer = client.get(f"/v2/{NAME}/tags/list")
+    assert "content-length" not in answer.headers and answer.headers["transfer-encoding"] == "chunked"
+    assert answer.content == (b"[" + b"ab" * 50_000)[:100_000] and whole.sent == 100_000
+
+    declared = reg.endless(status=401, headers={"WWW-Authenticate": "Bearer x"}, total=8 << 20, declare_length=True)
+    with client.stream("GET", f"/v2/{NAME}/manifests/1") as resp:
+        assert resp.status_code == 401 and resp.headers["content-length"] == str(8 << 20)
+        next(resp.iter_raw())  # read a little, then hang up
+    deadline = time.monotonic() + 5
+    while reg.active_connections("registry") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert declared.hits == 1 and 0 < declared.sent < 8 << 20
+
+
 def test_slow_body_and_slow_headers(reg: FaultyRegistry, client: httpx.Client) -> None:
     digest = reg.add_blob(b"z" * 4000)
     reg.slow(digest=digest, chunk_size=1000, chunk_delay=0.1, times=1)

@@ -27,7 +27,7 @@ def registry_error(exc: UpstreamError, route: Route, reference: str, blob: bool 
     if isinstance(exc, UpstreamUnavailable):
         if exc.status == 429:
             return errors.TooManyRequests(f"{exc}", exc.retry_after)
-        return errors.unavailable(f"{exc}")
+        return errors.Unavailable(f"{exc}", exc.retry_after or "5")  # e.g. the rest of a backoff window
     return errors.bad_upstream(f"{exc}")
 
 

@@ -2,9 +2,9 @@
 
 `/healthz` says the process answers. `/readyz` says whether the cache can take new
 content, by writing a file where downloads land (at most every few seconds, as probes
-are frequent), and reports each upstream's last known state without making it a
-condition: the mirror serves its cache while an upstream is down, so that is no reason
-to take it out of rotation.
+are frequent), and reports each upstream's last known state (and whether it is being
+backed off from, see `proxy.upstream`) without making it a condition: the mirror serves
+its cache while an upstream is down, so that is no reason to take it out of rotation.
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def _write_probe(directory: Path) -> str | None:
 
 
 def upstream_state(upstream: Upstream) -> dict[str, object]:
-    """`ok`, `failing` (its last failure is newer than its last success) or `unknown` (not asked yet)."""
-    ok, error = upstream.last_ok, upstream.last_error
-    failing = error is not None and (ok is None or error[0] >= ok)
+    """`ok`, `failing` (its last failure is newer than its last success, or it is being backed
+    off from) or `unknown` (not asked yet); `backoff_until` is when it is probed next while
+    requests to it are refused at once, else None."""
+    ok, error, backoff = upstream.last_ok, upstream.last_error, upstream.backoff_until
+    failing = backoff is not None or (error is not None and (ok is None or error[0] >= ok))
     state = "failing" if failing else "unknown" if ok is None else "ok"
     return {
         "name": upstream.name,
@@ -63,6 +65,7 @@ def upstream_state(upstream: Upstream) -> dict[str, object]:
         "state": state,
         "last_ok": ok,
         "last_error": None if error is None else {"at": error[0], "what": error[1]},
+        "backoff_until": backoff,
     }
 
 

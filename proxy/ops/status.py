@@ -115,6 +115,7 @@ class UpstreamRow:
     requests: str
     errors: str
     fetched: str
+    backoff: str | None = None  # while the mirror does not ask it: when it tries again
     notes: tuple[str, ...] = ()  # extra lines under the URL, e.g. a warning that TLS is not verified
 
 
@@ -276,7 +277,14 @@ def _upstream(snapshot: metrics.Snapshot, upstream: Mapping[str, object], now: f
         requests=_count(snapshot.upstream_requests(name)),
         errors=_count(snapshot.upstream_errors(name)),
         fetched=_bytes(snapshot.fetched_bytes(name)),
+        backoff=_backoff(upstream.get("backoff_until"), now),
     )
+
+
+def _backoff(until: object, now: float) -> str | None:
+    if not isinstance(until, int | float):
+        return None
+    return f"not asked, next try in {max(0, round(until - now))} s"
 
 
 def _pulls(activity: Activity, visible: Callable[[str], bool]) -> tuple[Pull, ...]:

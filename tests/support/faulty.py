@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 Listener = Literal["registry", "token", "cdn"]
 AuthMode = Literal["none", "bearer", "basic"]
-FaultKind = Literal["status", "drop", "slow", "corrupt", "truncate"]
+FaultKind = Literal["status", "drop", "slow", "corrupt", "truncate", "endless"]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -119,6 +119,11 @@ class Fault:
     chunk_size: int = 16384
     chunk_delay: float = 0.0
     header_delay: float = 0.0
+    prefix: bytes = b""
+    filler: bytes = b""
+    total: int = 0
+    declare_length: bool = False
+    sent: int = 0  # body bytes an "endless" fault got into the socket before the client hung up
 
     def matches(self, listener: Listener, method: str, path: str, digest: str | None) -> bool:
         """Whether this fault applies to the request described."""
@@ -520,6 +525,43 @@ class FaultyRegistry:
         """
         return self._add(Fault("truncate", method, path, digest, listener, times, keep=keep, reset=reset))
 
+    def endless(
+        self,
+        *,
+        method: str | None = None,
+        path: str | re.Pattern[str] | None = None,
+        listener: Listener | None = None,
+        times: int | None = None,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        prefix: bytes = b"",
+        filler: bytes = b"x" * 4096,
+        total: int = 64 << 20,
+        declare_length: bool = False,
+    ) -> Fault:
+        """Answer ``status`` with a body that does not end: ``prefix``, then ``filler`` again and again.
+
+        Chunked, so the client cannot tell its size (or with ``Content-Length: total`` if
+        ``declare_length``). Bounded by ``total`` bytes so a test cannot run away; the
+        fault's ``sent`` counts what went into the socket before the client hung up.
+        """
+        return self._add(
+            Fault(
+                "endless",
+                method,
+                path,
+                None,
+                listener,
+                times,
+                status=status,
+                headers=dict(headers or {}),
+                prefix=prefix,
+                filler=filler,
+                total=total,
+                declare_length=declare_length,
+            )
+        )
+
     def remove_fault(self, fault: Fault) -> None:
         with self._lock:
             if fault in self._faults:
@@ -637,6 +679,10 @@ class FaultyRegistry:
         if drop:
             _hard_close(writer, reset=drop.reset)
             return False
+        endless = self._take("endless", *where)
+        if endless:
+            await self._endless(endless, req, writer)
+            return False
         status = self._take("status", *where)
         if status:
             resp = _Response(status.status, dict(status.headers), status.body)
@@ -685,6 +731,29 @@ class FaultyRegistry:
             return False
         await writer.drain()
         return keep_alive
+
+    async def _endless(self, fault: Fault, req: _Request, writer: asyncio.StreamWriter) -> None:
+        head = [f"HTTP/1.1 {fault.status} {_REASONS.get(fault.status, 'Status')}", "Connection: close"]
+        framing = f"Content-Length: {fault.total}" if fault.declare_length else "Transfer-Encoding: chunked"
+        head += [framing, *(f"{k}: {v}" for k, v in fault.headers.items())]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if req.method == "HEAD":
+            await writer.drain()
+            return
+        piece = fault.prefix or fault.filler
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < fault.total:
+                piece = piece[: fault.total - sent]
+                writer.write(piece if fault.declare_length else b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                sent += len(piece)
+                with self._lock:
+                    fault.sent = sent
+                piece = fault.filler
+            if not fault.declare_length:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
 
     def _resolve_digest(self, listener: Listener, path: str) -> str | None:
         """The content digest a request targets, so digest-keyed faults also catch by-tag pulls."""
