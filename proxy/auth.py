@@ -22,10 +22,9 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.access import Address, Policy, User, route_name
-from proxy.config import Network
+from proxy.access import Address, Network, Policy, User
 from proxy.errors import RegistryError
-from proxy.routing import Route, Router
+from proxy.routing import Route, Router, route_name
 from proxy.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.users import Users
 

@@ -18,8 +18,9 @@ from cache.manifests import Descriptor
 from proxy import errors, pinning, pull, references
 from proxy.config import Config
 from proxy.mirror import Blob, Mirror, open_mirror
-from proxy.progress import Progress, format_size
-from proxy.routing import Router
+from proxy.progress import Progress
+from proxy.routing import Router, canonical
+from proxy.units import format_size
 
 
 def _report(problems: list[str]) -> int:
@@ -57,8 +58,8 @@ async def _prefetch(
     router: Router, mirror: Mirror, text: str, platforms: Sequence[str] | None, progress: Progress
 ) -> list[str]:
     ref = references.parse(text)
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await pull.plan(mirror, route, ref.reference, platforms)
     task = progress.task(name, image.size)
     await pull.store(mirror, route, image, task)
@@ -93,8 +94,8 @@ async def _export(
     progress: Progress,
 ) -> None:
     ref = references.parse(text)
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await pull.plan(mirror, route, ref.reference, platforms)
     for manifest in image.manifests:
         archive.add_bytes(manifest.digest, manifest.body)
@@ -170,8 +171,8 @@ async def _import(
     ref: references.ImageRef,
     progress: Progress,
 ) -> None:
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await to_thread.run_sync(reader.plan, entry)
     task = progress.task(name, image.size)
     added = 0

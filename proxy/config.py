@@ -14,27 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy import references
+from proxy import references, units
+from proxy.access import ANYONE, AUTHENTICATED, Network, Pull
+from proxy.registries import DOCKER_HUB, DOCKER_HUB_ALIASES, effective_prefix, is_component, is_docker_hub
+from proxy.users import is_bcrypt, parse_htpasswd
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 ENV_PREFIX = "PULLPROXY_"
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}  # fmt: skip
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
-_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 _PATTERN = re.compile(r"^(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*$")
-
-ANYONE = "anyone"
-AUTHENTICATED = "authenticated"
 MIN_TOKEN_KEY = 32  # bytes: HS256 wants a key at least as long as its hash
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Pull = str | tuple[str, ...]  # ANYONE, AUTHENTICATED, or user names and "group:<name>"
 
 
 class ConfigError(ValueError):
@@ -55,7 +42,7 @@ class UpstreamConfig:
 
     @property
     def is_docker_hub(self) -> bool:
-        return self.name in DOCKER_HUB_ALIASES
+        return is_docker_hub(self.name)
 
 
 @dataclass(frozen=True)
@@ -113,22 +100,17 @@ DEFAULT_UPSTREAM = UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docke
 
 
 def parse_size(key: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{key}: {value!r} is not a size such as '10GiB' or '500MiB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    try:
+        return units.parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def parse_duration(key: str, value: object) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(value))
-    if match is None:
-        raise ConfigError(f"{key}: {value!r} is not a duration such as '30s', '5m' or '1h'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    try:
+        return units.parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def parse_listen(key: str, value: object) -> tuple[str, int]:
@@ -199,7 +181,7 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"{where}.url: {url!r} must start with http:// or https://")
     prefix = table.get("prefix")
-    if prefix is not None and not _PREFIX.match(_string(f"{where}.prefix", prefix)):
+    if prefix is not None and not is_component(_string(f"{where}.prefix", prefix)):
         raise ConfigError(f"{where}.prefix: {prefix!r} must be one repository path component, e.g. 'internal'")
     password = table.get("password")
     if "password_env" in table:
@@ -338,13 +320,6 @@ def _check_upstreams(upstreams: tuple[UpstreamConfig, ...]) -> None:
             prefixes.add(prefix)
 
 
-def effective_prefix(upstream: UpstreamConfig) -> str | None:
-    """The path prefix that names this upstream: `prefix`, else its name when that can be one."""
-    if upstream.prefix is not None:
-        return upstream.prefix
-    return upstream.name if _PREFIX.match(upstream.name) else None
-
-
 # -- access control ----------------------------------------------------------------------
 
 
@@ -425,25 +400,9 @@ def _user(index: int, table: object) -> UserConfig:
     if ":" in name:
         raise ConfigError(f"{where}.name: {name!r} must not contain ':'")
     password_hash = _string(f"{where}.password_hash", table["password_hash"])
-    if not _BCRYPT.match(password_hash):
+    if not is_bcrypt(password_hash):
         raise ConfigError(f"{where}.password_hash: not a bcrypt hash (make one with `htpasswd -nB {name}`)")
     return UserConfig(name, password_hash, _strings(f"{where}.groups", table.get("groups", [])))
-
-
-def parse_htpasswd(text: str) -> dict[str, str]:
-    """`user:bcrypt-hash` lines (what `htpasswd -B` writes); raises ValueError naming the bad line."""
-    users: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, hashed = line.partition(":")
-        if not sep or not name:
-            raise ValueError(f"line {number} is not 'user:hash'")
-        if not _BCRYPT.match(hashed):
-            raise ValueError(f"line {number}: {name!r} has no bcrypt hash (write it with `htpasswd -B`)")
-        users[name] = hashed
-    return users
 
 
 def _pull(key: str, value: object, auth: AuthConfig | None) -> Pull:

@@ -18,8 +18,9 @@ from cache.manifests import Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
 from proxy.mirror import HIT, Blob, Mirror
-from proxy.progress import Task, format_size
+from proxy.progress import Task
 from proxy.routing import Route
+from proxy.units import format_size
 
 READ_SIZE = 1 << 20
 BlobSink = Callable[[Descriptor, Blob], Awaitable[None]]

@@ -19,16 +19,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from proxy import metrics
-from proxy.access import route_name
 from proxy.auth import Gate
 from proxy.errors import RegistryError
 from proxy.health import upstream_state
 from proxy.observe import FROM_CACHE, Activity, classify
-from proxy.routing import Router
+from proxy.routing import Router, route_name
+from proxy.units import format_ago, format_size
 
 REFRESH_SECONDS = 10
 OUTCOMES = ("hit", "revalidated", "stale", "joined", "miss")
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
 
 _STYLE = """
@@ -131,14 +130,14 @@ def _overview(snapshot: metrics.Snapshot) -> str:
     fetched = snapshot.total("pullproxy_upstream_fetched_bytes_total")
     breakdown = " · ".join(f"{outcome} {_count(counts[outcome])}" for outcome in OUTCOMES)
     return f"""<section><div class="figures">
-<div><h2>Cache</h2><div class="big" id="cache-use">{_bytes(size)} of {_bytes(limit)}</div>
+<div><h2>Cache</h2><div class="big" id="cache-use">{format_size(size)} of {format_size(limit)}</div>
 <div class="bar" role="img" aria-label="{percent} used"><div style="width:{used:.1f}%"></div></div>
 <div class="sub">{_e(percent)} used · {_count(snapshot.total("pullproxy_cache_entries"))} entries ·
 {_count(snapshot.total("pullproxy_cache_evictions_total"))} evicted</div></div>
 <div><h2>Hit ratio</h2><div class="big" id="hit-ratio">{ratio}</div>
 <div class="sub">of {_count(answered)} manifest and blob requests came from the cache<br>{breakdown}</div></div>
-<div><h2>Traffic</h2><div class="big">{_bytes(served)}</div>
-<div class="sub">served from the cache · {_bytes(fetched)} fetched from upstreams<br>
+<div><h2>Traffic</h2><div class="big">{format_size(served)}</div>
+<div class="sub">served from the cache · {format_size(fetched)} fetched from upstreams<br>
 {_count(snapshot.total("pullproxy_downloads_in_flight"))} downloads in flight,
 {_count(snapshot.total("pullproxy_download_clients"))} clients receiving them</div></div>
 </div></section>"""
@@ -153,11 +152,11 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
             [
                 f'<b>{_e(name)}</b><br><code class="nowrap">{_e(upstream["url"])}</code>',
                 f'<span class="state {upstream["state"]}">{upstream["state"]}</span>',
-                _ago(upstream["last_ok"], now),
-                f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
+                format_ago(upstream["last_ok"], now),
+                f"{format_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
                 _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
                 _count(snapshot.total("pullproxy_upstream_errors_total", upstream=name)),
-                _bytes(snapshot.total("pullproxy_upstream_fetched_bytes_total", upstream=name)),
+                format_size(snapshot.total("pullproxy_upstream_fetched_bytes_total", upstream=name)),
             ]
         )
     headers = ["Registry", "State", "Last success", "Last error", "#Requests", "#Errors", "#Fetched"]
@@ -175,7 +174,8 @@ def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> s
     shown = [failure for failure, name in names if not name or visible(name)]
     rows = [
         [
-            f'<span class="nowrap">{_clock(failure.at)}</span><br><span class="sub">{_ago(failure.at, now)}</span>',
+            f'<span class="nowrap">{_clock(failure.at)}</span><br>'
+            f'<span class="sub">{format_ago(failure.at, now)}</span>',
             str(failure.status),
             _code(f"{failure.method} {failure.path}"),
             _e(_short(failure.message)),
@@ -233,26 +233,5 @@ def _count(value: float) -> str:
     return f"{int(value):,}"
 
 
-def _bytes(value: float) -> str:
-    power = 0
-    while value >= 1024 and power < len(_UNITS) - 1:
-        value /= 1024
-        power += 1
-    return f"{value:.0f} B" if power == 0 else f"{value:.1f} {_UNITS[power]}"
-
-
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _ago(at: object, now: float) -> str:
-    if not isinstance(at, int | float):
-        return "never"
-    seconds = max(0, int(now - at))
-    if seconds < 90:
-        return f"{seconds} s ago"
-    if seconds < 90 * 60:
-        return f"{seconds // 60} min ago"
-    if seconds < 36 * 3600:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.access import Policy, User
+from proxy.access import ANYONE, Policy, Pull, User
 from proxy.auth import client_address
 from tests.support.auth import password_hash
 
@@ -16,7 +16,7 @@ ALICE = User("alice", frozenset({"dev"}))
 BOB = User("bob")
 
 
-def rules(*entries: tuple[str, config.Pull]) -> list[config.AccessRule]:
+def rules(*entries: tuple[str, Pull]) -> list[config.AccessRule]:
     return [config.AccessRule(pattern, pull) for pattern, pull in entries]
 
 
@@ -40,7 +40,7 @@ def rules(*entries: tuple[str, config.Pull]) -> list[config.AccessRule]:
     ],
 )
 def test_glob_semantics(pattern: str, name: str, matches: bool) -> None:
-    policy = Policy(rules((pattern, ["alice"])), config.ANYONE)
+    policy = Policy(rules((pattern, ["alice"])), ANYONE)
     assert (policy.rule_for(name).pattern == pattern) is matches
 
 
@@ -56,7 +56,7 @@ def test_first_matching_rule_wins_and_the_default_catches_the_rest() -> None:
     assert not policy.allows("ghcr.io/other/app", None, None)
     assert not policy.allows("docker.io/library/alpine", ALICE, None)  # default: nobody
     assert not policy.open
-    assert Policy(rules(("**", "anyone")), config.ANYONE).open
+    assert Policy(rules(("**", "anyone")), ANYONE).open
 
 
 def test_networks_admit_without_credentials_only_for_their_rule() -> None:
