@@ -17,7 +17,7 @@ BOB = User("bob")
 
 
 def rules(*entries: tuple[str, Pull]) -> list[config.AccessRule]:
-    return [config.AccessRule(pattern, pull) for pattern, pull in entries]
+    return [config.AccessRule(repository=pattern, pull=pull) for pattern, pull in entries]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_first_matching_rule_wins_and_the_default_catches_the_rest() -> None:
 
 
 def test_networks_admit_without_credentials_only_for_their_rule() -> None:
-    trusted = config.AccessRule("ghcr.io/acme/**", [], (ipaddress.ip_network("10.0.0.0/8"),))
+    trusted = config.AccessRule(repository="ghcr.io/acme/**", pull=(), networks=(ipaddress.ip_network("10.0.0.0/8"),))
     policy = Policy([trusted], [])
     inside, outside = ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("192.0.2.1")
     assert policy.allows("ghcr.io/acme/app", None, inside)

@@ -83,7 +83,7 @@ def test_pins_and_offline_mode(tmp_path: Path) -> None:
     text += 'platforms = ["linux/amd64"]\n'
     loaded = config.load(write(tmp_path, text), environ={"PULLPROXY_CACHE_OFFLINE": "true"})
     assert loaded.offline and loaded.pin_refresh == 1800
-    assert loaded.pins == (config.PinConfig("docker.io/library/python:3.12", ("linux/amd64",)),)
+    assert loaded.pins == (config.PinConfig(image="docker.io/library/python:3.12", platforms=("linux/amd64",)),)
 
 
 def test_password_env_reads_the_variable(tmp_path: Path) -> None:

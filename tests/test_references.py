@@ -16,9 +16,9 @@ DIGEST = "sha256:" + "a" * 64
 def router() -> Router:
     return Router(
         [
-            Upstream(UpstreamConfig("docker.io", "http://hub", default=True)),
-            Upstream(UpstreamConfig("ghcr.io", "http://ghcr")),
-            Upstream(UpstreamConfig("registry.example:5000", "http://internal", prefix="internal")),
+            Upstream(UpstreamConfig(name="docker.io", url="http://hub", default=True)),
+            Upstream(UpstreamConfig(name="ghcr.io", url="http://ghcr")),
+            Upstream(UpstreamConfig(name="registry.example:5000", url="http://internal", prefix="internal")),
         ]
     )
 
