@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy import errors
-from proxy.config import DOCKER_HUB_ALIASES, UpstreamConfig, effective_prefix
+from proxy.access.policy import full_name
+from proxy.config import UpstreamConfig
+from proxy.references import DEFAULT_TAG, ImageRef
+from proxy.registries import DOCKER_HUB_ALIASES, effective_prefix
 
 # The OCI distribution-spec repository name grammar.
 _NAME = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
@@ -26,6 +29,19 @@ class Route:
     upstream: UpstreamConfig
     repo: str  # as the upstream knows it, e.g. "library/alpine"
     prefix: str  # what the client put before `repo`'s counterpart, e.g. "ghcr.io/" or ""
+
+
+def route_name(route: Route) -> str:
+    """The full name access rules match, e.g. `docker.io/library/alpine`."""
+    return full_name(route.upstream.name, route.repo)
+
+
+def canonical(route: Route, ref: ImageRef) -> str:
+    """The full name this mirror stores a reference under, e.g. `docker.io/library/alpine:latest`."""
+    name = f"{route.upstream.name}/{route.repo}"
+    if ref.digest and not ref.tag:
+        return f"{name}@{ref.digest}"
+    return f"{name}:{ref.tag or DEFAULT_TAG}"
 
 
 def valid_name(name: str) -> bool:
@@ -69,6 +85,14 @@ class Router:
         if self.default is None:
             raise errors.name_unknown(name, "no default upstream is configured; name one with ?ns= or a prefix")
         return Route(self.default, self._normalise(self.default, name), "")
+
+    def resolve(self, ref: ImageRef) -> Route:
+        """The route of an image reference (`proxy.references`); raises `errors.RegistryError` like a request."""
+        if ref.registry is not None:
+            return self.route(ref.repository, ref.registry)
+        if self.default is None:
+            return self.route(ref.repository, None)  # refuses with the same message as a request
+        return self.route(ref.repository, self.default.name)
 
     @staticmethod
     def _normalise(upstream: UpstreamConfig, repo: str) -> str:

@@ -55,7 +55,7 @@ def test_status_page_escapes_what_it_shows_and_says_when_there_is_nothing_yet() 
     activity = Activity()
     activity.pulled("acme/<b>app</b>:1")
     activity.failed(Failure(time.time(), "GET", "/v2/<i>x</i>/manifests/1", 502, "<script>alert(1)</script>"))
-    upstream = upstream_state(Upstream(UpstreamConfig("docker.io", "https://r.example")))
+    upstream = upstream_state(Upstream(UpstreamConfig(name="docker.io", url="https://r.example")))
 
     page = status.render(metrics.Snapshot(CollectorRegistry()), [upstream], activity, time.time())
 

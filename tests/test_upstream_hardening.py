@@ -164,7 +164,7 @@ class Recorded:
         return {request.url.host for request in self.seen}
 
     def upstream(self, url: str = PUBLIC_UPSTREAM, **keys: Any) -> Upstream:
-        return Upstream(UpstreamConfig("docker.io", url, **keys), transport=httpx.MockTransport(self))
+        return Upstream(UpstreamConfig(name="docker.io", url=url, **keys), transport=httpx.MockTransport(self))
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def walk(
 
             mirror.manifests.get = counting  # type: ignore[method-assign]
             ref = references.parse(f"{REPO}:{tag}")
-            return await pull.plan(mirror, references.route(router, ref), ref.reference, platforms)
+            return await pull.plan(mirror, router.resolve(ref), ref.reference, platforms)
 
     return anyio.run(main), asked
 

@@ -22,13 +22,12 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.access.policy import Address, Policy, User, route_name
+from proxy.access.policy import Address, Network, Policy, User
 from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.access.users import Users
-from proxy.config import Network
 from proxy.errors import BadRequest, Denied, RegistryError, Unauthorized
 from proxy.record import record_of
-from proxy.routing import Route, Router
+from proxy.routing import Route, Router, route_name
 
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 

@@ -15,11 +15,28 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
-from proxy.config import ANYONE, AUTHENTICATED, DOCKER_HUB, DOCKER_HUB_ALIASES, AccessRule, Network, Pull
-from proxy.routing import Route
+from proxy.registries import DOCKER_HUB, DOCKER_HUB_ALIASES
 
+ANYONE = "anyone"
+AUTHENTICATED = "authenticated"
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Pull = str | tuple[str, ...]  # ANYONE, AUTHENTICATED, or user names and "group:<name>"
+
+
+class RuleConfig(Protocol):
+    """A configured rule (`[[access]]`, proxy.config.AccessRule), as `Policy` reads it."""
+
+    @property
+    def repository(self) -> str: ...
+
+    @property
+    def pull(self) -> Pull: ...
+
+    @property
+    def networks(self) -> tuple[Network, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +50,6 @@ class User:
 def full_name(upstream: str, repo: str) -> str:
     """What rules match: Docker Hub under one name whatever alias the upstream was given."""
     return f"{DOCKER_HUB if upstream in DOCKER_HUB_ALIASES else upstream}/{repo}"
-
-
-def route_name(route: Route) -> str:
-    return full_name(route.upstream.name, route.repo)
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
@@ -77,7 +90,7 @@ class Rule:
 
 
 class Policy:
-    def __init__(self, rules: Sequence[AccessRule], default: Pull) -> None:
+    def __init__(self, rules: Sequence[RuleConfig], default: Pull) -> None:
         self.rules = [Rule(r.repository, compile_glob(r.repository), r.pull, r.networks) for r in rules]
         self.default = Rule("(default)", compile_glob("**"), default)
         self.open = self.default.public and all(rule.public for rule in self.rules)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import bcrypt
 import structlog
@@ -29,13 +31,47 @@ from cachetools import TTLCache
 
 from proxy.access.policy import User
 from proxy.access.throttle import LoginThrottle
-from proxy.config import UserConfig, parse_htpasswd
 
 log = structlog.get_logger("pullproxy.auth")
 
 RELOAD_INTERVAL = 1.0
 VERIFIED_TTL = 300.0
 MAX_PASSWORD = 72  # bytes bcrypt looks at; htpasswd truncates the same way
+_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+
+
+class Account(Protocol):
+    """An inline user (`[[auth.user]]`, proxy.config.UserConfig), as `Users` reads it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def password_hash(self) -> str: ...
+
+    @property
+    def groups(self) -> Sequence[str]: ...
+
+
+def is_bcrypt(hashed: str) -> bool:
+    """Whether `hashed` is a bcrypt hash as `htpasswd -B` writes it (`$2y$05$...`)."""
+    return _BCRYPT.match(hashed) is not None
+
+
+def parse_htpasswd(text: str) -> dict[str, str]:
+    """`user:bcrypt-hash` lines (what `htpasswd -B` writes); raises ValueError naming the bad line."""
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, hashed = line.partition(":")
+        if not sep or not name:
+            raise ValueError(f"line {number} is not 'user:hash'")
+        if not is_bcrypt(hashed):
+            raise ValueError(f"line {number}: {name!r} has no bcrypt hash (write it with `htpasswd -B`)")
+        users[name] = hashed
+    return users
 
 
 def _check(password: bytes, hashed: bytes) -> bool:
@@ -50,7 +86,7 @@ def _cost(hashed: str) -> int:
 
 
 class Users:
-    def __init__(self, inline: Sequence[UserConfig], htpasswd: Path | None, throttle: LoginThrottle) -> None:
+    def __init__(self, inline: Sequence[Account], htpasswd: Path | None, throttle: LoginThrottle) -> None:
         self._inline = {u.name: u.password_hash for u in inline}
         self._groups = {u.name: frozenset(u.groups) for u in inline}
         self._htpasswd = htpasswd

@@ -16,9 +16,10 @@ from cache import inventory
 from cache.meta import Metadata
 from cache.store import ContentStore
 from proxy import references
-from proxy.cli.progress import Progress, format_size
+from proxy.cli.progress import Progress
 from proxy.config import Config
-from proxy.routing import Router
+from proxy.routing import Router, canonical
+from proxy.units import format_ago, format_size
 
 
 @contextlib.contextmanager
@@ -49,7 +50,7 @@ def ls(config: Config) -> int:
                 f"{image.upstream}/{image.repo}:{image.tag}",
                 image.digest[:19],
                 format_size(image.size),
-                _ago(image.last_used),
+                "-" if image.last_used is None else format_ago(image.last_used, time.time()),
                 ", ".join(notes),
             )
         )
@@ -57,16 +58,6 @@ def ls(config: Config) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
-
-
-def _ago(moment: float | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = max(0, time.time() - moment)
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds // length:.0f}{unit} ago"
-    return "just now"
 
 
 def du(config: Config) -> int:
@@ -90,12 +81,12 @@ def rm(config: Config, image: str) -> int:
         ref = references.parse(image)
     except ValueError as exc:
         raise SystemExit(f"pullproxy: {exc}") from None
-    route = references.route(Router(config.upstreams), ref)
+    route = Router(config.upstreams).resolve(ref)
     with _open(config) as (store, meta):
         tags, freed = inventory.remove(store, meta, route.upstream.name, route.repo, ref.reference)
     name = f"{route.upstream.name}/{route.repo}"
     if not tags and not freed:
-        raise SystemExit(f"pullproxy: {references.canonical(route, ref)} is not in the cache")
+        raise SystemExit(f"pullproxy: {canonical(route, ref)} is not in the cache")
     print(f"removed {', '.join(f'{name}:{t}' for t in tags) or ref.reference}, freed {format_size(freed)}")
     if any(references.parse(pin.image) == ref for pin in config.pins):
         print("note: it is a [[pin]]: the next pin refresh fetches it again")

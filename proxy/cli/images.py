@@ -17,11 +17,12 @@ from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter, 
 from cache.manifests import Descriptor
 from cache.readers import BlobReader
 from proxy import errors, references
-from proxy.cli.progress import Progress, format_size
+from proxy.cli.progress import Progress
 from proxy.config import Config
 from proxy.images import pinning, pull
 from proxy.mirror import Blob, Mirror, open_mirror
-from proxy.routing import Router
+from proxy.routing import Router, canonical
+from proxy.units import format_size
 
 
 def _report(problems: list[str]) -> int:
@@ -59,8 +60,8 @@ async def _prefetch(
     router: Router, mirror: Mirror, text: str, platforms: Sequence[str] | None, progress: Progress
 ) -> list[str]:
     ref = references.parse(text)
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await pull.plan(mirror, route, ref.reference, platforms)
     task = progress.task(name, image.size)
     await pull.store(mirror, route, image, task)
@@ -120,8 +121,8 @@ async def _export(
     progress: Progress,
 ) -> None:
     ref = references.parse(text)
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await pull.plan(mirror, route, ref.reference, platforms)
     for manifest in image.manifests:
         archive.add_bytes(manifest.digest, manifest.body)
@@ -192,8 +193,8 @@ async def _import(
     ref: references.ImageRef,
     progress: Progress,
 ) -> None:
-    route = references.route(router, ref)
-    name = references.canonical(route, ref)
+    route = router.resolve(ref)
+    name = canonical(route, ref)
     image = await to_thread.run_sync(reader.plan, entry)
     task = progress.task(name, image.size)
     added = 0

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.progress import Progress as Bar
 
+from proxy.units import format_size
+
 
 class Progress:
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -69,13 +71,3 @@ class Task:
         if self._progress.bar is not None and self._id is not None:
             self._progress.bar.remove_task(self._id)
         self._progress.line(text)
-
-
-def format_size(size: int | None) -> str:
-    if size is None:
-        return "?"
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    value, unit = float(size), 0
-    while value >= 1024 and unit < len(units) - 1:
-        value, unit = value / 1024, unit + 1
-    return f"{size} B" if unit == 0 else f"{value:.1f} {units[unit]}"

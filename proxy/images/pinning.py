@@ -17,11 +17,12 @@ from anyio import to_thread
 from cache.pins import PinLock
 from cache.store import manifest_key
 from proxy import errors, references
-from proxy.cli.progress import Progress, format_size
+from proxy.cli.progress import Progress
 from proxy.config import Config, PinConfig
 from proxy.images import pull
 from proxy.mirror import Mirror
 from proxy.routing import Router
+from proxy.units import format_size
 
 log = structlog.get_logger("pullproxy")
 POLL = 60.0  # how often a server worker looks whether a round is due
@@ -50,7 +51,7 @@ async def refresh(config: Config, router: Router, mirror: Mirror, progress: Prog
 
 async def _pull(pin: PinConfig, router: Router, mirror: Mirror, progress: Progress | None) -> pull.Plan:
     ref = references.parse(pin.image)
-    route = references.route(router, ref)
+    route = router.resolve(ref)
     image = await pull.plan(mirror, route, ref.reference, pin.platforms)
     await to_thread.run_sync(mirror.store.pin, [manifest_key(m.digest) for m in image.manifests])
     task = progress.task(pin.image, image.size) if progress else None

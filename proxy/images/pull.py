@@ -17,9 +17,10 @@ from cache.flight import DownloadFailed
 from cache.manifests import MAX_LEVELS, Descriptor, refs, select
 from cache.store import Manifest, manifest_key
 from proxy import errors
-from proxy.cli.progress import Task, format_size
+from proxy.cli.progress import Task
 from proxy.mirror import Blob, Mirror, Outcome
 from proxy.routing import Route
+from proxy.units import format_size
 
 READ_SIZE = 1 << 20
 BlobSink = Callable[[Descriptor, Blob], Awaitable[None]]

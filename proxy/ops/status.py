@@ -25,14 +25,13 @@ from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
 from proxy.access.gate import Gate
-from proxy.access.policy import route_name
 from proxy.errors import RegistryError
 from proxy.mirror.outcome import Outcome
 from proxy.ops import metrics
 from proxy.ops.health import upstream_state
 from proxy.ops.observe import Activity
 from proxy.paths import classify
-from proxy.routing import Router
+from proxy.routing import Router, route_name
 
 REFRESH_SECONDS = 10
 TEMPLATE = "status.html"

@@ -8,9 +8,9 @@ from proxy import errors
 from proxy.config import UpstreamConfig
 from proxy.routing import Router
 
-HUB = UpstreamConfig("docker.io", "https://registry-1.docker.io", default=True)
-GHCR = UpstreamConfig("ghcr.io", "https://ghcr.io")
-INTERNAL = UpstreamConfig("registry.example:5000", "https://registry.example:5000", prefix="internal")
+HUB = UpstreamConfig(name="docker.io", url="https://registry-1.docker.io", default=True)
+GHCR = UpstreamConfig(name="ghcr.io", url="https://ghcr.io")
+INTERNAL = UpstreamConfig(name="registry.example:5000", url="https://registry.example:5000", prefix="internal")
 ROUTER = Router([HUB, GHCR, INTERNAL])
 
 
