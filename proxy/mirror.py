@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+import httpx
 import structlog
 from anyio import to_thread
 
@@ -365,12 +366,18 @@ def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> Tag
 
 
 @contextlib.asynccontextmanager
-async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
-    """The mirror and its router for `config`, as the server and every command use them."""
+async def open_mirror(
+    config: Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The mirror and its router for `config`, as the server and every command use them.
+
+    `transports` (by upstream name) lets in-process tests put a fake upstream behind httpx.
+    """
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
     meta = await to_thread.run_sync(Metadata, config.cache_dir)
-    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    transports = transports or {}
+    upstreams = [Upstream(u, transport=transports.get(u.name), offline=config.offline) for u in config.upstreams]
     try:
         yield Router(upstreams), Mirror(store, meta, config.tag_ttl, offline=config.offline)
     finally:
