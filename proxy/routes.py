@@ -23,7 +23,7 @@ from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` admits a final "\n"
 
 
 def _mirror(request: Request) -> Mirror:
@@ -54,7 +54,7 @@ async def base(request: Request) -> Response:
 async def manifest(request: Request) -> Response:
     route = await _route(request)
     reference = request.path_params["reference"]
-    if ":" not in reference and not _TAG.match(reference):
+    if ":" not in reference and not _TAG.fullmatch(reference):
         raise errors.manifest_unknown(request.path_params["name"], reference)
     found, outcome = await _mirror(request).manifest(route, reference)
     _outcome(request, outcome)
