@@ -23,6 +23,7 @@ from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+MAX_PAGE = 10000  # `n` beyond this is served as this: a registry may answer fewer, with a next link
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` admits a final "\n"
 
 
@@ -115,10 +116,15 @@ async def referrers(request: Request) -> Response:
 
 
 def _page_params(request: Request) -> tuple[str | None, str | None]:
+    """`n` as ASCII decimal digits, at most `MAX_PAGE` (larger is clamped), and `last`."""
     n = request.query_params.get("n")
-    if n is not None and not n.isdigit():
-        raise errors.RegistryError(400, "PAGINATION_NUMBER_INVALID", f"n={n!r} is not a number")
-    return n, request.query_params.get("last")
+    if n is None:
+        return None, request.query_params.get("last")
+    if not re.fullmatch("[0-9]+", n):  # not str.isdigit: it takes "²", which int() refuses
+        raise errors.RegistryError(400, "PAGINATION_NUMBER_INVALID", f"n={n[:40]!r} is not a number")
+    digits = n.lstrip("0") or "0"
+    count = int(digits) if len(digits) <= len(str(MAX_PAGE)) else MAX_PAGE  # never int() of 5000 digits
+    return str(min(count, MAX_PAGE)), request.query_params.get("last")
 
 
 def _next_link(path: str, query: dict[str, str], ns: str | None) -> str:
