@@ -84,9 +84,12 @@ async def blob(request: Request) -> Response:
     if request.method == "HEAD":
         size, outcome = await mirror.blob_size(route, digest)
         _outcome(request, outcome)
-        if size is not None:
-            headers["Content-Length"] = str(size)
-        return Response(b"", headers=headers)
+        response = Response(b"", headers=headers)  # adds Content-Length: 0 for the empty body
+        if size is None:  # unknown (the upstream did not say): no Content-Length beats a wrong one
+            del response.headers["content-length"]
+        else:
+            response.headers["Content-Length"] = str(size)
+        return response
     found = await mirror.blob(route, digest)
     _outcome(request, found.outcome)
     byte_range = parse_range(request.headers.get("range"), found.size)
