@@ -26,7 +26,7 @@ from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
 from proxy import errors
 from proxy.config import Config
-from proxy.links import Links, referenced_digests
+from proxy.links import Links
 from proxy.mediatypes import manifest_media_type
 from proxy.routing import Route, Router
 from proxy.upstream import (
@@ -262,6 +262,8 @@ class Mirror:
         """The referrers index of `digest` (signatures, SBOMs), kept so offline clients get it too.
 
         From the upstream's referrers API, else its referrers tag (`sha256-<hex>`), else empty.
+        Nothing an index lists is linked to the repository: naming a digest proves nothing
+        (see `proxy.links`); clients fetch the referrers by digest like any manifest.
         """
         algorithm, hex_ = _parsed(digest)
         upstream = route.upstream
@@ -279,7 +281,6 @@ class Mirror:
                         raise
                     index = EMPTY_INDEX
             await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
-            await self.links.record(route, referenced_digests(index))  # so clients may fetch them
             return index
 
         try:

@@ -41,13 +41,17 @@ def _error(status: int, code: str) -> httpx.Response:
 
 @dataclass
 class MemoryRegistry(httpx.AsyncBaseTransport):
-    """A registry in a few dicts; `requests` logs (method, path) of everything asked."""
+    """A registry in a few dicts; `requests` logs everything asked."""
 
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     blobs: dict[tuple[str, str], bytes] = field(default_factory=dict)
     referrers: dict[tuple[str, str], bytes] = field(default_factory=dict)  # empty: no referrers API
     head_blob_length: bool = True  # False: HEAD on a blob answers without Content-Length
-    requests: list[tuple[str, str]] = field(default_factory=list)
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def asked(self) -> list[tuple[str, str]]:
+        """(method, path) of each request so far."""
+        return [(r.method, r.url.path) for r in self.requests]
 
     def add_blob(self, repo: str, data: bytes) -> str:
         digest = digest_of(data)
@@ -74,7 +78,7 @@ class MemoryRegistry(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        self.requests.append((request.method, path))
+        self.requests.append(request)
         head = request.method == "HEAD"
         if path == "/v2/":
             return httpx.Response(200, json={})
@@ -106,7 +110,7 @@ class MemoryRegistry(httpx.AsyncBaseTransport):
         data = self.blobs[key]
         if head:
             return httpx.Response(200, headers={"Content-Length": str(len(data))} if self.head_blob_length else {})
-        return httpx.Response(200, headers={"Content-Length": str(len(data))}, content=data)
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=httpx.ByteStream(data))
 
 
 class _PortalTransport(httpx.BaseTransport):
