@@ -111,11 +111,22 @@ async def referrers(request: Request) -> Response:
     headers = dict(API_VERSION)
     artifact_type = request.query_params.get("artifactType")
     if artifact_type is not None:
-        parsed = json.loads(index)
-        parsed["manifests"] = [m for m in parsed.get("manifests", []) if m.get("artifactType") == artifact_type]
-        index = json.dumps(parsed).encode()
+        index = _only(index, artifact_type)
         headers["OCI-Filters-Applied"] = "artifactType"
     return Response(index, headers=headers, media_type=OCI_INDEX)
+
+
+def _only(index: bytes, artifact_type: str) -> bytes:
+    """The referrers index with only the entries of `artifact_type`; 502 if it is not an index."""
+    try:
+        parsed = json.loads(index)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("manifests"), list):
+        raise errors.bad_upstream("the upstream's referrers answer is not an image index")
+    entries = parsed["manifests"]
+    parsed["manifests"] = [m for m in entries if isinstance(m, dict) and m.get("artifactType") == artifact_type]
+    return json.dumps(parsed).encode()
 
 
 def _page_params(request: Request) -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from proxy.links import referenced_digests
 from proxy.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX
 from tests.support.auth import error_code, user_entry
 from tests.support.images import OCI_MANIFEST, PushedImage, Pusher, canonical_json, push_oci_image
+from tests.support.inprocess import MemoryRegistry, mirror_client
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 
@@ -116,6 +118,24 @@ def test_a_public_referrers_tag_naming_a_private_layer_does_not_open_the_layer(
         assert [m["digest"] for m in referrers.json()["manifests"]] == [signature_digest]
         assert client.get(f"/v2/public/app/manifests/{signature_digest}").status_code == 200  # as cosign does
         assert_not_served(client, "public/app", layer.digest)
+
+
+def test_what_a_referrers_answer_lists_is_not_linked_to_the_repository(tmp_path: Path) -> None:
+    """The referrers API (here an in-process upstream offering it) answers with any digests it likes."""
+    upstream = MemoryRegistry()
+    _, _, layer = upstream.add_image("secret/app", "1", b"the private layer")
+    upstream.add_image("public/app", "1", b"a public layer")
+    listing = {"mediaType": OCI_MANIFEST, "digest": layer, "size": 17, "artifactType": SIGNATURE}
+    upstream.referrers[("public/app", layer)] = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [listing]}
+    ).encode()
+    with mirror_client(tmp_path, upstream) as client:
+        assert client.get(f"/v2/secret/app/blobs/{layer}").content == b"the private layer"
+        referrers = client.get(f"/v2/public/app/referrers/{layer}")
+        assert referrers.json()["manifests"] == [listing]
+        upstream.requests.clear()
+        assert client.get(f"/v2/public/app/blobs/{layer}").status_code == 404
+        assert ("HEAD", f"/v2/public/app/blobs/{layer}") in upstream.asked()
 
 
 LAYER, CONFIG, CHILD, OTHER = (f"sha256:{c * 64}" for c in "abcd")
