@@ -197,7 +197,7 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     table = _entry(where, table, "upstream", allowed, ("name", "url"))
     name = _string(f"{where}.name", table["name"]).lower()
     url = _string(f"{where}.url", table["url"]).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
+    if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", url):
         raise ConfigError(f"{where}.url: {url!r} must start with http:// or https://")
     prefix = table.get("prefix")
     if prefix is not None and not _PREFIX.fullmatch(_string(f"{where}.prefix", prefix)):

@@ -4,7 +4,9 @@ arbitrary names, references, digests, query strings and Range headers at every r
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from cache import digests
 from proxy import errors, references
+from proxy.config import ConfigError, load
 from proxy.routing import Router, valid_name
 from tests.support.faulty import FaultyRegistry
 from tests.support.inprocess import MemoryRegistry, mirror_client
@@ -80,6 +83,22 @@ def test_a_trailing_newline_matches_no_pattern() -> None:
     with pytest.raises(digests.InvalidDigest):
         digests.parse("sha256:" + "a" * 64 + "\n")
     assert references.valid_platform("linux/amd64") and not references.valid_platform("linux/amd64\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[server]\nlisten = "0.0.0.0:²"\n', "server.listen"),
+        ('[[upstream]]\nname = "x.io"\nurl = "http://x\\nEvil: 1"\n', "upstream[0].url"),
+        ('[[upstream]]\nname = "x.io"\nurl = "http://x"\nprefix = "in\\n"\n', "upstream[0].prefix"),
+        ('[[access]]\nrepository = "docker.io/x\\n"\npull = "anyone"\n', "access[0].repository"),
+    ],
+)
+def test_a_config_value_with_a_wrong_end_is_refused_naming_its_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "pullproxy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load(path, environ={})
 
 
 def test_a_huge_page_size_is_served_as_the_largest_page(client: httpx.Client, upstream: MemoryRegistry) -> None:
@@ -157,7 +176,7 @@ _NUMBER = st.one_of(
     _TEXT,
 )
 _PARTS = ["name", "reference", "query", "range"]
-_KINDS = ["manifests", "blobs", "referrers", "tags", "catalog"] * 2 + ["base", "token", "write"]
+_KINDS = ["manifests", "blobs", "referrers", "tags", "catalog"] * 3 + ["base", "token", "write", "operating"]
 
 
 def _anything(valid: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -207,6 +226,7 @@ def _requests(draw: st.DrawFn, upstream: MemoryRegistry) -> tuple[str, str, list
         "base": "/v2/",
         "token": "/token",
         "write": f"/v2/{name}/blobs/uploads/",
+        "operating": draw(st.sampled_from(["/", "/healthz", "/readyz", "/metrics"])),
     }[kind]
     keys = st.sampled_from(["n", "last", "ns", "artifactType", "service", "scope", "account", "x"])
     values = st.one_of(_NUMBER, _anything(names), st.builds("repository:{}:pull".format, _anything(names)), _TEXT)
