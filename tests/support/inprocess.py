@@ -68,13 +68,21 @@ class MemoryRegistry(httpx.AsyncBaseTransport):
     def add_image(self, repo: str, tag: str | None, layer: bytes, **extra: Any) -> tuple[str, str, str]:
         """(manifest, config, layer) digests of a one-layer image; `extra` goes into the manifest."""
         config = json.dumps({"architecture": "amd64", "os": "linux", "repo": repo}).encode()
-        descriptors = [
-            {"mediaType": media_type, "digest": self.add_blob(repo, data), "size": len(data)}
-            for media_type, data in (("application/vnd.oci.image.config.v1+json", config), (OCI_MANIFEST, layer))
-        ]
-        body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptors[0], "layers": descriptors[1:]}
+        config_digest, layer_digest = self.add_blob(repo, config), self.add_blob(repo, layer)
+        body = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": len(layer)}
+            ],
+        }
         manifest = self.add_manifest(repo, tag, json.dumps({**body, **extra}).encode())
-        return manifest, descriptors[0]["digest"], descriptors[1]["digest"]
+        return manifest, config_digest, layer_digest
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
