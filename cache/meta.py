@@ -7,7 +7,8 @@ Tag records and links are also held in memory so hits are answered without SQLit
 
 Referrers answers are different: anyone may ask about any digest, so they are kept in a
 store of their own with a size bound (the least recently stored go first), and "no
-referrers", the answer for every made-up digest, only in bounded memory.
+referrers" for a digest no repository is known to hold, the answer for every made-up
+digest, only in bounded memory.
 """
 
 from __future__ import annotations
@@ -93,21 +94,23 @@ class Metadata:
             checked_at = self._no_referrers.get(key)
         if checked_at is not None:
             return checked_at, None
-        record: tuple[float, bytes] | None = self._referrers.get(key)
+        record: tuple[float, bytes | None] | None = self._referrers.get(key)
         return record
 
     def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes | None) -> None:
-        """Blocking: `digest`'s referrers index as just fetched; None for "there are none"."""
+        """Blocking: store `digest`'s referrers index as just fetched; None for "there are none"."""
         key = (upstream, repo, digest)
-        if index is None:
-            with self._lock:
-                self._no_referrers[key] = time.time()
-            if key in self._referrers:  # gone upstream: no older index may come back later
-                self._referrers.delete(key)
-            return
         self._referrers.set(key, (time.time(), index))
         with self._lock:
             self._no_referrers.pop(key, None)
+
+    def remember_no_referrers(self, upstream: str, repo: str, digest: str) -> None:
+        """Blocking: `digest` has no referrers now; kept in memory only."""
+        key = (upstream, repo, digest)
+        with self._lock:
+            self._no_referrers[key] = time.time()
+        if key in self._referrers:  # gone upstream: no older index may come back later
+            self._referrers.delete(key)
 
     def cached_link(self, upstream: str, repo: str, digest: str) -> int:
         """Memory-only lookup for the hot path: LINKED, EXPANDED, or 0 for "ask `find_link`"."""

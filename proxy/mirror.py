@@ -266,7 +266,8 @@ class Mirror:
         From the upstream's referrers API, else its referrers tag (`<alg>-<hex>`), else empty.
         Nothing an index lists is linked to the repository: naming a digest proves nothing
         (see `proxy.links`); clients fetch the referrers by digest like any manifest. "None"
-        is kept in memory only, as anyone can ask about any digest (see `cache.meta`).
+        is stored only for a manifest the repository holds, as anyone can ask about any
+        digest; for others it is kept in memory (see `cache.meta`).
         """
         algorithm, hex_ = _parsed(digest)
         upstream = route.upstream
@@ -295,7 +296,10 @@ class Mirror:
                     if exc.status != 404:
                         raise
             found = index if index is not None and entries(index) else None
-            await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
+            if found is None and not await self.links.holds(route, digest):
+                await to_thread.run_sync(self.meta.remember_no_referrers, upstream.name, route.repo, digest)
+            else:
+                await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
             return found
 
         try:

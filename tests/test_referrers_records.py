@@ -51,6 +51,20 @@ def test_referrers_indexes_are_stored_and_survive_a_restart_with_the_upstream_go
         assert client.get(f"/v2/team/app/referrers/{subject}").json() == index
 
 
+def test_no_referrers_of_a_pulled_image_is_stored_for_offline_clients(tmp_path: Path) -> None:
+    upstream = MemoryRegistry()
+    subject, _, _ = upstream.add_image("team/app", "1", b"layer")
+    with mirror_client(tmp_path, upstream) as client:
+        client.get("/v2/team/app/manifests/1").raise_for_status()  # the repository holds it now
+        assert client.get(f"/v2/team/app/referrers/{subject}").json() == EMPTY
+    assert stored_referrers(tmp_path) == 1
+    with mirror_client(tmp_path, MemoryRegistry(), offline=True) as client:
+        response = client.get(f"/v2/team/app/referrers/{subject}")
+        assert response.status_code == 200
+        assert response.json() == EMPTY
+        assert client.get(f"/v2/team/app/referrers/sha256:{secrets.token_hex(32)}").status_code == 503
+
+
 def test_stored_referrers_indexes_are_bounded_the_oldest_going_first(tmp_path: Path) -> None:
     meta = Metadata(tmp_path, referrers_size=256 << 10)
     try:
@@ -64,11 +78,11 @@ def test_stored_referrers_indexes_are_bounded_the_oldest_going_first(tmp_path: P
     assert 0 < stored_referrers(tmp_path) < 400
 
 
-def test_none_now_replaces_an_index_stored_before(tmp_path: Path) -> None:
+def test_none_in_memory_replaces_an_index_stored_before(tmp_path: Path) -> None:
     meta = Metadata(tmp_path)
     try:
         meta.set_referrers("up", "team/app", "sha256:" + "a" * 64, b"{}")
-        meta.set_referrers("up", "team/app", "sha256:" + "a" * 64, None)
+        meta.remember_no_referrers("up", "team/app", "sha256:" + "a" * 64)
         found = meta.referrers("up", "team/app", "sha256:" + "a" * 64)
         assert found is not None and found[1] is None
     finally:
