@@ -26,9 +26,10 @@ _SIZE_UNITS = {
     "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
 }  # fmt: skip
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
-_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
-_PATTERN = re.compile(r"^(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*$")
+# Matched with fullmatch: `$` would admit a final "\n".
+_PREFIX = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_PATTERN = re.compile(r"(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*")
 
 ANYONE = "anyone"
 AUTHENTICATED = "authenticated"
@@ -115,7 +116,7 @@ DEFAULT_UPSTREAM = UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docke
 def parse_size(key: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"{key}: {value!r} is not a size such as '10GiB' or '500MiB'")
@@ -125,7 +126,7 @@ def parse_size(key: str, value: object) -> int:
 def parse_duration(key: str, value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return float(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*", str(value))
     if match is None:
         raise ConfigError(f"{key}: {value!r} is not a duration such as '30s', '5m' or '1h'")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -133,7 +134,7 @@ def parse_duration(key: str, value: object) -> float:
 
 def parse_listen(key: str, value: object) -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch("[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: {value!r} is not 'host:port', e.g. '0.0.0.0:5000'")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -196,10 +197,10 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     table = _entry(where, table, "upstream", allowed, ("name", "url"))
     name = _string(f"{where}.name", table["name"]).lower()
     url = _string(f"{where}.url", table["url"]).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
+    if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", url):
         raise ConfigError(f"{where}.url: {url!r} must start with http:// or https://")
     prefix = table.get("prefix")
-    if prefix is not None and not _PREFIX.match(_string(f"{where}.prefix", prefix)):
+    if prefix is not None and not _PREFIX.fullmatch(_string(f"{where}.prefix", prefix)):
         raise ConfigError(f"{where}.prefix: {prefix!r} must be one repository path component, e.g. 'internal'")
     password = table.get("password")
     if "password_env" in table:
@@ -342,7 +343,7 @@ def effective_prefix(upstream: UpstreamConfig) -> str | None:
     """The path prefix that names this upstream: `prefix`, else its name when that can be one."""
     if upstream.prefix is not None:
         return upstream.prefix
-    return upstream.name if _PREFIX.match(upstream.name) else None
+    return upstream.name if _PREFIX.fullmatch(upstream.name) else None
 
 
 # -- access control ----------------------------------------------------------------------
@@ -425,7 +426,7 @@ def _user(index: int, table: object) -> UserConfig:
     if ":" in name:
         raise ConfigError(f"{where}.name: {name!r} must not contain ':'")
     password_hash = _string(f"{where}.password_hash", table["password_hash"])
-    if not _BCRYPT.match(password_hash):
+    if not _BCRYPT.fullmatch(password_hash):
         raise ConfigError(f"{where}.password_hash: not a bcrypt hash (make one with `htpasswd -nB {name}`)")
     return UserConfig(name, password_hash, _strings(f"{where}.groups", table.get("groups", [])))
 
@@ -440,7 +441,7 @@ def parse_htpasswd(text: str) -> dict[str, str]:
         name, sep, hashed = line.partition(":")
         if not sep or not name:
             raise ValueError(f"line {number} is not 'user:hash'")
-        if not _BCRYPT.match(hashed):
+        if not _BCRYPT.fullmatch(hashed):
             raise ValueError(f"line {number}: {name!r} has no bcrypt hash (write it with `htpasswd -B`)")
         users[name] = hashed
     return users
@@ -467,7 +468,7 @@ def _rule(index: int, table: object, auth: AuthConfig | None, upstreams: tuple[U
     where = f"access[{index}]"
     table = _entry(where, table, "access", {"repository", "pull", "networks"}, ("repository", "pull"))
     pattern = _string(f"{where}.repository", table["repository"])
-    if not _PATTERN.match(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
+    if not _PATTERN.fullmatch(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
         raise ConfigError(
             f"{where}.repository: {pattern!r} is not a pattern such as 'docker.io/library/*' or 'ghcr.io/acme/**'"
             " (lower case; '**' only as a whole component)"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+import httpx
 import structlog
 from anyio import to_thread
 
@@ -25,10 +27,11 @@ from cache.readers import BlobReader, DownloadReader, FileReader
 from cache.store import ContentStore, Manifest
 from proxy import errors
 from proxy.config import Config
-from proxy.links import Links, referenced_digests
+from proxy.links import Links
 from proxy.mediatypes import manifest_media_type
 from proxy.routing import Route, Router
 from proxy.upstream import (
+    MAX_MANIFEST_SIZE,
     TagPage,
     Upstream,
     UpstreamDenied,
@@ -260,29 +263,48 @@ class Mirror:
     async def referrers(self, route: Route, digest: str) -> tuple[bytes, str]:
         """The referrers index of `digest` (signatures, SBOMs), kept so offline clients get it too.
 
-        From the upstream's referrers API, else its referrers tag (`sha256-<hex>`), else empty.
+        From the upstream's referrers API, else its referrers tag (`<alg>-<hex>`), else empty.
+        Nothing an index lists is linked to the repository: naming a digest proves nothing
+        (see `proxy.links`); clients fetch the referrers by digest like any manifest. "None"
+        is stored only for a manifest the repository holds, as anyone can ask about any
+        digest; for others it is kept in memory (see `cache.meta`).
         """
         algorithm, hex_ = _parsed(digest)
         upstream = route.upstream
         known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
         if known is not None and time.time() - known[0] < self.tag_ttl:
-            return known[1], HIT
+            return known[1] or EMPTY_INDEX, HIT
 
-        async def fetch() -> bytes:
+        def entries(index: bytes) -> list[object]:
+            try:
+                parsed = json.loads(index)
+            except ValueError:
+                parsed = None
+            if len(index) > MAX_MANIFEST_SIZE or not isinstance(parsed, dict):
+                raise errors.bad_upstream(f"{upstream.name} sent a referrers answer that is not an image index")
+            listed = parsed.get("manifests", [])
+            if not isinstance(listed, list):
+                raise errors.bad_upstream(f"{upstream.name} sent a referrers index without a list of manifests")
+            return listed
+
+        async def fetch() -> bytes | None:
             index = await upstream.referrers(route.repo, digest)
             if index is None:
-                try:
-                    index = (await self.manifest(route, f"{algorithm}-{hex_}"))[0].body
+                try:  # the spec's tag: algorithm and hex truncated to 32 and 64 characters
+                    index = (await self.manifest(route, f"{algorithm[:32]}-{hex_[:64]}"))[0].body
                 except errors.RegistryError as exc:
                     if exc.status != 404:
                         raise
-                    index = EMPTY_INDEX
-            await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
-            await self.links.record(route, referenced_digests(index))  # so clients may fetch them
-            return index
+            found = index if index is not None and entries(index) else None
+            if found is None and not await self.links.holds(route, digest):
+                await to_thread.run_sync(self.meta.remember_no_referrers, upstream.name, route.repo, digest)
+            else:
+                await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
+            return found
 
         try:
-            return await self._once(("referrers", upstream.name, route.repo, digest), fetch), MISS
+            index = await self._once(("referrers", upstream.name, route.repo, digest), fetch)
+            return index or EMPTY_INDEX, MISS
         except UpstreamError as exc:
             error = self._error(exc, route, digest)
         except errors.RegistryError as exc:  # from the referrers tag
@@ -290,7 +312,7 @@ class Mirror:
         if known is None or error.status not in (429, 503):
             raise error
         log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
-        return known[1], STALE
+        return known[1] or EMPTY_INDEX, STALE
 
     # -- tags --------------------------------------------------------------------------
 
@@ -368,12 +390,18 @@ def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> Tag
 
 
 @contextlib.asynccontextmanager
-async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
-    """The mirror and its router for `config`, as the server and every command use them."""
+async def open_mirror(
+    config: Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The mirror and its router for `config`, as the server and every command use them.
+
+    `transports` (by upstream name) lets in-process tests put a fake upstream behind httpx.
+    """
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
     meta = await to_thread.run_sync(Metadata, config.cache_dir)
-    upstreams = [Upstream(u, offline=config.offline) for u in config.upstreams]
+    transports = transports or {}
+    upstreams = [Upstream(u, transport=transports.get(u.name), offline=config.offline) for u in config.upstreams]
     try:
         yield Router(upstreams), Mirror(store, meta, config.tag_ttl, offline=config.offline)
     finally:

@@ -18,8 +18,9 @@ from cache import digests
 if TYPE_CHECKING:
     from proxy.routing import Route, Router
 
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_PLATFORM = re.compile(r"^[a-z0-9_-]+/[a-z0-9_-]+(?:/[a-z0-9_.-]+)?$")
+# Matched with fullmatch: `$` would admit a final "\n".
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_PLATFORM = re.compile(r"[a-z0-9_-]+/[a-z0-9_-]+(?:/[a-z0-9_.-]+)?")
 DEFAULT_TAG = "latest"
 
 
@@ -49,7 +50,7 @@ def parse(text: str) -> ImageRef:
     colon = rest.rfind(":")
     if colon > slash:
         name, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise ValueError(f"{text!r}: {tag!r} is not a valid tag")
     registry = None
     first, sep, remainder = name.partition("/")
@@ -62,7 +63,7 @@ def parse(text: str) -> ImageRef:
 
 def valid_platform(text: str) -> bool:
     """`os/arch` or `os/arch/variant`, e.g. linux/arm64/v8."""
-    return _PLATFORM.match(text) is not None
+    return _PLATFORM.fullmatch(text) is not None
 
 
 def route(router: Router, ref: ImageRef) -> Route:

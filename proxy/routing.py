@@ -15,8 +15,8 @@ from proxy import errors
 from proxy.config import DOCKER_HUB_ALIASES, effective_prefix
 from proxy.upstream import Upstream
 
-# The OCI distribution-spec repository name grammar.
-_NAME = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
+# The OCI distribution-spec repository name grammar (fullmatch: `$` would admit a final "\n").
+_NAME = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 _MAX_NAME = 255
 
 
@@ -28,7 +28,7 @@ class Route:
 
 
 def valid_name(name: str) -> bool:
-    return len(name) <= _MAX_NAME and _NAME.match(name) is not None
+    return len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None
 
 
 def _looks_like_registry(component: str) -> bool:
