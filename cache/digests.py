@@ -7,7 +7,7 @@ import re
 
 # Registered algorithms only: anything else cannot be verified, so it is refused up front.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
-_DIGEST = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+_DIGEST = re.compile(r"(sha256|sha512):([a-f0-9]+)")  # always fullmatch: `$` admits a final "\n"
 
 
 class InvalidDigest(ValueError):
@@ -16,7 +16,7 @@ class InvalidDigest(ValueError):
 
 def parse(digest: str) -> tuple[str, str]:
     """Split `digest` into (algorithm, hex), refusing anything unverifiable."""
-    match = _DIGEST.match(digest)
+    match = _DIGEST.fullmatch(digest)
     if match is None or len(match.group(2)) != _HEX_LENGTH[match.group(1)]:
         raise InvalidDigest(f"invalid digest {digest!r}")
     return match.group(1), match.group(2)

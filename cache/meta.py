@@ -4,6 +4,11 @@ which digests each repository is known to hold (its links).
 Kept apart from the content cache: these records are tiny, are never evicted by the LRU,
 and are keyed by upstream so one repository name on two registries never mixes.
 Tag records and links are also held in memory so hits are answered without SQLite.
+
+Referrers answers are different: anyone may ask about any digest, so they are kept in a
+store of their own with a size bound (the least recently stored go first), and "no
+referrers" for a digest no repository is known to hold, the answer for every made-up
+digest, only in bounded memory.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from cachetools import LRUCache
 LINKED = 1  # the repository holds it
 EXPANDED = 2  # a manifest whose referenced digests are recorded as linked too
 
+REFERRERS_SIZE = 64 << 20  # bytes of stored referrers indexes (typically under 1 KiB each)
+NO_REFERRERS = 8192  # digests remembered, per process, as having none
+
 
 @dataclass(frozen=True, slots=True)
 class TagRecord:
@@ -28,10 +36,14 @@ class TagRecord:
 
 
 class Metadata:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, referrers_size: int = REFERRERS_SIZE) -> None:
         self._db = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
+        self._referrers = diskcache.Cache(
+            str(directory / "referrers"), eviction_policy="least-recently-stored", size_limit=referrers_size
+        )
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=16384)
         self._links: LRUCache[tuple[str, str, str], int] = LRUCache(maxsize=65536)
+        self._no_referrers: LRUCache[tuple[str, str, str], float] = LRUCache(maxsize=NO_REFERRERS)
         self._lock = threading.Lock()
 
     def cached_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
@@ -74,13 +86,31 @@ class Metadata:
         with self._lock:
             self._tags.pop((upstream, repo, tag), None)
 
-    def referrers(self, upstream: str, repo: str, digest: str) -> tuple[float, bytes] | None:
-        """Blocking: the last referrers index seen for `digest`, and when it was fetched."""
-        return self._db.get(("referrers", upstream, repo, digest))
+    def referrers(self, upstream: str, repo: str, digest: str) -> tuple[float, bytes | None] | None:
+        """Blocking: when the referrers of `digest` were last fetched and their index (None:
+        there were none); None when nothing is known."""
+        key = (upstream, repo, digest)
+        with self._lock:
+            checked_at = self._no_referrers.get(key)
+        if checked_at is not None:
+            return checked_at, None
+        record: tuple[float, bytes | None] | None = self._referrers.get(key)
+        return record
 
-    def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes) -> None:
-        """Blocking."""
-        self._db.set(("referrers", upstream, repo, digest), (time.time(), index))
+    def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes | None) -> None:
+        """Blocking: store `digest`'s referrers index as just fetched; None for "there are none"."""
+        key = (upstream, repo, digest)
+        self._referrers.set(key, (time.time(), index))
+        with self._lock:
+            self._no_referrers.pop(key, None)
+
+    def remember_no_referrers(self, upstream: str, repo: str, digest: str) -> None:
+        """Blocking: `digest` has no referrers now; kept in memory only."""
+        key = (upstream, repo, digest)
+        with self._lock:
+            self._no_referrers[key] = time.time()
+        if key in self._referrers:  # gone upstream: no older index may come back later
+            self._referrers.delete(key)
 
     def cached_link(self, upstream: str, repo: str, digest: str) -> int:
         """Memory-only lookup for the hot path: LINKED, EXPANDED, or 0 for "ask `find_link`"."""
@@ -116,3 +146,4 @@ class Metadata:
 
     def close(self) -> None:
         self._db.close()
+        self._referrers.close()

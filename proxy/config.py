@@ -46,7 +46,8 @@ from proxy.registries import DOCKER_HUB, DOCKER_HUB_ALIASES, effective_prefix, i
 
 ENV_PREFIX = "PULLPROXY_"
 MIN_TOKEN_KEY = 32  # bytes: HS256 wants a key at least as long as its hash
-_PATTERN = re.compile(r"^(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*$")
+# Matched with fullmatch: `$` would admit a final "\n".
+_PATTERN = re.compile(r"(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*")
 # The variables `password_env` and `token_key_env` name, while `load` validates.
 _environ: ContextVar[Mapping[str, str]] = ContextVar("environ", default=os.environ)
 T = TypeVar("T")
@@ -149,7 +150,7 @@ def _listen(value: object) -> Listen:
     if isinstance(value, Listen):
         return value
     host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdecimal() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch("[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise Problem(f"{value!r} is not 'host:port', e.g. '0.0.0.0:5000'")
     return Listen(host.strip("[]") or "0.0.0.0", int(port))
 
@@ -219,7 +220,7 @@ class Table(BaseModel):
 
 def _url(value: object) -> str:
     url = _text(value).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
+    if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", url):
         raise Problem(f"{url!r} must start with http:// or https://")
     return url
 
@@ -396,7 +397,7 @@ def _check_pull(pull: Pull, auth: AuthConfig | None, *at: str | int) -> None:
 
 def _glob(value: object) -> str:
     pattern = _text(value)
-    if not _PATTERN.match(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
+    if not _PATTERN.fullmatch(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
         raise Problem(
             f"{pattern!r} is not a pattern such as 'docker.io/library/*' or 'ghcr.io/acme/**'"
             " (lower case; '**' only as a whole component)"

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from cache import digests
 
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_PLATFORM = re.compile(r"^[a-z0-9_-]+/[a-z0-9_-]+(?:/[a-z0-9_.-]+)?$")
+# Matched with fullmatch: `$` would admit a final "\n".
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_PLATFORM = re.compile(r"[a-z0-9_-]+/[a-z0-9_-]+(?:/[a-z0-9_.-]+)?")
 DEFAULT_TAG = "latest"
 
 
@@ -45,7 +46,7 @@ def parse(text: str) -> ImageRef:
     colon = rest.rfind(":")
     if colon > slash:
         name, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG.match(tag):
+        if not valid_tag(tag):
             raise ValueError(f"{text!r}: {tag!r} is not a valid tag")
     registry = None
     first, sep, remainder = name.partition("/")
@@ -56,6 +57,11 @@ def parse(text: str) -> ImageRef:
     return ImageRef(registry, name, tag, digest or None)
 
 
+def valid_tag(text: str) -> bool:
+    """A tag as the distribution spec defines it (and never a digest: no colon)."""
+    return _TAG.fullmatch(text) is not None
+
+
 def valid_platform(text: str) -> bool:
     """`os/arch` or `os/arch/variant`, e.g. linux/arm64/v8."""
-    return _PLATFORM.match(text) is not None
+    return _PLATFORM.fullmatch(text) is not None

@@ -11,7 +11,7 @@ from typing import Protocol
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 # One component of an OCI distribution-spec repository name.
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")  # fullmatch: `$` admits a final "\n"
 
 
 class Named(Protocol):
@@ -30,7 +30,7 @@ def is_docker_hub(name: str) -> bool:
 
 def is_component(text: str) -> bool:
     """Whether `text` can be one repository path component, e.g. `internal`."""
-    return _COMPONENT.match(text) is not None
+    return _COMPONENT.fullmatch(text) is not None
 
 
 def effective_prefix(upstream: Named) -> str | None:

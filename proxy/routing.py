@@ -19,8 +19,8 @@ from proxy.config import UpstreamConfig
 from proxy.references import DEFAULT_TAG, ImageRef
 from proxy.registries import DOCKER_HUB_ALIASES, effective_prefix
 
-# The OCI distribution-spec repository name grammar.
-_NAME = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
+# The OCI distribution-spec repository name grammar (fullmatch: `$` would admit a final "\n").
+_NAME = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 _MAX_NAME = 255
 
 
@@ -45,7 +45,7 @@ def canonical(route: Route, ref: ImageRef) -> str:
 
 
 def valid_name(name: str) -> bool:
-    return len(name) <= _MAX_NAME and _NAME.match(name) is not None
+    return len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None
 
 
 def _looks_like_registry(component: str) -> bool:

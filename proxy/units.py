@@ -21,7 +21,7 @@ def parse_size(value: object) -> int:
     """Bytes from a positive integer or text such as `10GiB`, `500MB`, `1.5g`; raises ValueError."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"{value!r} is not a size such as '10GiB' or '500MiB'")
@@ -32,7 +32,7 @@ def parse_duration(value: object) -> float:
     """Seconds from a number or text such as `30s`, `5m`, `1h`, `250ms`; raises ValueError."""
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return float(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*", str(value))
     if match is None:
         raise ValueError(f"{value!r} is not a duration such as '30s', '5m' or '1h'")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]

@@ -29,7 +29,7 @@ from proxy.errors import BadRequest, Denied, RegistryError, Unauthorized
 from proxy.record import record_of
 from proxy.routing import Route, Router, route_name
 
-_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # fullmatch, ASCII digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,7 @@ class Gate:
         if self._trusted_peer(request) and request.headers.get("x-forwarded-proto") in ("http", "https"):
             scheme = request.headers["x-forwarded-proto"]
         host = request.headers.get("host", "")
-        if not _HOST.match(host):
+        if not _HOST.fullmatch(host):
             server = request.scope.get("server") or ("localhost", 80)
             host = f"{server[0]}:{server[1]}"
         realm = f"{scheme}://{host}/token"

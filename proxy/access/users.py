@@ -37,7 +37,7 @@ log = structlog.get_logger("pullproxy.auth")
 RELOAD_INTERVAL = 1.0
 VERIFIED_TTL = 300.0
 MAX_PASSWORD = 72  # bytes bcrypt looks at; htpasswd truncates the same way
-_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")  # fullmatch
 
 
 class Account(Protocol):
@@ -55,7 +55,7 @@ class Account(Protocol):
 
 def is_bcrypt(hashed: str) -> bool:
     """Whether `hashed` is a bcrypt hash as `htpasswd -B` writes it (`$2y$05$...`)."""
-    return _BCRYPT.match(hashed) is not None
+    return _BCRYPT.fullmatch(hashed) is not None
 
 
 def parse_htpasswd(text: str) -> dict[str, str]:

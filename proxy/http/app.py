@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import httpx
 import structlog
 from anyio import to_thread
 from starlette.applications import Starlette
@@ -63,12 +64,15 @@ OPERATING = [
 ]
 
 
-def create_app(config: configuration.Config) -> Starlette:
+def create_app(
+    config: configuration.Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+) -> Starlette:
+    """The app for `config`; `transports` (by upstream name) serve in-process tests, see `open_mirror`."""
     activity = observe.Activity()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_mirror(config) as (router, mirror):
+        async with open_mirror(config, transports) as (router, mirror):
             store = mirror.store
             app.state.router = router
             app.state.mirror = mirror

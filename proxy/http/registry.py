@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache.mediatypes import OCI_INDEX
-from proxy import errors
+from proxy import errors, references
 from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
 from proxy.http.edge import API_VERSION
@@ -24,7 +24,7 @@ from proxy.record import record_of
 from proxy.routing import Route as UpstreamRoute
 from proxy.routing import Router
 
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+MAX_PAGE = 10000  # `n` beyond this is served as this: a registry may answer fewer, with a next link
 
 
 def _mirror(request: Request) -> Mirror:
@@ -55,7 +55,7 @@ async def base(request: Request) -> Response:
 async def manifest(request: Request) -> Response:
     route = await _route(request)
     reference = request.path_params["reference"]
-    if ":" not in reference and not _TAG.match(reference):
+    if ":" not in reference and not references.valid_tag(reference):
         raise errors.manifest_unknown(request.path_params["name"], reference)
     found, outcome = await _mirror(request).manifests.get(route, reference)
     _outcome(request, outcome)
@@ -84,9 +84,12 @@ async def blob(request: Request) -> Response:
     if request.method == "HEAD":
         size, outcome = await mirror.blobs.size(route, digest)
         _outcome(request, outcome)
-        if size is not None:
-            headers["Content-Length"] = str(size)
-        return Response(b"", headers=headers)
+        response = Response(b"", headers=headers)  # adds Content-Length: 0 for the empty body
+        if size is None:  # unknown (the upstream did not say): no Content-Length beats a wrong one
+            del response.headers["content-length"]
+        else:
+            response.headers["Content-Length"] = str(size)
+        return response
     found = await mirror.blobs.open(route, digest)
     _outcome(request, found.outcome)
     byte_range = parse_range(request.headers.get("range"), found.size)
@@ -103,18 +106,34 @@ async def referrers(request: Request) -> Response:
     headers = dict(API_VERSION)
     artifact_type = request.query_params.get("artifactType")
     if artifact_type is not None:
-        parsed = json.loads(index)
-        parsed["manifests"] = [m for m in parsed.get("manifests", []) if m.get("artifactType") == artifact_type]
-        index = json.dumps(parsed).encode()
+        index = _only(index, artifact_type)
         headers["OCI-Filters-Applied"] = "artifactType"
     return Response(index, headers=headers, media_type=OCI_INDEX)
 
 
+def _only(index: bytes, artifact_type: str) -> bytes:
+    """The referrers index with only the entries of `artifact_type`; 502 if it is not an index."""
+    try:
+        parsed = json.loads(index)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("manifests"), list):
+        raise errors.bad_upstream("the upstream's referrers answer is not an image index")
+    entries = parsed["manifests"]
+    parsed["manifests"] = [m for m in entries if isinstance(m, dict) and m.get("artifactType") == artifact_type]
+    return json.dumps(parsed).encode()
+
+
 def _page_params(request: Request) -> tuple[str | None, str | None]:
+    """`n` as ASCII decimal digits, at most `MAX_PAGE` (larger is clamped), and `last`."""
     n = request.query_params.get("n")
-    if n is not None and not n.isdigit():
-        raise errors.PaginationInvalid(f"n={n!r} is not a number")
-    return n, request.query_params.get("last")
+    if n is None:
+        return None, request.query_params.get("last")
+    if not re.fullmatch("[0-9]+", n):  # not str.isdigit: it takes "²", which int() refuses
+        raise errors.PaginationInvalid(f"n={n[:40]!r} is not a number")
+    digits = n.lstrip("0") or "0"
+    count = int(digits) if len(digits) <= len(str(MAX_PAGE)) else MAX_PAGE  # never int() of 5000 digits
+    return str(min(count, MAX_PAGE)), request.query_params.get("last")
 
 
 def _next_link(path: str, query: dict[str, str], ns: str | None) -> str:

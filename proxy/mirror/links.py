@@ -4,8 +4,11 @@ The content store is shared by every repository (a digest names the same bytes
 anywhere), but access is granted per repository: a blob or manifest cached through a
 private repository must not be served under another name to whoever knows its digest.
 A link says a repository holds a digest. It is recorded for a manifest served from that
-repository and for everything the manifest references (config, layers, child
-manifests, subject), and whenever that repository's upstream answered for the digest.
+repository and for what its content carries, as its kind defines it and as a registry
+checks on push: an image's config and layers, an index's child manifests, an artifact
+manifest's blobs, schema 1's fsLayers. Nothing else counts: a `subject`, any other field,
+and what a referrers answer lists merely name a digest, which anyone can do. Links are
+also recorded whenever that repository's upstream answered for the digest.
 Cached content is served by digest only where a link exists; otherwise `ensure` asks
 the upstream first (one `HEAD`, shared by concurrent callers). Links are looked up in
 memory, then SQLite; they are written only when new, so a repeated pull writes nothing.
@@ -19,6 +22,7 @@ from collections.abc import Iterable
 from anyio import to_thread
 
 from cache import digests
+from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX, OCI_MANIFEST
 from cache.meta import EXPANDED, LINKED, Metadata
 from cache.store import Manifest
 from proxy.mirror.failures import registry_error
@@ -27,22 +31,40 @@ from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
 from proxy.upstream.pool import Upstreams
 
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
-def referenced_digests(body: bytes) -> list[str]:
-    """Every digest a manifest or index points at; nothing for bodies that are not one."""
+
+# Per manifest kind, the fields a registry verifies the repository holds before accepting it.
+_CARRIED: dict[str, tuple[str, ...]] = {
+    OCI_MANIFEST: ("config", "layers"),
+    DOCKER_MANIFEST: ("config", "layers"),
+    OCI_INDEX: ("manifests",),
+    DOCKER_LIST: ("manifests",),
+    OCI_ARTIFACT: ("blobs",),
+    DOCKER_SCHEMA1_SIGNED: ("fsLayers",),
+    DOCKER_SCHEMA1: ("fsLayers",),
+}
+
+
+def referenced_digests(body: bytes, media_type: str) -> list[str]:
+    """The digests a manifest of `media_type` carries; nothing for other bodies or kinds.
+
+    A body whose own `mediaType` is another kind carries nothing: a registry checked it as
+    that kind, or not at all.
+    """
+    fields = _CARRIED.get(media_type, ())
     try:
         parsed = json.loads(body)
     except ValueError:
         return []
-    if not isinstance(parsed, dict):
+    if not fields or not isinstance(parsed, dict) or parsed.get("mediaType", media_type) != media_type:
         return []
-    descriptors = [parsed.get("config"), parsed.get("subject")]
-    for key in ("layers", "manifests", "blobs"):
-        if isinstance(parsed.get(key), list):
-            descriptors += parsed[key]
-    found = [d.get("digest") for d in descriptors if isinstance(d, dict)]
-    if isinstance(parsed.get("fsLayers"), list):  # Docker schema 1
-        found += [layer.get("blobSum") for layer in parsed["fsLayers"] if isinstance(layer, dict)]
+    found = []
+    for key in fields:
+        value = parsed.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                found.append(item.get("blobSum" if key == "fsLayers" else "digest"))
     return [d for d in found if isinstance(d, str) and _valid(d)]
 
 
@@ -77,7 +99,7 @@ class Links:
         """`manifest` was served from `route`'s repository: it and all it references are there."""
         if await self._level(route, manifest.digest) >= EXPANDED:
             return
-        levels = dict.fromkeys(referenced_digests(manifest.body), LINKED)
+        levels = dict.fromkeys(referenced_digests(manifest.body, manifest.media_type), LINKED)
         levels[manifest.digest] = EXPANDED
         await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
 

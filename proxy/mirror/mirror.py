@@ -8,9 +8,10 @@ otherwise; `Links` decides under which repositories cached content may be served
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+import httpx
 from anyio import to_thread
 
 from cache.flight import Downloads
@@ -59,12 +60,17 @@ class Mirror:
 
 
 @contextlib.asynccontextmanager
-async def open_mirror(config: Config) -> AsyncIterator[tuple[Router, Mirror]]:
-    """The mirror and its router for `config`, as the server and every command use them."""
+async def open_mirror(
+    config: Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+) -> AsyncIterator[tuple[Router, Mirror]]:
+    """The mirror and its router for `config`, as the server and every command use them.
+
+    `transports` (by upstream name) lets in-process tests put a fake upstream behind httpx.
+    """
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
     meta = await to_thread.run_sync(Metadata, config.cache_dir)
-    upstreams = Upstreams(config.upstreams, offline=config.offline)
+    upstreams = Upstreams(config.upstreams, offline=config.offline, transports=transports)
     try:
         yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)
     finally:

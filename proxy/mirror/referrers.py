@@ -1,11 +1,16 @@
 """The OCI 1.1 referrers of a manifest (signatures, SBOMs), kept so offline clients get them too.
 
-From the upstream's referrers API, else its referrers tag (`sha256-<hex>`), else an
+From the upstream's referrers API, else its referrers tag (`<alg>-<hex>`), else an
 empty index; cached for `tag_ttl` and served stale while the upstream is away.
+Nothing an index lists is linked to the repository: naming a digest proves nothing (see
+`links`); clients fetch the referrers by digest like any manifest. "None" is stored only
+for a manifest the repository holds, as anyone can ask about any digest; for others it
+is kept in memory (see `cache.meta`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import structlog
@@ -15,11 +20,11 @@ from cache.meta import Metadata
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.flights import SingleFlight
-from proxy.mirror.links import Links, referenced_digests
+from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
-from proxy.upstream.client import UpstreamError
+from proxy.upstream.client import MAX_MANIFEST_SIZE, UpstreamError
 from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
@@ -35,30 +40,46 @@ class Referrers:
         self.manifests = manifests
         self.links = links
         self.tag_ttl = tag_ttl
-        self._fetches: SingleFlight[tuple[str, str, str], bytes] = SingleFlight()
+        self._fetches: SingleFlight[tuple[str, str, str], bytes | None] = SingleFlight()
 
     async def index(self, route: Route, digest: str) -> tuple[bytes, Outcome]:
         algorithm, hex_ = parsed(digest)
         upstream = self.upstreams.of(route)
         known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
         if known is not None and time.time() - known[0] < self.tag_ttl:
-            return known[1], Outcome.HIT
+            return known[1] or EMPTY_INDEX, Outcome.HIT
 
-        async def fetch() -> bytes:
+        def entries(index: bytes) -> list[object]:
+            try:
+                parsed = json.loads(index)
+            except ValueError:
+                parsed = None
+            if len(index) > MAX_MANIFEST_SIZE or not isinstance(parsed, dict):
+                raise errors.bad_upstream(f"{upstream.name} sent a referrers answer that is not an image index")
+            listed = parsed.get("manifests", [])
+            if not isinstance(listed, list):
+                raise errors.bad_upstream(f"{upstream.name} sent a referrers index without a list of manifests")
+            return listed
+
+        async def fetch() -> bytes | None:
             index = await upstream.referrers(route.repo, digest)
             if index is None:
-                try:
-                    index = (await self.manifests.get(route, f"{algorithm}-{hex_}"))[0].body
+                try:  # the spec's tag: algorithm and hex truncated to 32 and 64 characters
+                    index = (await self.manifests.get(route, f"{algorithm[:32]}-{hex_[:64]}"))[0].body
                 except errors.RegistryError as exc:
                     if not isinstance(exc, errors.NotFound):
                         raise
-                    index = EMPTY_INDEX
-            await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, index)
-            await self.links.record(route, referenced_digests(index))  # so clients may fetch them
-            return index
+                    index = None
+            found = index if index is not None and entries(index) else None
+            if found is None and not await self.links.holds(route, digest):
+                await to_thread.run_sync(self.meta.remember_no_referrers, upstream.name, route.repo, digest)
+            else:
+                await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
+            return found
 
         try:
-            return await self._fetches.run((upstream.name, route.repo, digest), fetch), Outcome.MISS
+            index = await self._fetches.run((upstream.name, route.repo, digest), fetch)
+            return index or EMPTY_INDEX, Outcome.MISS
         except UpstreamError as exc:
             error = registry_error(exc, route, digest)
         except errors.RegistryError as exc:  # from the referrers tag
@@ -66,4 +87,4 @@ class Referrers:
         if known is None or not isinstance(error, errors.Unavailable):
             raise error
         log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
-        return known[1], Outcome.STALE
+        return known[1] or EMPTY_INDEX, Outcome.STALE

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+
+import httpx
 
 from proxy.config import UpstreamConfig
 from proxy.routing import Route
@@ -12,8 +14,16 @@ from proxy.upstream.client import Upstream
 class Upstreams:
     """One client (connection pool, credentials, health) per configured upstream."""
 
-    def __init__(self, configs: Sequence[UpstreamConfig], offline: bool = False) -> None:
-        self._clients = {config.name: Upstream(config, offline=offline) for config in configs}
+    def __init__(
+        self,
+        configs: Sequence[UpstreamConfig],
+        offline: bool = False,
+        transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
+        transports = transports or {}
+        self._clients = {
+            config.name: Upstream(config, transport=transports.get(config.name), offline=offline) for config in configs
+        }
 
     def of(self, route: Route) -> Upstream:
         return self._clients[route.upstream.name]

@@ -113,6 +113,7 @@ class Fault:
     # kind-specific parameters
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
+    omit: tuple[str, ...] = ()  # header names left out of the answer, even Content-Length
     body: bytes = b""
     keep: int | None = None
     reset: bool = False
@@ -428,10 +429,12 @@ class FaultyRegistry:
         retry_after: int | str | None = None,
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
+        omit: Sequence[str] = (),
     ) -> Fault:
         """Answer matching requests with ``status`` (before auth or routing).
 
         A 429 without ``retry_after`` carries ``Retry-After: 1``, as real rate limits do.
+        ``omit`` names headers to leave out, e.g. Content-Length of a HEAD answer.
         """
         hdrs = dict(headers or {})
         if retry_after is None and status == 429:
@@ -442,7 +445,9 @@ class FaultyRegistry:
             code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE" if status == 503 else "UNKNOWN"
             body = json.dumps({"errors": [{"code": code, "message": f"injected {status}"}]}).encode()
             hdrs.setdefault("Content-Type", "application/json")
-        return self._add(Fault("status", method, path, digest, listener, times, status=status, headers=hdrs, body=body))
+        fault = Fault("status", method, path, digest, listener, times, status=status, headers=hdrs, body=body)
+        fault.omit = tuple(omit)
+        return self._add(fault)
 
     def drop(
         self,
@@ -706,6 +711,8 @@ class FaultyRegistry:
         keep_alive = req.keep_alive and truncate is None
         head = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
         headers = {"Content-Length": str(len(resp.body)), **resp.headers}
+        for name in status.omit if status else ():
+            headers.pop(name, None)
         if not keep_alive:
             headers["Connection"] = "close"
         head += [f"{k}: {v}" for k, v in headers.items()]
