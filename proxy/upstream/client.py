@@ -267,7 +267,9 @@ class Upstream:
             if length.isdigit() and int(length) > limit:
                 raise UpstreamTooLarge(self.name, f"{what} is larger than the {_mib(limit)} limit ({length} bytes)")
             body = bytearray()
-            async for chunk in response.aiter_raw():
+            # aiter_bytes, not aiter_raw: it also serves a response whose body was read already
+            # (an in-process transport's), and a Content-Encoding is undone within the limit.
+            async for chunk in response.aiter_bytes():
                 body += chunk
                 self.metrics.fetched.inc(len(chunk))
                 if len(body) > limit:
