@@ -162,7 +162,13 @@ def _tables(value: object) -> object:
 
 
 Text = Annotated[str, BeforeValidator(_text)]  # a non-empty string
-Pathname = Annotated[Path, BeforeValidator(_text)]
+
+
+def _pathname(value: object) -> Path:
+    return value if isinstance(value, Path) else Path(_text(value))
+
+
+Pathname = Annotated[Path, BeforeValidator(_pathname)]
 Size = Annotated[int, BeforeValidator(units.parse_size)]  # bytes, from 10GiB, 500MB, ...
 Duration = Annotated[float, BeforeValidator(units.parse_duration)]  # seconds, from 30s, 5m, 1h, ...
 Bool = Annotated[bool, BeforeValidator(_bool)]  # a TOML boolean
@@ -477,7 +483,9 @@ class Environment(PydanticBaseSettingsSource):
 class Config(BaseSettings, Cache, Server):
     """What the file and the environment say; `[server]` and `[cache]` keys are attributes of their own."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", case_sensitive=True, validate_default=False)
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", case_sensitive=True, validate_default=False, populate_by_name=True
+    )
 
     upstreams: Annotated[Tables[UpstreamConfig], AfterValidator(_upstreams)] = Field(
         default=(DEFAULT_UPSTREAM,), alias="upstream"

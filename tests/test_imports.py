@@ -12,11 +12,13 @@ PACKAGES = ("proxy", "cache")
 
 
 def modules() -> dict[str, Path]:
-    return {
-        f"{package}.{path.stem}" if path.stem != "__init__" else package: path
-        for package in PACKAGES
-        for path in sorted((ROOT / package).glob("*.py"))
-    }
+    """Every module of the packages, subpackages included, by dotted name."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
 
 
 def imported(path: Path, known: set[str]) -> set[str]:
