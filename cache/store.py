@@ -148,13 +148,22 @@ class ContentStore:
         return found
 
     def find_blob(self, digest: str) -> tuple[str, int] | None:
-        """Blocking SQLite lookup; remembers the path so later hits stay in memory."""
+        """Blocking SQLite lookup; remembers the path so later hits stay in memory.
+
+        A file whose size is not the one recorded when it was stored is removed, not returned.
+        """
         handle = self._cache.get(digest, read=True)
         if handle is None:
             return None
         with handle:
             path = handle.name
             size = os.fstat(handle.fileno()).st_size
+        recorded = self._cache._sql("SELECT size FROM Cache WHERE key = ? AND raw = 1", (digest,)).fetchone()
+        if recorded is not None and recorded[0] != size:
+            # Not the bytes that were stored (a disk that lost writes, a hand that truncated it):
+            # forget it, so it is fetched again rather than served short.
+            self.remove(digest)
+            return None
         with self._lock:
             self._paths[digest] = (path, size)
         return path, size

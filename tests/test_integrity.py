@@ -193,6 +193,22 @@ def test_a_manifest_large_enough_for_a_file_of_its_own_is_flushed(
     store.close()
 
 
+def test_a_stored_blob_that_lost_bytes_is_not_served_but_fetched_again(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path, max_size=64 * MIB)
+    data = os.urandom(MIB)
+    staged = store.partial_dir / "staged"
+    staged.write_bytes(data)
+    store.put_blob(digests.of(data), staged)
+    found = store.find_blob(digests.of(data))
+    assert found is not None
+    os.truncate(found[0], MIB // 2)  # what a disk that lies about flushes may leave after a power loss
+    store.close()
+    reopened = ContentStore(tmp_path, max_size=64 * MIB)
+    assert reopened.find_blob(digests.of(data)) is None
+    assert not reopened.has_blob(digests.of(data))
+    reopened.close()
+
+
 # -- 3. downloads in flight count against max_size -------------------------------------------
 
 
