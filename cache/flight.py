@@ -43,6 +43,7 @@ RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep
 READ_SIZE = 1 << 20  # the most one file read returns
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
+WRITEBACK_STEP = 8 << 20  # written bytes handed to the disk as the download goes, so the flush at the end is short
 RESERVE_STEP = 64 << 20  # the first reservation of a blob of unknown size; it doubles as it grows
 LOCK_TRIES = 100  # attempts to lock a download whose lock file is being replaced meanwhile
 SUFFIXES = (".data", ".json", ".json-new", ".lock")  # the files of a download in the partial area, lock last
@@ -225,13 +226,18 @@ class _Fetch(Download):
                 await threads.run(self._reserve, store, source.size, source.size)
             self._start(source.size)
             hasher = digests.hasher(self.digest)
+            handed_over = 0  # bytes whose writeback was started
 
             def write(batch: bytes) -> None:
-                if self.written + len(batch) > self.reserved:  # only when the size is unknown
-                    needed = self.written + len(batch)
-                    self._reserve(store, needed, max(needed, 2 * self.reserved))
+                nonlocal handed_over
+                end = self.written + len(batch)
+                if end > self.reserved:  # only when the size is unknown
+                    self._reserve(store, end, max(end, 2 * self.reserved))
                 _write_all(self._fd, batch)
                 hasher.update(batch)  # only what is on the disk counts
+                if end - handed_over >= WRITEBACK_STEP:
+                    _start_writeback(self._fd, handed_over, end - handed_over)
+                    handed_over = end
 
             limit = store.max_size if source.size is None else source.size
             await self._write_as_it_arrives(source.chunks, write, limit)
@@ -441,6 +447,14 @@ def _write_all(fd: int, data: bytes) -> None:
         if written <= 0:
             raise OSError(f"writing the partial file made no progress ({len(view)} bytes left)")
         view = view[written:]
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a range out now, without waiting (Linux: DONTNEED starts the
+    writeback of dirty pages; it drops only pages already clean), so that the flush before the commit is short."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _write_info(path: Path, size: int | None, reserved: int) -> None:
