@@ -280,9 +280,16 @@ class ContentStore:
     def make_room(self, in_flight: int) -> int:
         """Blocking: evict until the entries and `in_flight` bytes fit in max_size.
 
-        Returns the bytes left free; negative when pinned entries leave too little room.
+        Returns the bytes left free; negative when pinned entries leave too little room,
+        and then nothing is evicted (in vain).
         """
         self.flush_touches()
+        evictable = self._cache._sql(
+            "SELECT IFNULL(SUM(size), 0) FROM Cache WHERE tag IS NOT ? AND raw = 1", (PINNED,)
+        ).fetchone()[0]
+        at_best = self.max_size - (self._cache.volume() - evictable) - in_flight
+        if at_best < 0:
+            return at_best
         self._cull(in_flight)
         return self.max_size - self._cache.volume() - in_flight
 

@@ -265,7 +265,7 @@ def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_pa
         staged.write_bytes(blob)
         store.put_blob(digests.of(blob), staged)
     store.pin([digests.of(kept)])
-    big, next_one = os.urandom(3 * MIB), os.urandom(2 * MIB)
+    big, next_one, recent = os.urandom(3 * MIB), os.urandom(2 * MIB), os.urandom(MIB // 4)
     refused: list[int] = []
 
     async def main() -> None:
@@ -285,9 +285,14 @@ def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_pa
         assert store.find_blob(digests.of(old)) is None
         assert store.find_blob(digests.of(kept)) is not None
         assert store.volume() + len(big) <= 5 * MIB
-        # The pinned blob and the download leave no room for another 2 MiB: refused, not started.
+        staged = store.partial_dir / "staged"
+        staged.write_bytes(recent)
+        store.put_blob(digests.of(recent), staged)
+        # The pinned blob and the download leave no room for another 2 MiB: refused, not started,
+        # and without evicting in vain what may be evicted.
         _, error = await _read_all(downloads.join(digests.of(next_one), next_opener))
         assert isinstance(error, flight.NoRoom) and error.shortage is flight.Shortage.CACHE_FULL
+        assert store.find_blob(digests.of(recent)) is not None
         gate.set()
         assert await reading == (big, None)
         await _finished(in_flight)
