@@ -381,26 +381,41 @@ class _Follow(Download):
         return os.fstat(self._fd).st_size
 
     async def _wait(self) -> None:
+        """Every reader waiting looks for itself; the first to see the outcome settles it for all."""
         await asyncio.sleep(FOLLOW_POLL)
-        if not await threads.run(_held, self._lock_fd):
-            # The owner is done: its data was written before the lock was released.
-            if await threads.run(self._stored_is_ours):
-                self.size = self._written()
-                self.committed = True
-                self._close_lock()
-                self.on_done()
-            else:
-                self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
+        if self.done or await self._owner_active() or self.done:
+            return
+        # The owner is done: its data was written before the lock was released.
+        ours = await threads.run(self._stored_is_ours, os.dup(self._fd))
+        if self.done:
+            return
+        if ours:
+            self.size = self._written()
+            self.committed = True
+            self._close_lock()
+            self.on_done()
+        else:
+            self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
 
-    def _stored_is_ours(self) -> bool:
-        """Blocking: whether the store's file for the digest is the one followed (not a later download's)."""
-        found = self._store.find_blob(self.digest)
-        if found is None:
+    async def _owner_active(self) -> bool:
+        """Whether the owner still holds its lock. The probe works on a duplicate descriptor: ours may be
+        closed meanwhile (the outcome settled by another reader), and its number reused."""
+        if self._lock_fd < 0:
             return False
+        return await threads.run(_held_closing, os.dup(self._lock_fd))
+
+    def _stored_is_ours(self, data_fd: int) -> bool:
+        """Blocking: whether the store's file for the digest is `data_fd`'s, the one followed (not a later
+        download's). Closes `data_fd`."""
         try:
-            return _same_file(os.stat(found[0]), os.fstat(self._fd))
+            found = self._store.find_blob(self.digest)
+            if found is None:
+                return False
+            return _same_file(os.stat(found[0]), os.fstat(data_fd))
         except FileNotFoundError:  # evicted already: our readers cannot be told it was complete
             return False
+        finally:
+            os.close(data_fd)
 
     def _fail(self, exc: BaseException) -> None:
         super()._fail(exc)
@@ -426,7 +441,7 @@ class _Follow(Download):
                     self._fd = await threads.run(os.open, self.paths.data, os.O_RDONLY)
                     self._start(None if info < 0 else info)
                     return
-                if not await threads.run(_held, self._lock_fd):
+                if not await self._owner_active():
                     # Finished before we looked, or failed before the upstream answered.
                     raise AlreadyCached(self.digest)
                 await asyncio.sleep(FOLLOW_POLL)
@@ -542,14 +557,17 @@ def _take_lock(path: Path) -> tuple[int, bool]:
     raise DownloadFailed(f"could not lock {path.name}: its lock file kept being replaced")
 
 
-def _held(fd: int) -> bool:
-    """Whether some process holds the download lock open as `fd` (probing with a shared lock)."""
+def _held_closing(fd: int) -> bool:
+    """Whether some process holds the download lock open as `fd` (probing with a shared lock). Closes `fd`."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)  # closing a duplicate alone would not release it
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_abandoned(directory: Path) -> int:

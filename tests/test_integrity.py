@@ -464,3 +464,30 @@ def test_a_follower_does_not_take_a_later_download_for_the_one_it_followed(
         assert error is not None, f"a clean end after {len(body)} of {len(data)} bytes"
 
     asyncio.run(main())
+
+
+def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
+    """Readers waiting together: the first to see the owner's outcome must not pull the lock from the others."""
+    data = os.urandom(2 * MIB)
+    digest = digests.of(data)
+    owner_store, follower_store = ContentStore(tmp_path, 64 * MIB), ContentStore(tmp_path, 64 * MIB)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow_opener() -> Source:
+            return _source(data, len(data), [], gate.wait)
+
+        async def unused_opener() -> Source:
+            raise AssertionError("a follower does not fetch")
+
+        owner = Downloads(owner_store).join(digest, slow_opener)
+        await owner.started
+        followed = Downloads(follower_store).join(digest, unused_opener)
+        readers = [asyncio.create_task(_read_all(followed)) for _ in range(8)]
+        await asyncio.sleep(0.2)  # all of them wait for more
+        gate.set()
+        assert await asyncio.gather(*readers) == [(data, None)] * 8
+        await _finished(owner)
+
+    asyncio.run(main())
