@@ -8,6 +8,7 @@ being when a cached answer may be served stale.
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -17,7 +18,7 @@ import httpx
 import structlog
 
 from cache.flight import Source
-from proxy import metrics
+from proxy import metrics, tls
 from proxy.config import UpstreamConfig
 from proxy.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy.upstream_auth import RegistryAuth
@@ -89,6 +90,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=32),
             headers={"User-Agent": "pullproxy/0.1", "Accept-Encoding": "identity"},
             transport=transport,
+            verify=tls.upstream_context(config),  # the system's trust store, ca_file, client_cert
         )
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
@@ -102,9 +104,10 @@ class Upstream:
         started = time.perf_counter()
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            self._failed(method, path, type(exc).__name__)
-            raise UpstreamUnavailable(self.name, f"unreachable ({type(exc).__name__})") from exc
+        except (httpx.HTTPError, ssl.SSLError) as exc:  # a TLS alert after the handshake comes as SSLError
+            why = tls.explain_failure(exc, self.config)
+            self._failed(method, path, why or type(exc).__name__)
+            raise UpstreamUnavailable(self.name, why or f"unreachable ({type(exc).__name__})") from exc
         finally:
             self.metrics.seconds.observe(time.perf_counter() - started)
         if response.status_code < 400:
