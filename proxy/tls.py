@@ -38,12 +38,14 @@ import structlog
 import truststore
 from anyio import to_thread
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import metrics
+from proxy.errors import RegistryError
 
 if TYPE_CHECKING:
     from proxy.config import Config, UpstreamConfig
@@ -139,7 +141,7 @@ def _read_key(path: Path) -> tuple[bytes, PrivateKeyTypes]:
         return data, serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise TLSFileError(Role.KEY, f"{path} is encrypted; give the key without a passphrase") from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise TLSFileError(Role.KEY, f"{path} holds no PEM private key (-----BEGIN PRIVATE KEY-----)") from None
 
 
@@ -196,7 +198,10 @@ def _load_chain(context: ssl.SSLContext, pair: Pair) -> None:
 # -- serving -------------------------------------------------------------------------
 
 
-def _server_context(client_ca: Path | None) -> ssl.SSLContext:
+def _server_context(client_ca: Path | None, refused_in_http: bool = False) -> ssl.SSLContext:
+    """`refused_in_http`: ask for a client certificate without requiring it in the handshake;
+    `PeerCertificate` then refuses requests without one, with an error a person can read
+    (a failed handshake reaches the client as a bare EOF: asyncio does not send the alert)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -207,7 +212,7 @@ def _server_context(client_ca: Path | None) -> ssl.SSLContext:
             context.load_verify_locations(cafile=str(client_ca))
         except ssl.SSLError as exc:
             raise TLSFileError(Role.CA, f"{client_ca}: {exc.reason or exc}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = ssl.CERT_OPTIONAL if refused_in_http else ssl.CERT_REQUIRED
     return context
 
 
@@ -228,11 +233,11 @@ def _file_id(path: Path) -> tuple[int, int, int, int] | None:
 class ServerTLS:
     """The listener's TLS context, and the certificate in it, kept current with the files."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None, refused_in_http: bool = False) -> None:
         self.cert_path = cert
         self.key_path = key
         self.client_ca = client_ca
-        self.context = _server_context(client_ca)
+        self.context = _server_context(client_ca, refused_in_http)
         ids = self._ids()
         pair = read_pair(cert, key)
         _load_chain(self.context, pair)
@@ -302,8 +307,13 @@ class ServerTLS:
 
     def start_watching(self) -> None:
         """Watch the files from the running event loop (uvicorn's, which serves the connections)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            log.warning("no event loop: the TLS certificate files are not watched", cert=str(self.cert_path))
+            return
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.watch())
+            self._task = loop.create_task(self.watch())
 
     def describe(self, now: float | None = None) -> dict[str, object]:
         """For `/readyz` and the status page."""
@@ -319,14 +329,14 @@ class ServerTLS:
         }
 
 
-_SERVING: dict[tuple[Path, Path, Path | None], ServerTLS] = {}
+_SERVING: dict[tuple[Path, Path, Path | None, bool], ServerTLS] = {}
 
 
-def serving(cert: Path, key: Path, client_ca: Path | None) -> ServerTLS:
+def serving(cert: Path, key: Path, client_ca: Path | None, refused_in_http: bool = False) -> ServerTLS:
     """This process's listener TLS for these files (one per process; uvicorn workers each have theirs)."""
-    found = _SERVING.get((cert, key, client_ca))
+    found = _SERVING.get((cert, key, client_ca, refused_in_http))
     if found is None:
-        found = _SERVING[(cert, key, client_ca)] = ServerTLS(cert, key, client_ca)
+        found = _SERVING[(cert, key, client_ca, refused_in_http)] = ServerTLS(cert, key, client_ca, refused_in_http)
     return found
 
 
@@ -341,10 +351,16 @@ def describe_server() -> dict[str, object]:
 
 
 def _uvicorn_context(
-    cert: Path, key: Path, client_ca: Path | None, config: object, default: Callable[[], ssl.SSLContext]
+    cert: Path, key: Path, client_ca: Path | None, config: Any, default: Callable[[], ssl.SSLContext]
 ) -> ssl.SSLContext:
-    """uvicorn's `ssl_context_factory`, called in each worker inside its running event loop."""
-    server = serving(cert, key, client_ca)
+    """uvicorn's `ssl_context_factory`, called in each worker inside its running event loop.
+
+    A missing client certificate is refused in HTTP only when the protocol class can do it
+    (it has `PeerCertificate`); otherwise the handshake requires one.
+    """
+    protocol = getattr(config, "http_protocol_class", None)
+    in_http = isinstance(protocol, type) and issubclass(protocol, PeerCertificate)
+    server = serving(cert, key, client_ca, in_http)
     server.start_watching()
     return server.context
 
@@ -380,9 +396,21 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, object
     }
 
 
-def _with_extension(app: ASGIApp, extension: dict[str, object]) -> ASGIApp:
+PROBES = frozenset({"/healthz", "/readyz"})  # answered without a client certificate: load balancers have none
+
+
+def _with_extension(app: ASGIApp, extension: dict[str, object], refuse: bool) -> ASGIApp:
+    refusal = RegistryError(
+        403,
+        "DENIED",
+        "this mirror requires a TLS client certificate signed by its client CA (server.tls_client_ca)",
+    ).response()
+
     async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("extensions", {})["tls"] = extension
+        if refuse and scope["type"] == "http" and scope["path"] not in PROBES:
+            await refusal(scope, receive, send)
+            return
         await app(scope, receive, send)
 
     return with_tls
@@ -391,7 +419,8 @@ def _with_extension(app: ASGIApp, extension: dict[str, object]) -> ASGIApp:
 class PeerCertificate(asyncio.Protocol):
     """Mixin for a uvicorn HTTP protocol class: every request of a TLS connection gets the
     ASGI TLS extension in its scope, worked out once when the connection is made (after the
-    handshake). Put it first: `class P(PeerCertificate, HttpToolsProtocol)`."""
+    handshake), and where a client certificate was asked for but not given, a 403 saying so
+    (`/healthz` and `/readyz` excepted). Put it first: `class P(PeerCertificate, HttpToolsProtocol)`."""
 
     app: ASGIApp
 
@@ -399,7 +428,9 @@ class PeerCertificate(asyncio.Protocol):
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.app = _with_extension(self.app, tls_extension(ssl_object))
+            extension = tls_extension(ssl_object)
+            refuse = ssl_object.context.verify_mode == ssl.CERT_OPTIONAL and not extension["client_cert_chain"]
+            self.app = _with_extension(self.app, extension, refuse)
 
 
 def _protocol_base() -> type[asyncio.Protocol]:
