@@ -409,6 +409,13 @@ def _with_extension(app: ASGIApp, extension: dict[str, object], refuse: bool) ->
     async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("extensions", {})["tls"] = extension
         if refuse and scope["type"] == "http" and scope["path"] not in PROBES:
+            client = scope.get("client")
+            log.warning(
+                "refused: no client certificate",
+                method=scope.get("method"),
+                path=scope["path"],
+                client=client[0] if client else None,
+            )
             await refusal(scope, receive, send)
             return
         await app(scope, receive, send)

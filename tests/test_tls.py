@@ -314,6 +314,7 @@ def test_without_a_client_certificate_nothing_but_the_probes_is_served(
             assert "requires a TLS client certificate" in answer.json()["errors"][0]["message"]
         assert client.get(f"{mtls_proxy.url}/healthz").status_code == 200  # load balancers have no certificate
         assert client.get(f"{mtls_proxy.url}/readyz").json()["tls"]["client_certificates"] == "required"
+    assert '"event": "refused: no client certificate", "level": "warning"' in mtls_proxy.log_text()
 
     stranger = PKI(tmp_path / "other").client("node-9", "ci")  # signed by a CA the mirror does not trust
     with pytest.raises(CommandError):  # the handshake fails (the client sees the connection close)
