@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,7 +140,12 @@ def test_the_operating_systems_trust_store_is_the_default(
     config = UpstreamConfig(
         "registry.internal", private_registry.url, client_cert=mirror_pair.cert, client_key=mirror_pair.key
     )
-    assert isinstance(tls.upstream_context(config), truststore.SSLContext)
+    context = tls.upstream_context(config)
+    if isinstance(context, truststore.SSLContext):  # macOS, Windows, or no store where OpenSSL looks
+        assert not sys.platform.startswith("linux") or ssl.get_default_verify_paths().cafile is None
+    else:  # the same store as OpenSSL's default, not a bundled list
+        system = ssl.create_default_context().get_ca_certs(binary_form=True)
+        assert system and set(context.get_ca_certs(binary_form=True)) == set(system)
     alpine = images(upstream)["alpine"]
 
     async def head() -> str | None:
@@ -207,3 +213,20 @@ def test_upstream_tls_settings_are_checked_at_start_up(pki: PKI, mirror_pair: Ke
     loaded = load(ca_file=pki.ca_cert, client_cert=mirror_pair.cert, client_key=mirror_pair.key).upstreams[0]
     assert (loaded.ca_file, loaded.client_cert, loaded.client_key) == (pki.ca_cert, mirror_pair.cert, mirror_pair.key)
     assert loaded.insecure_skip_verify is False
+
+
+def test_the_system_store_is_read_once_not_at_every_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading it takes tens of milliseconds of CPU, on the event loop when a connection opens."""
+    loads = []
+    original = ssl.SSLContext.set_default_verify_paths
+
+    def counted(self: ssl.SSLContext) -> None:
+        loads.append(1)
+        original(self)
+
+    monkeypatch.setattr(ssl.SSLContext, "set_default_verify_paths", counted)
+    context = tls.upstream_context(UpstreamConfig("r.internal", "https://r.internal"))
+    created = len(loads)
+    for _ in range(5):  # what anyio does for each new connection
+        context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="r.internal")
+    assert len(loads) == created
