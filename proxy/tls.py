@@ -20,7 +20,6 @@ Upstreams: the operating system's trust store through `truststore`, plus an upst
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import os
@@ -173,27 +172,37 @@ def read_pair(cert: Path, key: Path) -> Pair:
     return Pair(pem, key_pem, CertificateInfo.of(chain[0]))
 
 
-@contextlib.contextmanager
-def _staged(pair: Pair) -> Iterator[tuple[str, str]]:
-    """The pair as two private files, for `load_cert_chain`, which reads only paths; removed after."""
-    folder = tempfile.mkdtemp(prefix="pullproxy-tls-")  # mode 0700
-    try:
-        paths = (os.path.join(folder, "chain.pem"), os.path.join(folder, "key.pem"))
-        for path, data in zip(paths, (pair.chain, pair.key), strict=True):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-        yield paths
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+class _Staged:
+    """The pair as two private files (a 0700 folder), for `load_cert_chain`, which reads only paths."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.folder = tempfile.mkdtemp(prefix="pullproxy-tls-")
+        self.chain, self.key = os.path.join(self.folder, "chain.pem"), os.path.join(self.folder, "key.pem")
+        try:
+            for path, data in ((self.chain, pair.chain), (self.key, pair.key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+        except BaseException:
+            self.remove()
+            raise
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        try:
+            context.load_cert_chain(self.chain, self.key)
+        except ssl.SSLError as exc:  # e.g. a key type OpenSSL refuses
+            raise TLSFileError(Role.KEY, f"OpenSSL cannot use this pair: {exc.reason or exc}") from None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _load_chain(context: ssl.SSLContext, pair: Pair) -> None:
-    with _staged(pair) as (chain, key):
-        try:
-            context.load_cert_chain(chain, key)
-        except ssl.SSLError as exc:  # e.g. a key type OpenSSL refuses
-            raise TLSFileError(Role.KEY, f"OpenSSL cannot use this pair: {exc.reason or exc}") from None
+    staged = _Staged(pair)
+    try:
+        staged.load_into(context)
+    finally:
+        staged.remove()
 
 
 # -- serving -------------------------------------------------------------------------
@@ -248,8 +257,6 @@ class ServerTLS:
         self.rotation_error: tuple[float, str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._installed(pair.info)
-        if pair.info.not_after < time.time():
-            log.warning("TLS certificate has expired", **self._log_fields())
 
     def _ids(self) -> tuple[object, object]:
         return (_file_id(self.cert_path), _file_id(self.key_path))
@@ -258,6 +265,10 @@ class ServerTLS:
         self.info = info
         self.loaded_at = time.time()
         metrics.tls_certificate_expiry(info.not_after)
+        if info.not_after < self.loaded_at:
+            log.warning("TLS certificate has expired", **self._log_fields())
+        elif info.not_after < self.loaded_at + EXPIRY_WARNING_DAYS * 86400:
+            log.warning("TLS certificate expires soon", **self._log_fields())
 
     def _log_fields(self) -> dict[str, object]:
         return {
@@ -267,11 +278,16 @@ class ServerTLS:
             "sha256": self.info.sha256,
         }
 
-    def _stage(self) -> Pair:
-        """Blocking: read the pair and load it into a scratch context, which is what could fail."""
+    def _stage(self) -> tuple[Pair, _Staged]:
+        """Blocking: read the pair, stage it, and load it into a scratch context, which is what could fail."""
         pair = read_pair(self.cert_path, self.key_path)
-        _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pair)
-        return pair
+        staged = _Staged(pair)
+        try:
+            staged.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        except BaseException:
+            staged.remove()
+            raise
+        return pair, staged
 
     async def check(self) -> bool:
         """Load the files if they changed and make a good pair; True when a new one is in place."""
@@ -279,7 +295,7 @@ class ServerTLS:
         if ids in (self._loaded_ids, self._rejected):
             return False
         try:
-            pair = await to_thread.run_sync(self._stage)
+            pair, staged = await to_thread.run_sync(self._stage)
         except TLSFileError as exc:
             if ids != self._pending:  # perhaps caught between two writes (certbot replaces two links)
                 self._pending = ids
@@ -288,9 +304,12 @@ class ServerTLS:
             self.rotation_error = (time.time(), str(exc))
             log.error("TLS certificate not rotated, the current one stays", why=str(exc), **self._log_fields())
             return False
-        # Here, on the event loop's thread, no handshake can begin halfway through the load.
-        with _staged(pair) as (chain, key):
-            self.context.load_cert_chain(chain, key)
+        try:
+            # Here, on the event loop's thread, no handshake can begin halfway through the load
+            # (load_cert_chain lets other threads run; a handshake starting on one would race).
+            staged.load_into(self.context)
+        finally:
+            await to_thread.run_sync(staged.remove)
         self._loaded_ids, self._pending, self._rejected, self.rotation_error = ids, None, None, None
         changed = pair.info.sha256 != self.info.sha256
         self._installed(pair.info)
@@ -361,7 +380,11 @@ def _uvicorn_context(
     """
     protocol = getattr(config, "http_protocol_class", None)
     in_http = isinstance(protocol, type) and issubclass(protocol, PeerCertificate)
-    server = serving(cert, key, client_ca, in_http)
+    try:
+        server = serving(cert, key, client_ca, in_http)
+    except TLSFileError as exc:  # the files changed since the configuration was checked
+        log.error("cannot serve TLS", why=str(exc))
+        raise SystemExit(2) from None
     server.start_watching()
     return server.context
 
