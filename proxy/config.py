@@ -53,6 +53,10 @@ class UpstreamConfig:
     timeout: float = 30.0
     connect_timeout: float = 5.0
     max_connections: int = 64
+    ca_file: Path | None = None  # trusted in addition to the operating system's store
+    client_cert: Path | None = None  # mutual TLS towards the upstream, with client_key
+    client_key: Path | None = None
+    insecure_skip_verify: bool = False
 
     @property
     def is_docker_hub(self) -> bool:
@@ -104,6 +108,9 @@ class Config:
     auth: AuthConfig | None = None
     access: tuple[AccessRule, ...] = ()
     default_pull: Pull = ANYONE
+    tls_cert: Path | None = None  # with tls_key: the listener speaks HTTPS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # clients must present a certificate this CA signed
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -193,6 +200,7 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     allowed = {
         "name", "url", "default", "prefix", "username", "password", "password_env",
         "timeout", "connect_timeout", "max_connections",
+        "ca_file", "client_cert", "client_key", "insecure_skip_verify",
     }  # fmt: skip
     table = _entry(where, table, "upstream", allowed, ("name", "url"))
     name = _string(f"{where}.name", table["name"]).lower()
@@ -217,6 +225,7 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
     max_connections = table.get("max_connections", 64)
     if not isinstance(max_connections, int) or max_connections < 1:
         raise ConfigError(f"{where}.max_connections: must be a positive integer")
+    ca_file, client_cert, client_key, insecure = _upstream_tls(where, table)
     return UpstreamConfig(
         name=name,
         url=url,
@@ -227,7 +236,58 @@ def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamCon
         timeout=parse_duration(f"{where}.timeout", table.get("timeout", 30)),
         connect_timeout=parse_duration(f"{where}.connect_timeout", table.get("connect_timeout", 5)),
         max_connections=max_connections,
+        ca_file=ca_file,
+        client_cert=client_cert,
+        client_key=client_key,
+        insecure_skip_verify=insecure,
     )
+
+
+def _path(key: str, value: object) -> Path:
+    return Path(_string(key, value))
+
+
+def _tls_checked(keys: dict[str, str], check: Any) -> None:
+    """Run a `proxy.tls` file check; its complaint names the key of the file it is about."""
+    from proxy import tls
+
+    try:
+        check()
+    except tls.TLSFileError as exc:
+        raise ConfigError(f"{keys[exc.role.value]}: {exc}") from None
+
+
+def _upstream_tls(where: str, table: dict[str, Any]) -> tuple[Path | None, Path | None, Path | None, bool]:
+    from proxy import tls
+
+    ca_file = _path(f"{where}.ca_file", table["ca_file"]) if "ca_file" in table else None
+    client_cert = _path(f"{where}.client_cert", table["client_cert"]) if "client_cert" in table else None
+    client_key = _path(f"{where}.client_key", table["client_key"]) if "client_key" in table else None
+    if (client_cert is None) != (client_key is None):
+        raise ConfigError(f"{where}: client_cert and client_key go together")
+    insecure = parse_bool(f"{where}.insecure_skip_verify", table.get("insecure_skip_verify", False))
+    if insecure and ca_file is not None:
+        raise ConfigError(f"{where}: insecure_skip_verify = true ignores ca_file; keep one of them")
+    keys = {"ca": f"{where}.ca_file", "certificate": f"{where}.client_cert", "key": f"{where}.client_key"}
+    _tls_checked(keys, lambda: tls.check_upstream_files(ca_file, client_cert, client_key))
+    return ca_file, client_cert, client_key, insecure
+
+
+def _server_tls(server: dict[str, Any]) -> tuple[Path | None, Path | None, Path | None]:
+    """`tls_cert` and `tls_key` turn HTTPS on; a pair that would not load stops start-up here."""
+    from proxy import tls
+
+    cert = _path("server.tls_cert", server["tls_cert"]) if "tls_cert" in server else None
+    key = _path("server.tls_key", server["tls_key"]) if "tls_key" in server else None
+    client_ca = _path("server.tls_client_ca", server["tls_client_ca"]) if "tls_client_ca" in server else None
+    if (cert is None) != (key is None):
+        raise ConfigError("server: tls_cert and tls_key go together")
+    if client_ca is not None and cert is None:
+        raise ConfigError("server.tls_client_ca: needs tls_cert and tls_key (client certificates need TLS)")
+    if cert is not None and key is not None:
+        keys = {"ca": "server.tls_client_ca", "certificate": "server.tls_cert", "key": "server.tls_key"}
+        _tls_checked(keys, lambda: tls.check_server_files(cert, key, client_ca))
+    return cert, key, client_ca
 
 
 def _pin(index: int, table: object) -> PinConfig:
@@ -276,7 +336,9 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     _apply_environment(data, environ)
 
     server = _table(data, "server")
-    _check_keys("server", server, {"listen", "workers", "log_format", "trusted_proxies"})
+    _check_keys(
+        "server", server, {"listen", "workers", "log_format", "trusted_proxies", "tls_cert", "tls_key", "tls_client_ca"}
+    )
     host, port = parse_listen("server.listen", server.get("listen", "0.0.0.0:5000"))
     try:
         workers = int(server.get("workers", 1))
@@ -291,6 +353,8 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     if isinstance(proxies, str):  # from the environment: comma-separated
         proxies = [p.strip() for p in proxies.split(",") if p.strip()]
     trusted_proxies = _networks("server.trusted_proxies", proxies)
+    tls_cert, tls_key, tls_client_ca = _server_tls(server)
+    certificates = tls_client_ca is not None  # client certificates name users and groups too
 
     cache = _table(data, "cache")
     _check_keys("cache", cache, {"dir", "max_size", "tag_ttl", "offline", "pin_refresh"})
@@ -301,8 +365,8 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     auth = _auth(data["auth"], environ) if "auth" in data else None
     default_pull: Pull = ANYONE
     if auth is not None:
-        default_pull = _pull("auth.default", data["auth"].get("default", []), auth)
-    access = tuple(_rule(i, table, auth, upstreams) for i, table in _tables(data, "access"))
+        default_pull = _pull("auth.default", data["auth"].get("default", []), auth, certificates)
+    access = tuple(_rule(i, table, auth, upstreams, certificates) for i, table in _tables(data, "access"))
     return Config(
         listen_host=host,
         listen_port=port,
@@ -319,6 +383,9 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         auth=auth,
         access=access,
         default_pull=default_pull,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
     )
 
 
@@ -447,24 +514,31 @@ def parse_htpasswd(text: str) -> dict[str, str]:
     return users
 
 
-def _pull(key: str, value: object, auth: AuthConfig | None) -> Pull:
+def _pull(key: str, value: object, auth: AuthConfig | None, certificates: bool = False) -> Pull:
+    """`certificates`: client certificates name users (Common Name) and groups (Organization)."""
     if value in (ANYONE, AUTHENTICATED):
-        if value == AUTHENTICATED and auth is None:
+        if value == AUTHENTICATED and auth is None and not certificates:
             raise ConfigError(f"{key}: 'authenticated' needs an [auth] section with users")
         return str(value)
     if not isinstance(value, list):
         raise ConfigError(f"{key}: {value!r} must be 'anyone', 'authenticated' or a list of users and 'group:<name>'")
     members = _strings(key, value)
-    if members and auth is None:
+    if members and auth is None and not certificates:
         raise ConfigError(f"{key}: naming users needs an [auth] section")
     known_groups = {g for user in auth.users for g in user.groups} if auth else set()
     for member in members:
-        if member.startswith("group:") and member[6:] not in known_groups:
+        if member.startswith("group:") and member[6:] not in known_groups and not certificates:
             raise ConfigError(f"{key}: no [[auth.user]] is in group {member[6:]!r}")
     return members
 
 
-def _rule(index: int, table: object, auth: AuthConfig | None, upstreams: tuple[UpstreamConfig, ...]) -> AccessRule:
+def _rule(
+    index: int,
+    table: object,
+    auth: AuthConfig | None,
+    upstreams: tuple[UpstreamConfig, ...],
+    certificates: bool = False,
+) -> AccessRule:
     where = f"access[{index}]"
     table = _entry(where, table, "access", {"repository", "pull", "networks"}, ("repository", "pull"))
     pattern = _string(f"{where}.repository", table["repository"])
@@ -484,6 +558,6 @@ def _rule(index: int, table: object, auth: AuthConfig | None, upstreams: tuple[U
             )
     return AccessRule(
         repository=pattern,
-        pull=_pull(f"{where}.pull", table["pull"], auth),
+        pull=_pull(f"{where}.pull", table["pull"], auth, certificates),
         networks=_networks(f"{where}.networks", table.get("networks", [])),
     )

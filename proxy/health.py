@@ -18,6 +18,7 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy import tls
 from proxy.routing import Router
 from proxy.upstream import Upstream
 
@@ -67,6 +68,7 @@ def upstream_state(upstream: Upstream) -> dict[str, object]:
         "last_ok": ok,
         "last_error": None if error is None else {"at": error[0], "what": error[1]},
         "backoff_until": backoff,
+        "tls": tls.upstream_trust(upstream.config).value,  # "not verified" with insecure_skip_verify
     }
 
 
@@ -81,5 +83,6 @@ async def readyz(request: Request) -> Response:
         "ready": problem is None,
         "cache": {"writable": problem is None, "problem": problem},
         "upstreams": [upstream_state(upstream) for upstream in router.upstreams()],
+        "tls": tls.describe_server(),  # whether the listener speaks HTTPS, and until when its certificate holds
     }
     return JSONResponse(body, status_code=200 if problem is None else 503)

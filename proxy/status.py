@@ -11,14 +11,14 @@ import html
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from proxy import metrics
+from proxy import metrics, tls
 from proxy.access import route_name
 from proxy.auth import Gate
 from proxy.errors import RegistryError
@@ -49,7 +49,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 code { font: 13px ui-monospace, monospace; overflow-wrap: anywhere; }
 .state { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 13px; font-weight: 600; }
 .ok { background: #dcf3e3; color: #17663a; } .failing { background: #fbe0e0; color: #a32020; }
-.unknown { background: #eceef1; color: #5b6572; }
+.unknown { background: #eceef1; color: #5b6572; } .warn { background: #fdf0d5; color: #8a5300; }
 """
 
 
@@ -59,7 +59,8 @@ async def page(request: Request) -> Response:
     snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
     router: Router = state.router
     upstreams = [upstream_state(upstream) for upstream in router.upstreams()]
-    body = render(snapshot, upstreams, state.activity, time.time(), await _visibility(request))
+    visible = await _visibility(request)
+    body = render(snapshot, upstreams, state.activity, time.time(), visible, tls.describe_server())
     return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -93,6 +94,7 @@ def render(
     activity: Activity,
     now: float,
     visible: Callable[[str], bool] = lambda name: True,
+    server_tls: Mapping[str, object] | None = None,
 ) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -104,6 +106,7 @@ def render(
 <div class="sub">Pull-through registry mirror · {_clock(now)} UTC · refreshes every {REFRESH_SECONDS} s ·
 <a href="/metrics">metrics</a> · <a href="/readyz">readiness</a></div>
 {_overview(snapshot)}
+{_tls(server_tls or {"enabled": False}, now)}
 {_upstreams(snapshot, upstreams, now)}
 {_pulls(activity, visible)}
 {_errors(activity, now, visible)}
@@ -152,7 +155,9 @@ def _upstreams(snapshot: metrics.Snapshot, upstreams: list[dict[str, object]], n
         rows.append(
             [
                 f'<b>{_e(name)}</b><br><code class="nowrap">{_e(upstream["url"])}</code>',
-                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>' + _backoff(upstream, now),
+                f'<span class="state {upstream["state"]}">{upstream["state"]}</span>'
+                + _backoff(upstream, now)
+                + _trust(upstream),
                 _ago(upstream["last_ok"], now),
                 f"{_ago(error['at'], now)}: {_code(error['what'])}" if isinstance(error, dict) else "none",
                 _count(snapshot.total("pullproxy_upstream_request_duration_seconds_count", upstream=name)),
@@ -169,6 +174,42 @@ def _backoff(upstream: dict[str, object], now: float) -> str:
     if not isinstance(until, int | float):
         return ""
     return f'<br><span class="sub">not asked, next try in {max(0, round(until - now))} s</span>'
+
+
+def _trust(upstream: Mapping[str, object]) -> str:
+    if upstream.get("tls") != tls.UpstreamTrust.NOT_VERIFIED:
+        return ""
+    return ' <span class="state warn" title="insecure_skip_verify = true">TLS not verified</span>'
+
+
+def _tls(server: Mapping[str, object], now: float) -> str:
+    """Whether clients' credentials cross the network encrypted, and until when the certificate holds."""
+    if not server.get("enabled"):
+        text = (
+            '<span class="state warn">plain HTTP</span> passwords and tokens cross the network in clear; '
+            "<code>tls_cert</code> and <code>tls_key</code> in <code>[server]</code> turn HTTPS on"
+        )
+        return _section("tls", "TLS", f"<p>{text}</p>")
+    certificate = server["certificate"]
+    assert isinstance(certificate, dict)
+    not_after = float(certificate["not_after"])
+    days = (not_after - now) / 86400
+    style = "failing" if days < 0 else "warn" if days < tls.EXPIRY_WARNING_DAYS else "ok"
+    left = "expired" if days < 0 else f"in {days:.0f} d" if days >= 2 else f"in {max(0, int(days * 24))} h"
+    clients = "client certificates required" if server.get("client_certificates") == "required" else ""
+    lines = [
+        f'<span class="state ok">HTTPS</span> <code>{_e(certificate["subject"])}</code>'
+        f" · issued by <code>{_e(certificate['issuer'])}</code>" + (f" · {clients}" if clients else ""),
+        f'Certificate expires {_clock(not_after)} UTC <span class="state {style}">{left}</span>'
+        f' · SHA-256 <code title="{_e(certificate["sha256"])}">{_e(str(certificate["sha256"])[:16])}…</code>',
+    ]
+    error = server.get("rotation_error")
+    if isinstance(error, dict):
+        lines.append(
+            f'<span class="state failing">rotation failed</span> {_ago(error["at"], now)}: {_e(error["why"])};'
+            " the certificate above is still served"
+        )
+    return _section("tls", "TLS", "".join(f"<p>{line}</p>" for line in lines))
 
 
 def _pulls(activity: Activity, visible: Callable[[str], bool]) -> str:
