@@ -4,14 +4,22 @@ A download is owned by the cache, not by the request that started it: it goes on
 that client leaves, writes into a partial file, hashes as it goes, and renames the file
 into the store only when the digest matches. Readers follow the partial file with
 `pread`, so memory stays flat however many wait or however large the blob. The last
-byte is held back until the digest is verified, so a reader never sees a clean end of
-wrong or missing bytes: a failed download raises instead.
+byte is held back until the digest is verified and the blob stored (flushed to the disk),
+so a reader never sees a clean end of wrong or missing bytes: a failed download raises
+instead, and a client that got the whole blob finds it in the cache.
+
+Downloads count against the cache's `max_size` while in flight: each reserves room
+(its size, or for a blob of unknown size a growing share) and the store evicts to make
+it; a blob larger than the cache, or one for which pinned content and other downloads
+leave no room, fails with `NoRoom` and stores nothing.
 
 Worker processes sharing one cache directory fetch each digest once between them: the
 owner holds an exclusive `flock` on `<digest>.lock` for the whole download and writes
-`<digest>.json` (the size) once the upstream answered; other processes follow the
-growing `<digest>.data`, and learn the outcome when the lock is released: committed if
-the store has the digest by then, failed otherwise.
+`<digest>.json` (size and reservation) once the upstream answered; other processes
+follow the growing `<digest>.data`, and learn the outcome when the lock is released:
+committed if the store's file for the digest is the one they followed, failed
+otherwise. The owner unlinks the lock file before releasing it, so nothing is left
+behind; whoever takes a lock checks that its path still names the file it locked.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +43,27 @@ RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep
 READ_SIZE = 1 << 20  # the most one file read returns
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
+WRITEBACK_STEP = 8 << 20  # written bytes handed to the disk as the download goes, so the flush at the end is short
+RESERVE_STEP = 64 << 20  # the first reservation of a blob of unknown size; it doubles as it grows
+LOCK_TRIES = 100  # attempts to lock a download whose lock file is being replaced meanwhile
+SUFFIXES = (".data", ".json", ".json-new", ".lock")  # the files of a download in the partial area, lock last
 
 
 class DownloadFailed(Exception):
-    """The upstream transfer broke off, or its bytes did not match the digest."""
+    """The upstream transfer broke off, its bytes did not match the digest, or they could not be kept."""
+
+
+class Shortage(enum.Enum):
+    BLOB_TOO_LARGE = "blob too large"  # larger than the whole cache: retrying cannot help
+    CACHE_FULL = "cache full"  # pinned content and other downloads leave no room now
+
+
+class NoRoom(DownloadFailed):
+    """The cache cannot hold the blob: it is not downloaded (or no further)."""
+
+    def __init__(self, shortage: Shortage, message: str) -> None:
+        super().__init__(message)
+        self.shortage = shortage
 
 
 class AlreadyCached(Exception):
@@ -99,7 +125,10 @@ class Download:
                 recent = self._recent(offset, count)
                 if recent is not None:
                     return recent
-                return await threads.run(os.pread, self._fd, min(count, READ_SIZE), offset)
+                data = await threads.run(os.pread, self._fd, min(count, READ_SIZE), offset)
+                if not data:  # the file is shorter than what was written to it
+                    raise DownloadFailed(f"the partial file of {self.digest} lost bytes")
+                return data
             if self.error is not None:
                 raise DownloadFailed(str(self.error)) from self.error
             if self.committed:
@@ -111,7 +140,12 @@ class Download:
 
     def release(self) -> None:
         self._readers -= 1
+        if self._readers == 0 and not self.done:
+            self._abandon()
         self._maybe_close()
+
+    def _abandon(self) -> None:
+        """The last reader left before the end."""
 
     def _maybe_close(self) -> None:
         if self._readers == 0 and self.done and self._fd >= 0:
@@ -124,6 +158,8 @@ class Download:
             self.started.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        if self.error is not None:
+            return
         self.error = exc
         if not self.started.done():
             self.started.set_exception(exc)
@@ -139,6 +175,7 @@ class _Fetch(Download):
         self.paths = paths
         self._lock_fd = lock_fd
         self.written = 0
+        self.reserved = 0  # bytes of the cache's max_size this download holds
         self._progress = asyncio.Event()
         self._batches: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, bytes)
         self._batched = 0
@@ -176,27 +213,52 @@ class _Fetch(Download):
                 raise AlreadyCached(self.digest)
             await threads.run(self._create_data_file)
             source = await opener()
-            await threads.run(_write_info, paths.info, source.size)
+            if source.size is not None and source.size > store.max_size:
+                raise NoRoom(
+                    Shortage.BLOB_TOO_LARGE,
+                    f"blob {self.digest} ({source.size} bytes) is larger than the whole cache"
+                    f" ([cache] max_size = {store.max_size} bytes)",
+                )
+            self.size = source.size
+            if source.size is None:  # reserved as it grows
+                await threads.run(self._reserve, store, 0, RESERVE_STEP)
+            else:
+                await threads.run(self._reserve, store, source.size, source.size)
             self._start(source.size)
             hasher = digests.hasher(self.digest)
-            with open(self._fd, "wb", closefd=False, buffering=0) as out:
+            handed_over = 0  # bytes whose writeback was started
 
-                def write(batch: bytes) -> None:
-                    out.write(batch)
-                    hasher.update(batch)
+            def write(batch: bytes) -> None:
+                nonlocal handed_over
+                end = self.written + len(batch)
+                if end > self.reserved:  # only when the size is unknown
+                    self._reserve(store, end, max(end, 2 * self.reserved))
+                _write_all(self._fd, batch)
+                hasher.update(batch)  # only what is on the disk counts
+                if end - handed_over >= WRITEBACK_STEP:
+                    _start_writeback(self._fd, handed_over, end - handed_over)
+                    handed_over = end
 
-                await self._write_as_it_arrives(source.chunks, write)
+            limit = store.max_size if source.size is None else source.size
+            await self._write_as_it_arrives(source.chunks, write, limit)
             if self.size is not None and self.written != self.size:
                 raise DownloadFailed(f"upstream sent {self.written} of {self.size} bytes")
             actual = f"{digests.parse(self.digest)[0]}:{hasher.hexdigest()}"
             if actual != self.digest:
                 raise DownloadFailed(f"upstream bytes hash to {actual}, not {self.digest}")
-            await threads.run(store.put_blob, self.digest, paths.data)
+            on_disk = (await threads.run(os.fstat, self._fd)).st_size
+            if on_disk != self.written:
+                raise DownloadFailed(f"the partial file of {self.digest} holds {on_disk} of {self.written} bytes")
+            await threads.run(store.put_blob, self.digest, paths.data, self.written)
             self._batches.clear()  # later readers, if any, read the file
             self.committed = True
             self.on_done()
         except BaseException as exc:  # every failure must reach every reader
-            self._fail(exc)
+            if isinstance(exc, OSError):  # e.g. the disk is full
+                failure: BaseException = DownloadFailed(f"the download of {self.digest} could not be kept: {exc}")
+            else:
+                failure = exc
+            self._fail(failure)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(paths.data)
             if isinstance(exc, asyncio.CancelledError):
@@ -204,6 +266,9 @@ class _Fetch(Download):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(paths.info)
+            # Unlinked before the flock is released, so no process can lock this file after us.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(paths.lock)
             os.close(self._lock_fd)  # releases the flock: followers elsewhere learn the outcome
             self._notify()
             self._maybe_close()
@@ -211,12 +276,39 @@ class _Fetch(Download):
                 with contextlib.suppress(Exception):
                     await source.close()
 
-    async def _write_as_it_arrives(self, chunks: AsyncIterator[bytes], write: Callable[[bytes], None]) -> None:
+    def _reserve(self, store: ContentStore, needed: int, wanted: int) -> None:
+        """Blocking: hold at least `needed` (up to `wanted`) bytes of max_size, evicting to make room.
+
+        Taken under the cache-wide budget lock and recorded in the info file, so that
+        every process counts every download in flight. Raises `NoRoom`.
+        """
+        if needed > store.max_size:
+            raise NoRoom(
+                Shortage.BLOB_TOO_LARGE,
+                f"blob {self.digest} (no size announced) grew larger than the whole cache"
+                f" ([cache] max_size = {store.max_size} bytes)",
+            )
+        with _budget(store):
+            others = partial_bytes(store.partial_dir, exclude=self.paths.data.name)
+            free = store.make_room(others + needed) + needed
+            if free < needed:
+                raise NoRoom(
+                    Shortage.CACHE_FULL,
+                    f"no room in the cache for blob {self.digest} ({needed} bytes): pinned content and"
+                    f" downloads in progress leave {max(free, 0)} of [cache] max_size ({store.max_size} bytes)",
+                )
+            self.reserved = min(wanted, free, store.max_size)
+            _write_info(self.paths.info, self.size, self.reserved)
+
+    async def _write_as_it_arrives(
+        self, chunks: AsyncIterator[bytes], write: Callable[[bytes], None], limit: int
+    ) -> None:
         """Receive and write concurrently: what arrives during a write goes into the next one.
 
         Each write (and hash) costs a thread hop; batching what the network delivered
         meanwhile keeps that cost per batch, not per 64 KiB read, while the first bytes
-        still go out at once. At most MAX_PENDING bytes wait in memory.
+        still go out at once. At most MAX_PENDING bytes wait in memory, and at most
+        `limit` bytes are taken from the upstream.
         """
         pending: list[bytes] = []
         pending_size = 0
@@ -243,8 +335,14 @@ class _Fetch(Download):
             received = 0
             async for chunk in chunks:
                 received += len(chunk)
-                if self.size is not None and received > self.size:
-                    raise DownloadFailed(f"upstream sent more than {self.size} bytes")
+                if received > limit:
+                    if self.size is not None:
+                        raise DownloadFailed(f"upstream sent more than {self.size} bytes")
+                    raise NoRoom(
+                        Shortage.BLOB_TOO_LARGE,
+                        f"blob {self.digest} (no size announced) is larger than the whole cache"
+                        f" ([cache] max_size = {limit} bytes)",
+                    )
                 pending.append(chunk)
                 pending_size += len(chunk)
                 ready.set()
@@ -273,24 +371,66 @@ class _Fetch(Download):
 class _Follow(Download):
     """Another process fetches; this one follows its partial file."""
 
-    def __init__(self, digest: str, paths: _Paths, store: ContentStore) -> None:
+    def __init__(self, digest: str, paths: _Paths, store: ContentStore, lock_fd: int) -> None:
         super().__init__(digest)
         self.paths = paths
         self._store = store
+        self._lock_fd = lock_fd  # the owner's lock file as it was when we looked: its outcome is ours
 
     def _written(self) -> int:
         return os.fstat(self._fd).st_size
 
     async def _wait(self) -> None:
+        """Every reader waiting looks for itself; the first to see the outcome settles it for all."""
         await asyncio.sleep(FOLLOW_POLL)
-        if not await threads.run(_locked, self.paths.lock):
-            # The owner is done: its data was flushed before the lock was released.
-            if await threads.run(self._store.has_blob, self.digest):
-                self.size = self._written()
-                self.committed = True
-                self.on_done()
-            else:
-                self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
+        if self.done or await self._owner_active() or self.done:
+            return
+        # The owner is done: its data was written before the lock was released.
+        ours = await threads.run(self._stored_is_ours, os.dup(self._fd))
+        if self.done:
+            return
+        if ours:
+            self.size = self._written()
+            self.committed = True
+            self._close_lock()
+            self.on_done()
+        else:
+            self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
+
+    async def _owner_active(self) -> bool:
+        """Whether the owner still holds its lock. The probe works on a duplicate descriptor: ours may be
+        closed meanwhile (the outcome settled by another reader), and its number reused."""
+        if self._lock_fd < 0:
+            return False
+        return await threads.run(_held_closing, os.dup(self._lock_fd))
+
+    def _stored_is_ours(self, data_fd: int) -> bool:
+        """Blocking: whether the store's file for the digest is `data_fd`'s, the one followed (not a later
+        download's). Closes `data_fd`."""
+        try:
+            found = self._store.find_blob(self.digest)
+            if found is None:
+                return False
+            return _same_file(os.stat(found[0]), os.fstat(data_fd))
+        except FileNotFoundError:  # evicted already: our readers cannot be told it was complete
+            return False
+        finally:
+            os.close(data_fd)
+
+    def _fail(self, exc: BaseException) -> None:
+        super()._fail(exc)
+        self._close_lock()
+
+    def _close_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _abandon(self) -> None:
+        """Nobody here reads it any more: stop following, so its partial file is not kept open."""
+        self._fail(DownloadFailed(f"no reader follows the download of {self.digest} any more"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def run(self) -> None:
         """Wait for the owner's upstream to answer, then open its partial file."""
@@ -301,7 +441,7 @@ class _Follow(Download):
                     self._fd = await threads.run(os.open, self.paths.data, os.O_RDONLY)
                     self._start(None if info < 0 else info)
                     return
-                if not await threads.run(_locked, self.paths.lock):
+                if not await self._owner_active():
                     # Finished before we looked, or failed before the upstream answered.
                     raise AlreadyCached(self.digest)
                 await asyncio.sleep(FOLLOW_POLL)
@@ -314,10 +454,33 @@ class _Follow(Download):
                 raise
 
 
-def _write_info(path: Path, size: int | None) -> None:
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte or raise: `write` may write fewer bytes than given (a nearly full disk)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"writing the partial file made no progress ({len(view)} bytes left)")
+        view = view[written:]
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a range out now, without waiting (Linux: DONTNEED starts the
+    writeback of dirty pages; it drops only pages already clean), so that the flush before the commit is short."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _write_info(path: Path, size: int | None, reserved: int) -> None:
     staging = path.with_suffix(".json-new")
-    staging.write_text(json.dumps({"size": size}))
-    os.replace(staging, path)
+    try:
+        staging.write_text(json.dumps({"size": size, "reserved": reserved}))
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
 
 
 def _read_info(path: Path) -> int | None:
@@ -329,19 +492,107 @@ def _read_info(path: Path) -> int | None:
     return -1 if size is None else int(size)
 
 
-def _locked(path: Path) -> bool:
-    """Whether some process holds the download lock (probing with a shared lock)."""
+def _reserved(path: Path) -> int:
+    """The reservation an info file records (0 when there is none, or it is being replaced)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
+        return int(json.loads(path.read_text()).get("reserved", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def partial_bytes(directory: Path, exclude: str = "") -> int:
+    """Blocking: bytes the partial area holds or has reserved, every process's downloads included.
+
+    A download counts as its reservation or its file, whichever is larger; other
+    files (imports being staged) as their size. `exclude` names a data file to skip.
+    """
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name == exclude or entry.name.endswith((".lock", ".json", ".json-new")):
+                continue
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue
+            if entry.name.endswith(".data"):
+                size = max(size, _reserved(directory / (entry.name.removesuffix(".data") + ".json")))
+            total += size
+    return total
+
+
+@contextlib.contextmanager
+def _budget(store: ContentStore) -> Iterator[None]:
+    """Blocking: the cache-wide lock under which downloads reserve room (never unlinked)."""
+    fd = os.open(store.directory / "budget.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(fd)  # closing releases a probe lock we got
-    return False
+        os.close(fd)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _take_lock(path: Path) -> tuple[int, bool]:
+    """An open descriptor of the download lock at `path`, and whether this process now holds it.
+
+    A lock taken on a file its owner has unlinked meanwhile is worthless (a new lock
+    file may exist by that name): then try again.
+    """
+    for _ in range(LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fd, False
+        try:
+            if _same_file(os.fstat(fd), os.stat(path)):
+                return fd, True
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise DownloadFailed(f"could not lock {path.name}: its lock file kept being replaced")
+
+
+def _held_closing(fd: int) -> bool:
+    """Whether some process holds the download lock open as `fd` (probing with a shared lock). Closes `fd`."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)  # closing a duplicate alone would not release it
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned(directory: Path) -> int:
+    """Blocking: remove the files of downloads no process runs (a crash's leftovers); how many downloads.
+
+    Each one's lock is taken first, so downloads running in other workers are left alone.
+    """
+    stems = {name.rsplit(".", 1)[0] for name in os.listdir(directory) if name.endswith(SUFFIXES)}
+    removed = 0
+    for stem in stems:
+        lock = directory / f"{stem}.lock"
+        try:
+            fd, held = _take_lock(lock)
+        except (OSError, DownloadFailed):
+            continue
+        try:
+            if not held:
+                continue
+            for suffix in SUFFIXES:  # the lock last, and before it is released
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / f"{stem}{suffix}")
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 class Downloads:
@@ -350,6 +601,7 @@ class Downloads:
     def __init__(self, store: ContentStore) -> None:
         self._store = store
         self._running: dict[str, Download] = {}
+        store.in_flight = lambda: partial_bytes(store.partial_dir)  # every eviction counts them
 
     def in_flight(self, digest: str) -> Download | None:
         return self._running.get(digest)
@@ -372,16 +624,13 @@ class Downloads:
         if download is not None:
             return download
         paths = _Paths(self._store.partial_dir, digest)
-        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            follow = _Follow(digest, paths, self._store)
-            download, work = follow, follow.run()
-        else:
+        lock_fd, owner = _take_lock(paths.lock)
+        if owner:
             fetch = _Fetch(digest, paths, lock_fd)
             download, work = fetch, fetch.run(self._store, opener)
+        else:
+            follow = _Follow(digest, paths, self._store, lock_fd)
+            download, work = follow, follow.run()
         self._running[digest] = download
         download.on_done = lambda: self._forget(download)
         download._task = asyncio.create_task(work, name=f"download {digest}")

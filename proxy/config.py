@@ -18,7 +18,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
@@ -43,6 +43,7 @@ from proxy import references, units
 from proxy.access.policy import ANYONE, AUTHENTICATED, Network, Pull
 from proxy.access.users import is_bcrypt, parse_htpasswd
 from proxy.registries import DOCKER_HUB, DOCKER_HUB_ALIASES, effective_prefix, is_component, is_docker_hub
+from proxy.tls.files import Role, TLSFileError, check_server_files, check_upstream_files
 
 ENV_PREFIX = "PULLPROXY_"
 MIN_TOKEN_KEY = 32  # bytes: HS256 wants a key at least as long as its hash
@@ -237,6 +238,14 @@ def _prefix(value: object) -> str:
     return str(value)
 
 
+def _tls_files(keys: Mapping[Role, tuple[str, ...]], check: Callable[[], None]) -> None:
+    """Run a TLS file check; its complaint names the key of the file it is about."""
+    try:
+        check()
+    except TLSFileError as exc:
+        raise Problem(str(exc), *keys[exc.role]) from None
+
+
 class UpstreamConfig(Table):
     """One `[[upstream]]`: a registry to mirror."""
 
@@ -250,6 +259,10 @@ class UpstreamConfig(Table):
     timeout: Duration = 30.0
     connect_timeout: Duration = 5.0
     max_connections: Count = 64
+    ca_file: Pathname | None = None  # trusted in addition to the operating system's store
+    client_cert: Pathname | None = None  # mutual TLS towards the upstream, with client_key
+    client_key: Pathname | None = None
+    insecure_skip_verify: Bool = False
 
     @property
     def is_docker_hub(self) -> bool:
@@ -265,6 +278,16 @@ class UpstreamConfig(Table):
     def _credentials(self) -> Self:
         if (self.username is None) != (self.password is None):
             raise Problem("username and password (or password_env) go together")
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise Problem("client_cert and client_key go together")
+        if self.insecure_skip_verify and self.ca_file is not None:
+            raise Problem("insecure_skip_verify = true ignores ca_file; keep one of them")
+        keys = {Role.CA: ("ca_file",), Role.CERTIFICATE: ("client_cert",), Role.KEY: ("client_key",)}
+        _tls_files(keys, lambda: check_upstream_files(self.ca_file, self.client_cert, self.client_key))
         return self
 
 
@@ -366,7 +389,6 @@ class AuthConfig(Table):
         if len(set(names)) != len(names):
             raise Problem(f"{next(n for n in names if names.count(n) > 1)!r} is configured twice", "user")
         self._token_key = self._read_token_key()
-        _check_pull(self.default, self, "default")
         return self
 
     def _read_token_key(self) -> bytes | None:
@@ -388,10 +410,11 @@ class AuthConfig(Table):
         return key
 
 
-def _check_pull(pull: Pull, auth: AuthConfig | None, *at: str | int) -> None:
-    if pull == AUTHENTICATED and auth is None:
+def _check_pull(pull: Pull, auth: AuthConfig | None, certificates: bool, *at: str | int) -> None:
+    """`certificates`: client certificates name users (Common Name) and groups (Organization) too."""
+    if pull == AUTHENTICATED and auth is None and not certificates:
         raise Problem("'authenticated' needs an [auth] section with users", *at)
-    if isinstance(pull, str):
+    if isinstance(pull, str) or certificates:
         return
     if pull and auth is None:
         raise Problem("naming users needs an [auth] section", *at)
@@ -432,6 +455,26 @@ class Server(BaseModel):
     workers: Count = 1
     log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_log_format)] = "auto"
     trusted_proxies: NetworkList = ()
+    tls_cert: Pathname | None = None  # with tls_key: the listener speaks HTTPS
+    tls_key: Pathname | None = None
+    tls_client_ca: Pathname | None = None  # clients must present a certificate this CA signed
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        """`tls_cert` and `tls_key` turn HTTPS on; a pair that would not load stops start-up here."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise Problem("tls_cert and tls_key go together", "server")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise Problem("needs tls_cert and tls_key (client certificates need TLS)", "server", "tls_client_ca")
+        if self.tls_cert is not None and self.tls_key is not None:
+            cert, key, client_ca = self.tls_cert, self.tls_key, self.tls_client_ca
+            keys = {
+                Role.CA: ("server", "tls_client_ca"),
+                Role.CERTIFICATE: ("server", "tls_cert"),
+                Role.KEY: ("server", "tls_key"),
+            }
+            _tls_files(keys, lambda: check_server_files(cert, key, client_ca))
+        return self
 
     @property
     def listen_host(self) -> str:
@@ -561,7 +604,9 @@ class Config(BaseSettings, Cache, Server):
                 raise Problem(
                     f"{first!r} is not a configured upstream (known: {', '.join(known)})", "access", index, "repository"
                 )
-            _check_pull(rule.pull, self.auth, "access", index, "pull")
+            _check_pull(rule.pull, self.auth, self.tls_client_ca is not None, "access", index, "pull")
+        if self.auth is not None:
+            _check_pull(self.auth.default, self.auth, self.tls_client_ca is not None, "auth", "default")
         return self
 
 

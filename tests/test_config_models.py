@@ -258,15 +258,19 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
     ("text", "message"),
     [
         ("listen = '1:2'\n", "(top level).listen: unknown key (known: access, auth, cache, pin, server, upstream)"),
-        ("[server]\nport = 1\n", "server.port: unknown key (known: listen, log_format, trusted_proxies, workers)"),
+        (
+            "[server]\nport = 1\n",
+            "server.port: unknown key (known: listen, log_format, tls_cert, tls_client_ca, tls_key,"
+            " trusted_proxies, workers)",
+        ),
         (
             "[cache]\ncache_dir = 'x'\n",
             "cache.cache_dir: unknown key (known: dir, max_size, offline, pin_refresh, tag_ttl)",
         ),
         (
             UPSTREAM + "token = 'x'\n",
-            "upstream[0].token: unknown key (known: connect_timeout, default, max_connections, name, password,"
-            " password_env, prefix, timeout, url, username)",
+            "upstream[0].token: unknown key (known: ca_file, client_cert, client_key, connect_timeout, default,"
+            " insecure_skip_verify, max_connections, name, password, password_env, prefix, timeout, url, username)",
         ),
         ("[[pin]]\nimage = 'alpine'\ntag = 'x'\n", "pin[0].tag: unknown key (known: image, platforms)"),
         (

@@ -198,7 +198,7 @@ def test_template_shows_server_facts_and_upstream_notes_only_when_there_are_some
     upstream = dataclasses.replace(view.upstreams[0], notes=("TLS not verified",))
     facts = (status.Fact("TLS", "off", warning=True),)
     page = status.render_view(dataclasses.replace(view, upstreams=(upstream,), server=facts))
-    assert '<section id="server"><h2>Server</h2>' in page
+    assert '<section id="tls"><h2>TLS</h2>' in page
     assert '<th>TLS</th><td><span class="state failing">off</span></td>' in page
     assert '<br><span class="state failing">TLS not verified</span>' in page
 

@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy import tls
 from proxy.access.policy import Address, Network, Policy, User
 from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.access.users import Users
@@ -127,11 +128,25 @@ class Gate:
             _log_user(request, user)
         return user
 
+    def certificate_user(self, request: Request) -> User | None:
+        """The holder of the connection's verified client certificate (`server.tls_client_ca`):
+        its Common Name is the user, its Organizations are groups, besides the user's configured ones."""
+        identity = tls.client_identity(request.scope)
+        if identity is None:
+            return None
+        user = User(identity.name, self.users.user(identity.name).groups | identity.groups)
+        _log_user(request, user)
+        return user
+
     async def caller(self, request: Request, name: str | None = None) -> Caller:
-        """Who presented what; 401 when the credentials are wrong (`name` goes into the challenge)."""
+        """Who presented what; 401 when the credentials are wrong (`name` goes into the challenge).
+
+        Credentials in the request win over a client certificate, which stands for its holder otherwise.
+        """
         header = request.headers.get("authorization")
         if not header:
-            return ANONYMOUS
+            user = self.certificate_user(request)
+            return ANONYMOUS if user is None else Caller(user)
         scheme, _, value = header.partition(" ")
         scheme = scheme.lower()
         if scheme == "basic":
@@ -183,7 +198,8 @@ async def token(request: Request) -> Response:
 
     Anonymous callers get one too (for what anyone may pull), as Docker clients ask for
     one before every pull. Scopes the caller may not have are left out, not refused.
-    Networks do not count here: a token leaves the network it was issued to.
+    Networks do not count here: a token leaves the network it was issued to; a verified
+    client certificate does, as its holder's credentials.
     """
     gate: Gate = request.app.state.gate
     router: Router = request.app.state.router
@@ -194,6 +210,8 @@ async def token(request: Request) -> Response:
         user = await gate.basic_user(request, value.strip()) if scheme.lower() == "basic" else None
         if user is None:
             raise Unauthorized("incorrect username or password", challenge=f'Basic realm="{SERVICE}"')
+    else:
+        user = gate.certificate_user(request)
     service = request.query_params.get("service")
     if service is not None and service != SERVICE:
         raise BadRequest(f"this token service is {SERVICE!r}, not {service!r}")

@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+import structlog
 import uvicorn
 
 from proxy import config as configuration
-from proxy import errors, references
+from proxy import errors, references, tls
 from proxy.cli import cache_tools as cli_cache
 from proxy.cli import images as cli_images
 from proxy.http.app import CONFIG_ENV, create_app
@@ -29,6 +30,11 @@ def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
         timeout_keep_alive=30,
         log_level="warning",
     )
+    options.update(tls.uvicorn_options(config))  # HTTPS with server.tls_cert and tls_key
+    if config.tls_cert is None and config.auth is not None:
+        structlog.get_logger("pullproxy").warning(
+            "serving plain HTTP: passwords and tokens cross the network in clear (see server.tls_cert)"
+        )
     if workers > 1:
         if args.config is not None:
             os.environ[CONFIG_ENV] = str(Path(args.config).resolve())

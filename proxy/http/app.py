@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from cache import flight
 from cache.store import ContentStore
 from proxy import config as configuration
 from proxy import errors
@@ -42,6 +43,14 @@ async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RegistryError)
     record_of(request.scope).error = exc.message  # for the status page's recent errors
     return error_response(exc)
+
+
+async def _download_failed(request: Request, exc: Exception) -> Response:
+    """A download that failed before its response started (e.g. no room in the cache): 503, or 502 if too large."""
+    assert isinstance(exc, flight.DownloadFailed)
+    if isinstance(exc, flight.NoRoom) and exc.shortage is flight.Shortage.BLOB_TOO_LARGE:
+        return await _registry_error(request, errors.bad_upstream(str(exc)))
+    return await _registry_error(request, errors.unavailable(str(exc)))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -103,6 +112,7 @@ def create_app(
         middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
         exception_handlers={
             errors.RegistryError: _registry_error,
+            flight.DownloadFailed: _download_failed,
             HTTPException: _http_error,
             Exception: _unexpected,
         },
@@ -120,12 +130,16 @@ async def _gate(config: configuration.Config) -> Gate:
 
 
 def _remove_stale_partials(directory: Path) -> None:
-    """Partial files of downloads a crash interrupted (older than an hour: workers share the folder)."""
+    """Files of downloads a crash interrupted (those no worker holds the lock of: workers share the
+    folder), and other staged files older than an hour."""
     import time
 
+    removed = flight.remove_abandoned(directory)
+    if removed:
+        log.info("removed abandoned downloads", count=removed)
     for entry in os.scandir(directory):
         with contextlib.suppress(OSError):
-            if entry.stat().st_mtime < time.time() - 3600:
+            if not entry.name.endswith(flight.SUFFIXES) and entry.stat().st_mtime < time.time() - 3600:
                 os.unlink(entry.path)
 
 

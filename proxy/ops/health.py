@@ -18,6 +18,7 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy import tls
 from proxy.upstream.client import Upstream
 
 PROBE_INTERVAL = 2.0
@@ -66,6 +67,7 @@ def upstream_state(upstream: Upstream) -> dict[str, object]:
         "last_ok": ok,
         "last_error": None if error is None else {"at": error[0], "what": error[1]},
         "backoff_until": backoff,
+        "tls": tls.upstream_trust(upstream.config).value,  # "not verified" with insecure_skip_verify
     }
 
 
@@ -79,5 +81,6 @@ async def readyz(request: Request) -> Response:
         "ready": problem is None,
         "cache": {"writable": problem is None, "problem": problem},
         "upstreams": [upstream_state(upstream) for upstream in request.app.state.mirror.upstreams],
+        "tls": tls.describe_server(),  # whether the listener speaks HTTPS, and until when its certificate holds
     }
     return JSONResponse(body, status_code=200 if problem is None else 503)

@@ -106,6 +106,21 @@ UPSTREAM_ERRORS = Counter(
 UPSTREAM_BYTES = Counter(
     "pullproxy_upstream_fetched_bytes", "Body bytes received from an upstream.", ["upstream"], registry=REGISTRY
 )
+_TLS_EXPIRY: list[Gauge] = []  # made on first use: without TLS the metric is absent, not 0
+
+
+def tls_certificate_expiry(not_after: float) -> None:
+    """When the certificate the listener presents expires (Unix time), for expiry alerts."""
+    if not _TLS_EXPIRY:
+        _TLS_EXPIRY.append(
+            Gauge(
+                "pullproxy_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate the mirror presents expires (Unix time).",
+                multiprocess_mode="mostrecent",
+                registry=REGISTRY,
+            )
+        )
+    _TLS_EXPIRY[0].set(not_after)
 
 
 class Children:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from proxy import tls
 from proxy.access.gate import Gate
 from proxy.errors import RegistryError
 from proxy.mirror.outcome import Outcome
@@ -164,7 +165,8 @@ async def page(request: Request) -> Response:
     await state.sampler.sample()
     snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
     upstreams = [upstream_state(upstream) for upstream in state.mirror.upstreams]
-    view = build(snapshot, upstreams, state.activity, time.time(), await _visibility(request), _worker())
+    visible = await _visibility(request)
+    view = build(snapshot, upstreams, state.activity, time.time(), visible, _worker(), tls.describe_server())
     return templates.TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
@@ -219,6 +221,7 @@ def build(
     now: float,
     visible: Callable[[str], bool] = lambda name: True,
     worker: int | None = None,
+    server_tls: Mapping[str, object] | None = None,
 ) -> StatusView:
     """The page's content, from the metrics, the upstreams' state (`health.upstream_state`)
     and this process's activity; `visible` says which repository names the caller may see."""
@@ -237,7 +240,34 @@ def build(
         pulls=_pulls(activity, visible),
         errors=_errors(activity, now, visible),
         note=_scope_note(activity, worker),
+        server=_tls_facts(server_tls, now) if server_tls is not None else (),
     )
+
+
+def _tls_facts(server: Mapping[str, object], now: float) -> tuple[Fact, ...]:
+    """Whether clients' credentials cross the network encrypted, and until when the certificate holds."""
+    if not server.get("enabled"):
+        why = "passwords and tokens cross the network in clear; tls_cert and tls_key in [server] turn HTTPS on"
+        return (Fact("Listener", f"plain HTTP: {why}", warning=True),)
+    certificate = server["certificate"]
+    assert isinstance(certificate, Mapping)
+    not_after = float(certificate["not_after"])
+    days = (not_after - now) / 86400
+    left = "expired" if days < 0 else f"in {days:.0f} d" if days >= 2 else f"in {max(0, int(days * 24))} h"
+    clients = " · client certificates required" if server.get("client_certificates") == "required" else ""
+    facts = [
+        Fact("Listener", f"HTTPS {certificate['subject']} · issued by {certificate['issuer']}{clients}"),
+        Fact(
+            "Certificate",
+            f"Certificate expires {_clock(not_after)} UTC ({left}) · SHA-256 {str(certificate['sha256'])[:16]}…",
+            warning=days < tls.EXPIRY_WARNING_DAYS,
+        ),
+    ]
+    error = server.get("rotation_error")
+    if isinstance(error, Mapping):
+        why = f"rotation failed {_ago(error['at'], now)}: {error['why']}; the certificate above is still served"
+        facts.append(Fact("Rotation", why, warning=True))
+    return tuple(facts)
 
 
 def _cache_use(snapshot: metrics.Snapshot) -> CacheUse:
@@ -277,6 +307,7 @@ def _upstream(snapshot: metrics.Snapshot, upstream: Mapping[str, object], now: f
         errors=_count(snapshot.upstream_errors(name)),
         fetched=_bytes(snapshot.fetched_bytes(name)),
         backoff=_backoff(upstream.get("backoff_until"), now),
+        notes=("TLS not verified",) if upstream.get("tls") == tls.UpstreamTrust.NOT_VERIFIED else (),
     )
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import math
+import ssl
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,6 +26,7 @@ import structlog
 
 from cache.flight import Source
 from cache.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
+from proxy import tls
 from proxy.config import UpstreamConfig
 from proxy.ops import metrics
 from proxy.upstream.auth import RealmRefused, RegistryAuth, scope_for
@@ -148,6 +150,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=32),
             headers={"User-Agent": "pullproxy/0.1", "Accept-Encoding": "identity"},
             transport=transport,
+            verify=tls.upstream_context(config),  # the system's trust store, ca_file, client_cert
         )
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
@@ -178,10 +181,11 @@ class Upstream:
         started = time.perf_counter()
         try:
             response = await self._exchange(request, kind)
-        except httpx.HTTPError as exc:
-            self._failed(method, path, type(exc).__name__)
-            self._back_off(type(exc).__name__)
-            raise UpstreamUnavailable(self.name, f"unreachable ({type(exc).__name__})") from exc
+        except (httpx.HTTPError, ssl.SSLError) as exc:  # a TLS alert after the handshake comes as SSLError
+            why = tls.explain_failure(exc, self.config)
+            self._failed(method, path, why or type(exc).__name__)
+            self._back_off(why or type(exc).__name__)
+            raise UpstreamUnavailable(self.name, why or f"unreachable ({type(exc).__name__})") from exc
         except RealmRefused as exc:
             raise UpstreamError(self.name, str(exc)) from None
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -90,18 +91,23 @@ def skopeo_copy(
     registries_conf: str | Path | None = None,
     extra: Sequence[str] = (),
     timeout: float = DEFAULT_TIMEOUT,
+    cert_dir: str | Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """``skopeo copy SRC DEST`` with TLS verification off for ``docker://`` ends.
 
     With TLS verification off, skopeo tries https first and falls back to plain
     http, which is what reaches our 127.0.0.1 servers. Copy to ``dir:PATH`` to get
     the exact manifest bytes (``manifest.json``; with ``--all`` each child as
-    ``<hex>.manifest.json``) and blobs (named by hex digest).
+    ``<hex>.manifest.json``) and blobs (named by hex digest). With ``cert_dir`` the
+    source is verified over HTTPS instead: ``ca.crt`` there is trusted, and a
+    ``client.cert``/``client.key`` pair is presented.
     """
     argv = [*_skopeo_globals(registries_conf), "copy", "--retry-times", "0"]
     if all:
         argv.append("--all")
-    if src.startswith("docker://"):
+    if cert_dir is not None:
+        argv += ["--src-tls-verify=true", "--src-cert-dir", str(cert_dir)]
+    elif src.startswith("docker://"):
         argv.append("--src-tls-verify=false")
     if dest.startswith("docker://"):
         argv.append("--dest-tls-verify=false")
@@ -143,13 +149,25 @@ def write_authfile(path: str | Path, host: str, user: str, password: str) -> Pat
     return out
 
 
-def write_registries_conf(path: str | Path, registry_name: str, mirror_host: str) -> Path:
+def write_registries_conf(path: str | Path, registry_name: str, mirror_host: str, insecure: bool = True) -> Path:
     """registries.conf mapping ``registry_name`` to an insecure (http) mirror only.
 
     ``mirror_host`` is ``127.0.0.1:PORT``. The primary location is also the mirror
-    (marked insecure) so skopeo never tries to reach the real registry.
+    (marked insecure) so skopeo never tries to reach the real registry. With
+    ``insecure=False`` the mirror is verified over HTTPS, as ``[[registry.mirror]]``.
     """
     out = Path(path)
+    if not insecure:
+        # The primary location is a closed port: only the mirror can answer.
+        out.write_text(
+            "unqualified-search-registries = []\n\n"
+            "[[registry]]\n"
+            f'prefix = "{registry_name}"\n'
+            f'location = "127.0.0.1:{free_port()}"\n'
+            "[[registry.mirror]]\n"
+            f'location = "{mirror_host}"\n'
+        )
+        return out
     out.write_text(
         "unqualified-search-registries = []\n\n"
         "[[registry]]\n"
@@ -175,6 +193,8 @@ def write_hosts_toml(
     override_path: bool = False,
     *,
     server: str | None = None,
+    ca: str | Path | None = None,
+    client: tuple[str | Path, str | Path] | None = None,
 ) -> Path:
     """Write ``HOSTS_DIR/<registry_name>/hosts.toml`` sending pulls to ``mirror_url``.
 
@@ -183,7 +203,9 @@ def write_hosts_toml(
     127.0.0.1 port: containerd falls back to the server when the mirror fails,
     and the default for docker.io (registry-1.docker.io) would trigger a DNS
     lookup leaving the machine. With ``override_path`` the mirror URL is used as
-    the API root verbatim (it must then end in ``/v2``).
+    the API root verbatim (it must then end in ``/v2``). With ``ca`` an https mirror
+    is verified against that CA (no ``skip_verify``), and ``client`` is a
+    (cert, key) pair containerd presents to it.
     """
     folder = Path(hosts_dir) / registry_name
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,8 +216,10 @@ def write_hosts_toml(
         "",
         f'[host."{mirror_url}"]',
         '  capabilities = ["pull", "resolve"]',
-        "  skip_verify = true",
+        f'  ca = "{ca}"' if ca is not None else "  skip_verify = true",
     ]
+    if client is not None:
+        lines.append(f'  client = [["{client[0]}", "{client[1]}"]]')
     if override_path:
         lines.append("  override_path = true")
     path = folder / "hosts.toml"
@@ -425,10 +449,11 @@ def docker_daemon_pull(
     repo: str,
     tag: str,
     *,
-    auth: tuple[str, str] | None = None,
+    auth: tuple[str, str] | httpx.Auth | None = None,
     os_name: str = "linux",
     arch: str = "amd64",
     timeout: float = 60.0,
+    verify: ssl.SSLContext | bool = True,
 ) -> DockerPull:
     """Reproduce dockerd's request sequence against a ``registry-mirrors`` entry.
 
@@ -437,11 +462,12 @@ def docker_daemon_pull(
     descends into the platform child of an index, then fetches config and
     layers; every digest is verified. ``repo`` is e.g. ``library/alpine``
     (dockerd always adds ``library/`` for official images, and sends no ``ns``).
+    ``verify`` trusts an HTTPS mirror's CA, as ``certs.d/<host:port>/ca.crt`` does for dockerd.
     """
     base = base_url.rstrip("/")
     accept = [("Accept", a) for a in DOCKER_ACCEPTS]
     log: list[tuple[str, str, int]] = []
-    with httpx.Client(auth=auth, timeout=timeout, headers={"User-Agent": DOCKER_USER_AGENT}) as client:
+    with httpx.Client(auth=auth, timeout=timeout, headers={"User-Agent": DOCKER_USER_AGENT}, verify=verify) as client:
 
         def request(method: str, path: str, headers: list[tuple[str, str]] | None = None) -> httpx.Response:
             resp = client.request(method, base + path, headers=headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -26,12 +27,14 @@ def wait_http(
     *,
     ok_status: tuple[int, ...] = (200, 401),
     alive: Callable[[], bool] | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.Response:
     """Poll ``url`` with GET until it answers with one of ``ok_status``.
 
     Servers are started as subprocesses, so readiness means "answers HTTP",
     not "process exists". ``alive`` may be a callable returning False once the
     server process died, which turns a long wait into an immediate failure.
+    ``verify`` is httpx's: an ``ssl.SSLContext`` trusting a test CA for an HTTPS server.
     """
     deadline = time.monotonic() + timeout
     last: str = "no attempt"
@@ -39,7 +42,7 @@ def wait_http(
         if alive is not None and not alive():
             raise RuntimeError(f"process serving {url} exited before it became ready ({last})")
         try:
-            resp = httpx.get(url, timeout=2.0)
+            resp = httpx.get(url, timeout=2.0, verify=verify)
             if resp.status_code in ok_status:
                 return resp
             last = f"HTTP {resp.status_code}"

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ class Proxy(Closing):
         workdir: str | Path | None = None,
         start: bool = True,
         start_timeout: float = 30.0,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self._owns_dir = workdir is None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pp-proxy-"))
@@ -119,7 +121,9 @@ class Proxy(Closing):
             server["listen"] = f"127.0.0.1:{free_port()}"
         self.host = str(server["listen"])
         self.port = int(self.host.rsplit(":", 1)[1])
-        self.url = f"http://{self.host}"
+        # With server.tls_cert the mirror speaks HTTPS; ``verify`` trusts its CA (and may hold a client pair).
+        self.url = f"{'https' if server.get('tls_cert') else 'http'}://{self.host}"
+        self.verify: ssl.SSLContext | bool = verify if verify is not None else True
         cache = self.config.setdefault("cache", {})
         cache.setdefault("dir", str(self.dir / "cache"))
         cache.setdefault("max_size", "1GiB")
@@ -162,7 +166,7 @@ class Proxy(Closing):
             log.write(f"--- start: {' '.join(argv)}\n")
         self._proc = spawn(argv, self.log_path, env=env, cwd=REPO_ROOT)
         try:
-            wait_http(f"{self.url}/v2/", timeout or self.start_timeout, alive=lambda: self.running)
+            wait_http(f"{self.url}/v2/", timeout or self.start_timeout, alive=lambda: self.running, verify=self.verify)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"pullproxy failed to start: {exc}\n--- log tail:\n{tail(self.log_path)}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -39,6 +40,8 @@ class Registry(Closing):
     pull-through cache of that URL (read-only; pushes are refused), optionally
     authenticating upstream with ``proxy_username``/``proxy_password``.
     Storage and port survive ``stop()``/``start()`` so restarts can be tested.
+    ``tls`` serves HTTPS (distribution's ``http.tls``: ``certificate``, ``key``,
+    ``clientcas``), and ``storage`` another registry's storage folder (to read only).
     """
 
     def __init__(
@@ -51,16 +54,21 @@ class Registry(Closing):
         workdir: str | Path | None = None,
         log_level: str = "warn",
         start: bool = True,
+        tls: dict[str, Any] | None = None,
+        storage: Path | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self._owns_dir = workdir is None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pp-registry-"))
-        self.storage = self.dir / "storage"
+        self.storage = storage or self.dir / "storage"
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "config.yml"
         self.log_path = self.dir / "registry.log"
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.tls = dict(tls or {})
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}"
+        self.verify: ssl.SSLContext | bool = verify if verify is not None else True
         self.users = dict(users or {})
         self.proxy_remote = proxy_remote
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,6 +97,7 @@ class Registry(Closing):
                 # A fixed secret keeps upload URLs valid across stop()/start().
                 "secret": "pullproxy-test-secret",
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
+                **({"tls": self.tls} if self.tls else {}),
             },
             "health": {"storagedriver": {"enabled": False}},
         }
@@ -114,7 +123,7 @@ class Registry(Closing):
             return self
         self._proc = spawn([REGISTRY_BIN, "serve", str(self.config_path)], self.log_path)
         try:
-            wait_http(f"{self.url}/v2/", timeout, alive=lambda: self.running)
+            wait_http(f"{self.url}/v2/", timeout, alive=lambda: self.running, verify=self.verify)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"docker-registry failed to start: {exc}\n{tail(self.log_path)}") from exc
