@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from proxy import cli_cache, cli_images, errors, logs, metrics, references
+from proxy import cli_cache, cli_images, errors, logs, metrics, references, server
 from proxy import config as configuration
 from proxy.app import CONFIG_ENV, create_app
 
@@ -25,6 +25,7 @@ def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
         proxy_headers=False,
         timeout_keep_alive=30,
         log_level="warning",
+        **server.serve_options(config, workers),  # bounded headers and connections
     )
     if workers > 1:
         if args.config is not None:
