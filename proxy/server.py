@@ -372,8 +372,9 @@ if HttpToolsProtocol is not None:
 class BoundedH11Protocol(_Bounded, H11Protocol):
     """h11's protocol with the limits, for where httptools is missing.
 
-    h11 itself bounds the head (`h11_max_incomplete_event_size`, set to `max_header_size`), and
-    answers 400 beyond it; a head is being read while h11 waits in state IDLE.
+    h11 itself bounds a head that has not ended (`h11_max_incomplete_event_size`, set to
+    `max_header_size`; uvicorn answers 400), though a whole head in one read passes; a head is
+    being read while h11 waits in state IDLE.
     """
 
     def __init__(
