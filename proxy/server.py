@@ -206,45 +206,62 @@ class Protocols:
         return self.protocol(config, server_state, app_state, _loop, connections=self.connections)
 
 
-class _Bounded:
-    """The limits, on top of one of uvicorn's HTTP/1.1 protocols (which provide the attributes below).
+class _State:
+    """One connection's part in the limits.
 
-    `_head_started` is the loop time at which the request head now being read began (None: none
-    is). One timer per connection checks it, re-armed only while heads keep coming, so a busy
-    keep-alive connection does not create a timer per request.
+    Kept in one slotted object: uvicorn's protocol already has 28 attributes, and past 30 its
+    instances lose CPython's shared-key dicts, which slows every attribute access it makes.
+    `head_started` is the loop time at which the request head now being read began (None: none
+    is); one timer per connection checks it, re-armed only while heads keep coming, so a busy
+    keep-alive connection does not create a timer per request. `in_head`: the bytes now
+    arriving belong to a request head, counted in `head_bytes`.
     """
+
+    __slots__ = (
+        "admitted",
+        "connections",
+        "head_bytes",
+        "head_started",
+        "head_timeout",
+        "in_head",
+        "key",
+        "limits",
+        "lingering",
+        "refusing",
+        "timer",
+    )
+
+    def __init__(self, connections: Connections) -> None:
+        self.connections = connections
+        self.limits = connections.limits
+        self.key: str | None = None
+        self.admitted = False
+        self.refusing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.head_started: float | None = None
+        self.head_timeout = connections.limits.header_timeout
+        self.in_head = True
+        self.head_bytes = 0
+        self.lingering = False
+
+
+class _Bounded:
+    """The limits, on top of one of uvicorn's HTTP/1.1 protocols (which provide the attributes below)."""
 
     transport: asyncio.Transport
     client: tuple[str, int] | None
     loop: asyncio.AbstractEventLoop
     app: Any
-
-    _connections: Connections
-    _limits: Limits
-    _key: str | None
-    _admitted: bool
-    _refusing: bool
-    _timer: asyncio.TimerHandle | None
-    _head_started: float | None
-    _head_timeout: float
-
-    def _bind(self, connections: Connections) -> None:
-        self._connections = connections
-        self._limits = connections.limits
-        self._key = None
-        self._admitted = False
-        self._refusing = False
-        self._timer = None
-        self._head_started = None
-        self._head_timeout = connections.limits.header_timeout
+    _bounds: _State
 
     def _admit(self) -> None:
         """On a new connection: count it in and time its first head, or refuse it."""
-        connections = self._connections
-        self._key = connections.key(self.client)
-        refusal = connections.admit(self._key)
+        bounds = self._bounds
+        connections = bounds.connections
+        bounds.key = connections.key(self.client)
+        refusal = connections.admit(bounds.key)
         if refusal is None:
-            self._admitted = True
+            bounds.admitted = True
         elif connections.refusing >= REFUSING:
             connections.note(Closed.DROPPED, self.loop)
             self.transport.close()
@@ -252,47 +269,49 @@ class _Bounded:
         else:
             connections.note(refusal, self.loop)
             connections.refusing += 1
-            self._refusing = True
+            bounds.refusing = True
             self.app = connections.refusals[refusal]  # answers the request head, then closes
-            self._head_timeout = min(self._head_timeout, REFUSAL_TIMEOUT)
+            bounds.head_timeout = min(bounds.head_timeout, REFUSAL_TIMEOUT)
         self._head_begins()
 
     def _release(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._admitted:
-            self._admitted = False
-            self._connections.release(self._key)
-        elif self._refusing:
-            self._refusing = False
-            self._connections.refusing -= 1
+        bounds = self._bounds
+        if bounds.timer is not None:
+            bounds.timer.cancel()
+            bounds.timer = None
+        if bounds.admitted:
+            bounds.admitted = False
+            bounds.connections.release(bounds.key)
+        elif bounds.refusing:
+            bounds.refusing = False
+            bounds.connections.refusing -= 1
 
     def _head_begins(self) -> None:
-        self._head_started = self.loop.time()
-        if self._timer is None:
-            self._timer = self.loop.call_later(self._head_timeout, self._check_head)
+        bounds = self._bounds
+        bounds.head_started = self.loop.time()
+        if bounds.timer is None:
+            bounds.timer = self.loop.call_later(bounds.head_timeout, self._check_head)
 
     def _check_head(self) -> None:
-        self._timer = None
-        if self._head_started is None or self.transport.is_closing():
+        bounds = self._bounds
+        bounds.timer = None
+        if bounds.head_started is None or self.transport.is_closing():
             return
-        left = self._head_started + self._head_timeout - self.loop.time()
+        left = bounds.head_started + bounds.head_timeout - self.loop.time()
         if left > 0:  # a later head than the one that armed the timer
-            self._timer = self.loop.call_later(left, self._check_head)
+            bounds.timer = self.loop.call_later(left, self._check_head)
             return
-        self._connections.note(Closed.HEADER_TIMEOUT, self.loop)
+        bounds.connections.note(Closed.HEADER_TIMEOUT, self.loop)
         self.transport.close()
 
 
 if HttpToolsProtocol is not None:
 
     class BoundedHttpToolsProtocol(_Bounded, HttpToolsProtocol):
-        """httptools' protocol with the limits; the head size is checked as bytes arrive.
-
-        `_in_head`: the bytes now arriving belong to a request head (from the connection's start
-        or the end of a request until its head is complete), counted in `_head_bytes` so that a
+        """httptools' protocol with the limits; the head size is checked as bytes arrive, so a
         head that never ends cannot grow past the limit by more than one read.
+
+        The base class is called directly, not through super(): these methods run for every request.
         """
 
         def __init__(
@@ -305,10 +324,7 @@ if HttpToolsProtocol is not None:
             connections: Connections,
         ) -> None:
             super().__init__(config, server_state, app_state, _loop)
-            self._bind(connections)
-            self._in_head = True
-            self._head_bytes = 0
-            self._lingering = False
+            self._bounds = _State(connections)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
@@ -319,49 +335,50 @@ if HttpToolsProtocol is not None:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._lingering:
+            bounds = self._bounds
+            if bounds.lingering:
                 return
-            if self._in_head:
-                self._head_bytes += len(data)
-            super().data_received(data)
-            if self._in_head and self._head_bytes > self._limits.max_header_size and not self.transport.is_closing():
+            if bounds.in_head:
+                bounds.head_bytes += len(data)
+                if bounds.head_started is None:  # a keep-alive request: timed from its first byte
+                    self._head_begins()
+            HttpToolsProtocol.data_received(self, data)
+            if bounds.in_head and bounds.head_bytes > bounds.limits.max_header_size and not self.transport.is_closing():
                 self._too_large()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._head_started is None:  # a keep-alive request; the first is timed from the connection's start
-                self._head_begins()
-
         def on_headers_complete(self) -> None:
-            if self._lingering:
+            bounds = self._bounds
+            if bounds.lingering:
                 return
-            self._head_started = None
-            self._in_head = False
+            bounds.head_started = None
+            bounds.in_head = False
             size = len(self.url)
             for name, value in self.headers:
                 size += len(name) + len(value) + 4
-            if size > self._limits.max_header_size:
+            if size > bounds.limits.max_header_size:
                 self._too_large()
                 return
-            super().on_headers_complete()
+            HttpToolsProtocol.on_headers_complete(self)
 
         def on_body(self, body: bytes) -> None:
-            if not self._lingering:
-                super().on_body(body)
+            if not self._bounds.lingering:
+                HttpToolsProtocol.on_body(self, body)
 
         def on_message_complete(self) -> None:
-            if self._lingering:
+            bounds = self._bounds
+            if bounds.lingering:
                 return
-            super().on_message_complete()
-            self._in_head = True
-            self._head_bytes = 0
+            HttpToolsProtocol.on_message_complete(self)
+            bounds.in_head = True
+            bounds.head_bytes = 0
 
         def _too_large(self) -> None:
             """431, then read and drop what the client still sends for LINGER, so it sees the answer."""
-            self._lingering = True
-            self._head_started = None
-            self._connections.note(Closed.HEADER_TOO_LARGE, self.loop)
-            self.transport.write(self._connections.too_large)
+            bounds = self._bounds
+            bounds.lingering = True
+            bounds.head_started = None
+            bounds.connections.note(Closed.HEADER_TOO_LARGE, self.loop)
+            self.transport.write(bounds.connections.too_large)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
                 self.loop.call_later(LINGER, self.transport.close)
@@ -387,7 +404,7 @@ class BoundedH11Protocol(_Bounded, H11Protocol):
         connections: Connections,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._bind(connections)
+        self._bounds = _State(connections)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -398,11 +415,12 @@ class BoundedH11Protocol(_Bounded, H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_started is None and self.conn.their_state is h11.IDLE:
+        bounds = self._bounds
+        if bounds.head_started is None and self.conn.their_state is h11.IDLE:
             self._head_begins()
-        super().data_received(data)
+        H11Protocol.data_received(self, data)
         if self.conn.their_state is not h11.IDLE:
-            self._head_started = None
+            bounds.head_started = None
 
 
 #: The protocol of every connection: httptools' (uvicorn's default, and faster), else h11's.
