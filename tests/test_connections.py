@@ -270,8 +270,12 @@ def test_an_address_over_max_connections_per_client_gets_429_and_others_are_serv
     async def scenario() -> None:
         async with serving(protocol, limits(header_timeout=10, max_connections_per_client=3)) as (port, _):
             held = [await connect(port, "127.0.0.2") for _ in range(3)]
-            status, headers, body = await request(port, "127.0.0.2")
+            reader, writer = await connect(port, "127.0.0.2")
+            writer.write(GET)
+            status, headers, body = await response(reader)
             assert (status, oci_code(body), headers["retry-after"]) == (429, "TOOMANYREQUESTS", "1")
+            assert await closed(reader, 3)
+            writer.close()
             assert (await request(port, "127.0.0.3"))[0] == 200
             held.pop()[1].close()
             await asyncio.sleep(0.1)
