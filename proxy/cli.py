@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
-from proxy import cli_cache, cli_images, errors, logs, metrics, references, tls
+from proxy import cli_cache, cli_images, errors, logs, metrics, references, server, tls
 from proxy import config as configuration
 from proxy.app import CONFIG_ENV, create_app
 
@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
         proxy_headers=False,
         timeout_keep_alive=30,
         log_level="warning",
+        **server.serve_options(config, workers),  # bounded headers and connections
     )
     options.update(tls.uvicorn_options(config))  # HTTPS with server.tls_cert and tls_key
     if config.tls_cert is None and config.auth is not None:

@@ -98,6 +98,10 @@ class Config:
     workers: int = 1
     log_format: str = "auto"
     trusted_proxies: tuple[Network, ...] = ()
+    max_header_size: int = 64 << 10
+    header_timeout: float = 10.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 128
     cache_dir: Path = Path("pullproxy-data")
     max_size: int = 10 << 30
     tag_ttl: float = 60.0
@@ -337,7 +341,18 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
 
     server = _table(data, "server")
     _check_keys(
-        "server", server, {"listen", "workers", "log_format", "trusted_proxies", "tls_cert", "tls_key", "tls_client_ca"}
+        "server",
+        server,
+        {
+            "listen",
+            "workers",
+            "log_format",
+            "trusted_proxies",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            *_CONNECTION_KEYS,
+        },
     )
     host, port = parse_listen("server.listen", server.get("listen", "0.0.0.0:5000"))
     try:
@@ -373,6 +388,7 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         workers=workers,
         log_format=log_format,
         trusted_proxies=trusted_proxies,
+        **_connection_limits(server),
         cache_dir=cache_dir,
         max_size=parse_size("cache.max_size", cache.get("max_size", "10GiB")),
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", "60s")),
@@ -387,6 +403,43 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
     )
+
+
+_CONNECTION_KEYS = ("max_header_size", "header_timeout", "max_connections", "max_connections_per_client")
+
+
+def _connection_limits(server: dict[str, Any]) -> dict[str, Any]:
+    """The [server] keys that bound what clients can hold: request head size and time, connections."""
+    max_header_size = parse_size("server.max_header_size", server.get("max_header_size", "64KiB"))
+    if max_header_size < 1024:
+        raise ConfigError(f"server.max_header_size: {server['max_header_size']!r} must be at least 1KiB")
+    header_timeout = parse_duration("server.header_timeout", server.get("header_timeout", "10s"))
+    if header_timeout <= 0:
+        raise ConfigError(f"server.header_timeout: {server['header_timeout']!r} must be longer than 0s")
+    total = _count("server.max_connections", server.get("max_connections", 1024))
+    per_client = _count("server.max_connections_per_client", server.get("max_connections_per_client", 128))
+    if per_client > total:
+        raise ConfigError(
+            f"server.max_connections_per_client: {per_client} is more than server.max_connections ({total})"
+        )
+    return {
+        "max_header_size": max_header_size,
+        "header_timeout": header_timeout,
+        "max_connections": total,
+        "max_connections_per_client": per_client,
+    }
+
+
+def _count(key: str, value: object) -> int:
+    """A positive integer, from TOML or an environment variable's digits."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: {value!r} must be a positive integer")
+    return value
+
+
+_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
 
 
 def _check_upstreams(upstreams: tuple[UpstreamConfig, ...]) -> None:
