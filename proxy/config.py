@@ -448,6 +448,18 @@ class AccessRule(Table):
 # -- the whole file ------------------------------------------------------------------------
 
 
+def _at_least_1kib(size: int) -> int:
+    if size < 1024:
+        raise Problem(f"{size!r} must be at least 1KiB")
+    return size
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise Problem(f"{seconds!r} must be longer than 0s")
+    return seconds
+
+
 class Server(BaseModel):
     """The keys of `[server]`, also `PULLPROXY_SERVER_<KEY>`."""
 
@@ -455,9 +467,24 @@ class Server(BaseModel):
     workers: Count = 1
     log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_log_format)] = "auto"
     trusted_proxies: NetworkList = ()
+    # Bounds on what a client can hold (see proxy.http.server).
+    max_header_size: Annotated[int, BeforeValidator(units.parse_size), AfterValidator(_at_least_1kib)] = 64 << 10
+    header_timeout: Annotated[float, BeforeValidator(units.parse_duration), AfterValidator(_positive)] = 10.0
+    max_connections: Count = 1024
+    max_connections_per_client: Count = 128
     tls_cert: Pathname | None = None  # with tls_key: the listener speaks HTTPS
     tls_key: Pathname | None = None
     tls_client_ca: Pathname | None = None  # clients must present a certificate this CA signed
+
+    @model_validator(mode="after")
+    def _connections(self) -> Self:
+        if self.max_connections_per_client > self.max_connections:
+            raise Problem(
+                f"{self.max_connections_per_client} is more than server.max_connections ({self.max_connections})",
+                "server",
+                "max_connections_per_client",
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls(self) -> Self:

@@ -82,6 +82,10 @@ class NoSuchEndpoint(Unsupported):
     pass
 
 
+class HeadersTooLarge(Unsupported):
+    """The request head is larger than `[server] max_header_size`."""
+
+
 class BadRequest(Unsupported):
     """A request this registry understands but refuses as malformed (e.g. a foreign token service)."""
 

@@ -260,8 +260,8 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
         ("listen = '1:2'\n", "(top level).listen: unknown key (known: access, auth, cache, pin, server, upstream)"),
         (
             "[server]\nport = 1\n",
-            "server.port: unknown key (known: listen, log_format, tls_cert, tls_client_ca, tls_key,"
-            " trusted_proxies, workers)",
+            "server.port: unknown key (known: header_timeout, listen, log_format, max_connections,"
+            " max_connections_per_client, max_header_size, tls_cert, tls_client_ca, tls_key, trusted_proxies, workers)",
         ),
         (
             "[cache]\ncache_dir = 'x'\n",
@@ -319,7 +319,7 @@ def test_every_server_and_cache_key_has_its_variable_and_it_wins_over_the_file(
         ({"PULLPROXY_CACHE_MAX_SIZE": "lots"}, "cache.max_size: 'lots' is not a size such as '10GiB' or '500MiB'"),
         ({"PULLPROXY_SERVER_WORKERS": "none"}, "server.workers: 'none' must be a positive integer"),
         ({"PULLPROXY_CACHE_SIZE": "1GiB"}, "cache.size: unknown key (known: dir, max_size"),
-        ({"PULLPROXY_SERVER_LISTEN_PORT": "5"}, "server.listen_port: unknown key (known: listen,"),
+        ({"PULLPROXY_SERVER_LISTEN_PORT": "5"}, "server.listen_port: unknown key (known: header_timeout, listen,"),
     ],
 )
 def test_bad_variables_are_refused_like_keys(tmp_path: Path, environ: dict[str, str], message: str) -> None:

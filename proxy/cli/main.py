@@ -15,6 +15,7 @@ from proxy import config as configuration
 from proxy import errors, references, tls
 from proxy.cli import cache_tools as cli_cache
 from proxy.cli import images as cli_images
+from proxy.http import server
 from proxy.http.app import CONFIG_ENV, create_app
 from proxy.ops import logs, metrics
 
@@ -29,6 +30,7 @@ def _serve(args: argparse.Namespace, config: configuration.Config) -> int:
         proxy_headers=False,
         timeout_keep_alive=30,
         log_level="warning",
+        **server.serve_options(config, workers),  # bounded headers and connections
     )
     options.update(tls.uvicorn_options(config))  # HTTPS with server.tls_cert and tls_key
     if config.tls_cert is None and config.auth is not None:

@@ -22,6 +22,7 @@ _STATUS: dict[type[errors.RegistryError], int] = {
     errors.NoSuchEndpoint: 404,
     errors.Unsupported: 405,
     errors.RangeUnsatisfiable: 416,
+    errors.HeadersTooLarge: 431,
     errors.TooManyRequests: 429,
     errors.Internal: 500,
     errors.BadUpstream: 502,

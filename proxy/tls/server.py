@@ -196,6 +196,7 @@ def _uvicorn_context(
     (it has `PeerCertificate`); otherwise the handshake requires one.
     """
     protocol = getattr(config, "http_protocol_class", None)
+    protocol = getattr(protocol, "protocol", protocol)  # `http.server.Protocols` makes its protocol's connections
     in_http = isinstance(protocol, type) and issubclass(protocol, PeerCertificate)
     try:
         server = serving(cert, key, client_ca, in_http)
@@ -211,7 +212,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     if config.tls_cert is None or config.tls_key is None:
         return {}
     factory = functools.partial(_uvicorn_context, config.tls_cert, config.tls_key, config.tls_client_ca)
-    return {"ssl_context_factory": factory, "http": PeerCertificateProtocol}
+    return {"ssl_context_factory": factory}  # `http.server.serve_options` gives the protocol `PeerCertificate`
 
 
 # -- client certificates ---------------------------------------------------------------
