@@ -1,7 +1,15 @@
 """Configuration: built-in defaults, an optional TOML file, then environment overrides.
 
-Every problem is reported as one `ConfigError` naming the key, so a bad file stops
-start-up with a message a person can act on.
+Each table of the file is a frozen pydantic model whose fields are its keys; a key's type
+says how its value is read (`Size`, `Duration`, `Flag`, ... below), and a key no model
+has is refused. `PULLPROXY_<SECTION>_<KEY>` variables override `[server]` and `[cache]`
+keys (a pydantic-settings source). Every problem stops start-up as one `ConfigError`
+naming the key, such as `upstream[1].url: ...`, so a person can act on it.
+
+To add a key, add one field to the model of its table, e.g. in `Server`:
+`header_timeout: Duration = 10.0`; it is then `config.header_timeout` (keys of `[server]`
+and `[cache]` are attributes of `Config` itself), `upstream.header_timeout` for an
+`UpstreamConfig`. Document it in config.example.toml and the README.
 """
 
 from __future__ import annotations
@@ -10,147 +18,80 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
 
-from proxy import references
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+from proxy import references, units
+from proxy.access.policy import ANYONE, AUTHENTICATED, Network, Pull
+from proxy.access.users import is_bcrypt, parse_htpasswd
+from proxy.registries import DOCKER_HUB, DOCKER_HUB_ALIASES, effective_prefix, is_component, is_docker_hub
+from proxy.tls.files import Role, TLSFileError, check_server_files, check_upstream_files
+
 ENV_PREFIX = "PULLPROXY_"
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}  # fmt: skip
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# Matched with fullmatch: `$` would admit a final "\n".
-_PREFIX = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
-_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-_PATTERN = re.compile(r"(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*")
-
-ANYONE = "anyone"
-AUTHENTICATED = "authenticated"
 MIN_TOKEN_KEY = 32  # bytes: HS256 wants a key at least as long as its hash
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Pull = str | tuple[str, ...]  # ANYONE, AUTHENTICATED, or user names and "group:<name>"
+# Matched with fullmatch: `$` would admit a final "\n".
+_PATTERN = re.compile(r"(\*\*|[a-z0-9._:*-]+)(/(\*\*|[a-z0-9._:*-]+))*")
+# The variables `password_env` and `token_key_env` name, while `load` validates.
+_environ: ContextVar[Mapping[str, str]] = ContextVar("environ", default=os.environ)
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as `key: problem`."""
 
 
-@dataclass(frozen=True)
-class UpstreamConfig:
-    name: str
-    url: str
-    default: bool = False
-    prefix: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
-    connect_timeout: float = 5.0
-    max_connections: int = 64
-    ca_file: Path | None = None  # trusted in addition to the operating system's store
-    client_cert: Path | None = None  # mutual TLS towards the upstream, with client_key
-    client_key: Path | None = None
-    insecure_skip_verify: bool = False
+class Problem(ValueError):
+    """A validator's complaint; `at` names the key it is about, below the one being validated."""
 
-    @property
-    def is_docker_hub(self) -> bool:
-        return self.name in DOCKER_HUB_ALIASES
+    def __init__(self, message: str, *at: str | int) -> None:
+        super().__init__(message)
+        self.at = at
 
 
-@dataclass(frozen=True)
-class PinConfig:
-    image: str  # a full reference, e.g. "docker.io/library/python:3.12"
-    platforms: tuple[str, ...] | None = None  # None: every platform of a multi-arch image
+class NotATable(Problem):
+    def __init__(self, *at: str | int) -> None:
+        super().__init__("must be a table", *at)
 
 
-@dataclass(frozen=True)
-class UserConfig:
-    name: str
-    password_hash: str = field(repr=False)
-    groups: tuple[str, ...] = ()
+class NotAnArray(Problem):
+    def __init__(self, *at: str | int) -> None:
+        super().__init__("must be an array of tables", *at)
 
 
-@dataclass(frozen=True)
-class AuthConfig:
-    htpasswd: Path | None = None
-    users: tuple[UserConfig, ...] = ()
-    token_key: bytes | None = field(default=None, repr=False)  # None: generated into the cache dir
-    token_ttl: float = 300.0
+# -- value types: what TOML (or, for [server] and [cache], a variable's text) may say ----
 
 
-@dataclass(frozen=True)
-class AccessRule:
-    repository: str  # glob on "<upstream>/<repository>", see proxy.access
-    pull: Pull
-    networks: tuple[Network, ...] = ()
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise Problem("must be a non-empty string")
+    return value
 
 
-@dataclass(frozen=True)
-class Config:
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 5000
-    workers: int = 1
-    log_format: str = "auto"
-    trusted_proxies: tuple[Network, ...] = ()
-    max_header_size: int = 64 << 10
-    header_timeout: float = 10.0
-    max_connections: int = 1024
-    max_connections_per_client: int = 128
-    cache_dir: Path = Path("pullproxy-data")
-    max_size: int = 10 << 30
-    tag_ttl: float = 60.0
-    offline: bool = False
-    pin_refresh: float = 3600.0
-    upstreams: tuple[UpstreamConfig, ...] = ()
-    pins: tuple[PinConfig, ...] = ()
-    auth: AuthConfig | None = None
-    access: tuple[AccessRule, ...] = ()
-    default_pull: Pull = ANYONE
-    tls_cert: Path | None = None  # with tls_key: the listener speaks HTTPS
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # clients must present a certificate this CA signed
-
-    @property
-    def default_upstream(self) -> UpstreamConfig | None:
-        return next((u for u in self.upstreams if u.default), None)
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise Problem("must be true or false")
+    return value
 
 
-DEFAULT_UPSTREAM = UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io", default=True)
-
-
-def parse_size(key: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{key}: {value!r} is not a size such as '10GiB' or '500MiB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_duration(key: str, value: object) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*", str(value))
-    if match is None:
-        raise ConfigError(f"{key}: {value!r} is not a duration such as '30s', '5m' or '1h'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parse_listen(key: str, value: object) -> tuple[str, int]:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not re.fullmatch("[0-9]{1,5}", port) or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: {value!r} is not 'host:port', e.g. '0.0.0.0:5000'")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def parse_bool(key: str, value: object) -> bool:
+def _flag(value: object) -> bool:
     """TOML booleans, and their spellings in environment variables."""
     if isinstance(value, bool):
         return value
@@ -158,176 +99,545 @@ def parse_bool(key: str, value: object) -> bool:
         return True
     if str(value).strip().lower() in ("false", "0", "no"):
         return False
-    raise ConfigError(f"{key}: {value!r} must be true or false")
+    raise Problem(f"{value!r} must be true or false")
 
 
-def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: must be a table ([{key}])")
+def _count(value: object) -> int:
+    """A positive integer, also as a variable's digits."""
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise Problem(f"{value!r} must be a positive integer")
     return value
 
 
-def _tables(data: dict[str, Any], key: str, name: str | None = None) -> list[tuple[int, object]]:
-    """An array of tables (`[[key]]`), numbered for messages such as `upstream[1].url`."""
-    value = data.get(key, [])
-    if not isinstance(value, list):
-        raise ConfigError(f"{name or key}: must be an array of tables ([[{name or key}]])")
-    return list(enumerate(value))
-
-
-def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
-
-
-def _entry(where: str, table: object, array: str, allowed: set[str], required: tuple[str, ...]) -> dict[str, Any]:
-    """One table of an array of tables (`[[array]]`), its keys checked."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[{array}]])")
-    _check_keys(where, table, allowed)
-    for key in required:
-        if key not in table:
-            raise ConfigError(f"{where}.{key}: missing")
-    return table
-
-
-def _string(key: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: must be a non-empty string")
+def _comma_separated(value: object) -> object:
+    """A list as a variable gives it: `a, b`."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
 
-def _upstream(index: int, table: object, environ: dict[str, str]) -> UpstreamConfig:
-    where = f"upstream[{index}]"
-    allowed = {
-        "name", "url", "default", "prefix", "username", "password", "password_env",
-        "timeout", "connect_timeout", "max_connections",
-        "ca_file", "client_cert", "client_key", "insecure_skip_verify",
-    }  # fmt: skip
-    table = _entry(where, table, "upstream", allowed, ("name", "url"))
-    name = _string(f"{where}.name", table["name"]).lower()
-    url = _string(f"{where}.url", table["url"]).rstrip("/")
+def _networks(value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list | tuple):
+        raise Problem('must be a list of networks, e.g. ["10.0.0.0/8"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise Problem(f"{item!r} is not a network such as '10.0.0.0/8' or 'fd00::/8'") from None
+    return tuple(networks)
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise Problem("must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _log_format(value: object) -> str:
+    if value not in ("auto", "json", "console"):
+        raise Problem(f"{value!r} must be 'auto', 'json' or 'console'")
+    return str(value)
+
+
+class Listen(NamedTuple):
+    host: str
+    port: int
+
+
+def _listen(value: object) -> Listen:
+    if isinstance(value, Listen):
+        return value
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not re.fullmatch("[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise Problem(f"{value!r} is not 'host:port', e.g. '0.0.0.0:5000'")
+    return Listen(host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _tables(value: object) -> object:
+    if not isinstance(value, list | tuple):
+        raise NotAnArray()
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text)]  # a non-empty string
+
+
+def _pathname(value: object) -> Path:
+    return value if isinstance(value, Path) else Path(_text(value))
+
+
+Pathname = Annotated[Path, BeforeValidator(_pathname)]
+Size = Annotated[int, BeforeValidator(units.parse_size)]  # bytes, from 10GiB, 500MB, ...
+Duration = Annotated[float, BeforeValidator(units.parse_duration)]  # seconds, from 30s, 5m, 1h, ...
+Bool = Annotated[bool, BeforeValidator(_bool)]  # a TOML boolean
+Flag = Annotated[bool, BeforeValidator(_flag)]  # a TOML boolean, or true/false, yes/no, 1/0 in a variable
+Count = Annotated[int, BeforeValidator(_count)]  # 1 or more
+Networks = Annotated[tuple[Network, ...], BeforeValidator(_networks)]
+NetworkList = Annotated[Networks, BeforeValidator(_comma_separated)]  # also "10.0.0.0/8, fd00::/8"
+Strings = Annotated[tuple[str, ...], BeforeValidator(_strings)]
+Tables = Annotated[tuple[T, ...], BeforeValidator(_tables)]  # [[table]]
+
+
+def _variable(value: object, key: str) -> str:
+    """The value of the environment variable that `key` names."""
+    try:
+        variable = _text(value)
+    except Problem as exc:
+        raise Problem(str(exc), key) from None
+    environ = _environ.get()
+    if variable not in environ:
+        raise Problem(f"environment variable {variable} is not set", key)
+    return environ[variable]
+
+
+# -- tables --------------------------------------------------------------------------------
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    """The keys of a table: its fields, by the names the file uses."""
+    return sorted(field.alias or name for name, field in model.model_fields.items())
+
+
+class Table(BaseModel):
+    """A table of the file (`[name]` or one `[[name]]`): its fields are its keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _table(cls, data: object) -> object:
+        if isinstance(data, BaseModel):
+            return data
+        if not isinstance(data, dict):
+            raise NotATable()
+        known = _keys(cls)
+        for key in data:
+            if key not in known:
+                raise Problem(f"unknown key (known: {', '.join(known)})", key)
+        return cls._resolve(data)
+
+    @classmethod
+    def _resolve(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Values from elsewhere (an environment variable) that the file only names."""
+        return data
+
+
+def _url(value: object) -> str:
+    url = _text(value).rstrip("/")
     if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", url):
-        raise ConfigError(f"{where}.url: {url!r} must start with http:// or https://")
-    prefix = table.get("prefix")
-    if prefix is not None and not _PREFIX.fullmatch(_string(f"{where}.prefix", prefix)):
-        raise ConfigError(f"{where}.prefix: {prefix!r} must be one repository path component, e.g. 'internal'")
-    password = table.get("password")
-    if "password_env" in table:
-        variable = _string(f"{where}.password_env", table["password_env"])
-        if variable not in environ:
-            raise ConfigError(f"{where}.password_env: environment variable {variable} is not set")
-        password = environ[variable]
-    username = table.get("username")
-    if (username is None) != (password is None):
-        raise ConfigError(f"{where}: username and password (or password_env) go together")
-    default = table.get("default", False)
-    if not isinstance(default, bool):
-        raise ConfigError(f"{where}.default: must be true or false")
-    max_connections = table.get("max_connections", 64)
-    if not isinstance(max_connections, int) or max_connections < 1:
-        raise ConfigError(f"{where}.max_connections: must be a positive integer")
-    ca_file, client_cert, client_key, insecure = _upstream_tls(where, table)
-    return UpstreamConfig(
-        name=name,
-        url=url,
-        default=default,
-        prefix=prefix,
-        username=username,
-        password=password,
-        timeout=parse_duration(f"{where}.timeout", table.get("timeout", 30)),
-        connect_timeout=parse_duration(f"{where}.connect_timeout", table.get("connect_timeout", 5)),
-        max_connections=max_connections,
-        ca_file=ca_file,
-        client_cert=client_cert,
-        client_key=client_key,
-        insecure_skip_verify=insecure,
-    )
+        raise Problem(f"{url!r} must start with http:// or https://")
+    return url
 
 
-def _path(key: str, value: object) -> Path:
-    return Path(_string(key, value))
+def _prefix(value: object) -> str:
+    if not is_component(_text(value)):
+        raise Problem(f"{value!r} must be one repository path component, e.g. 'internal'")
+    return str(value)
 
 
-def _tls_checked(keys: dict[str, str], check: Any) -> None:
-    """Run a `proxy.tls` file check; its complaint names the key of the file it is about."""
-    from proxy import tls
-
+def _tls_files(keys: Mapping[Role, tuple[str, ...]], check: Callable[[], None]) -> None:
+    """Run a TLS file check; its complaint names the key of the file it is about."""
     try:
         check()
-    except tls.TLSFileError as exc:
-        raise ConfigError(f"{keys[exc.role.value]}: {exc}") from None
+    except TLSFileError as exc:
+        raise Problem(str(exc), *keys[exc.role]) from None
 
 
-def _upstream_tls(where: str, table: dict[str, Any]) -> tuple[Path | None, Path | None, Path | None, bool]:
-    from proxy import tls
+class UpstreamConfig(Table):
+    """One `[[upstream]]`: a registry to mirror."""
 
-    ca_file = _path(f"{where}.ca_file", table["ca_file"]) if "ca_file" in table else None
-    client_cert = _path(f"{where}.client_cert", table["client_cert"]) if "client_cert" in table else None
-    client_key = _path(f"{where}.client_key", table["client_key"]) if "client_key" in table else None
-    if (client_cert is None) != (client_key is None):
-        raise ConfigError(f"{where}: client_cert and client_key go together")
-    insecure = parse_bool(f"{where}.insecure_skip_verify", table.get("insecure_skip_verify", False))
-    if insecure and ca_file is not None:
-        raise ConfigError(f"{where}: insecure_skip_verify = true ignores ca_file; keep one of them")
-    keys = {"ca": f"{where}.ca_file", "certificate": f"{where}.client_cert", "key": f"{where}.client_key"}
-    _tls_checked(keys, lambda: tls.check_upstream_files(ca_file, client_cert, client_key))
-    return ca_file, client_cert, client_key, insecure
+    name: Annotated[str, BeforeValidator(_text), AfterValidator(str.lower)]
+    url: Annotated[str, BeforeValidator(_url)]
+    default: Bool = False
+    prefix: Annotated[str, BeforeValidator(_prefix)] | None = None
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    password_env: Text | None = None  # the variable that holds the password
+    timeout: Duration = 30.0
+    connect_timeout: Duration = 5.0
+    max_connections: Count = 64
+    ca_file: Pathname | None = None  # trusted in addition to the operating system's store
+    client_cert: Pathname | None = None  # mutual TLS towards the upstream, with client_key
+    client_key: Pathname | None = None
+    insecure_skip_verify: Bool = False
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return is_docker_hub(self.name)
+
+    @classmethod
+    def _resolve(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "password_env" in data:
+            return {**data, "password": _variable(data["password_env"], "password_env")}
+        return data
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        if (self.username is None) != (self.password is None):
+            raise Problem("username and password (or password_env) go together")
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise Problem("client_cert and client_key go together")
+        if self.insecure_skip_verify and self.ca_file is not None:
+            raise Problem("insecure_skip_verify = true ignores ca_file; keep one of them")
+        keys = {Role.CA: ("ca_file",), Role.CERTIFICATE: ("client_cert",), Role.KEY: ("client_key",)}
+        _tls_files(keys, lambda: check_upstream_files(self.ca_file, self.client_cert, self.client_key))
+        return self
 
 
-def _server_tls(server: dict[str, Any]) -> tuple[Path | None, Path | None, Path | None]:
-    """`tls_cert` and `tls_key` turn HTTPS on; a pair that would not load stops start-up here."""
-    from proxy import tls
-
-    cert = _path("server.tls_cert", server["tls_cert"]) if "tls_cert" in server else None
-    key = _path("server.tls_key", server["tls_key"]) if "tls_key" in server else None
-    client_ca = _path("server.tls_client_ca", server["tls_client_ca"]) if "tls_client_ca" in server else None
-    if (cert is None) != (key is None):
-        raise ConfigError("server: tls_cert and tls_key go together")
-    if client_ca is not None and cert is None:
-        raise ConfigError("server.tls_client_ca: needs tls_cert and tls_key (client certificates need TLS)")
-    if cert is not None and key is not None:
-        keys = {"ca": "server.tls_client_ca", "certificate": "server.tls_cert", "key": "server.tls_key"}
-        _tls_checked(keys, lambda: tls.check_server_files(cert, key, client_ca))
-    return cert, key, client_ca
+DEFAULT_UPSTREAM = UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io", default=True)
 
 
-def _pin(index: int, table: object) -> PinConfig:
-    where = f"pin[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table ([[pin]])")
-    _check_keys(where, table, {"image", "platforms"})
-    if "image" not in table:
-        raise ConfigError(f"{where}.image: missing")
-    image = _string(f"{where}.image", table["image"])
+def _image(value: object) -> str:
+    references.parse(_text(value))  # its ValueError names what is wrong
+    return str(value)
+
+
+def _platforms(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise Problem('must be a non-empty list such as ["linux/amd64"]')
+    for platform in value:
+        if not isinstance(platform, str) or not references.valid_platform(platform):
+            raise Problem(f"{platform!r} is not 'os/arch' or 'os/arch/variant'")
+    return tuple(value)
+
+
+class PinConfig(Table):
+    """One `[[pin]]`: an image kept in the cache and refreshed."""
+
+    image: Annotated[str, BeforeValidator(_image)]  # a full reference, e.g. "docker.io/library/python:3.12"
+    platforms: Annotated[tuple[str, ...], BeforeValidator(_platforms)] | None = None  # None: every platform
+
+
+def _user_name(value: object) -> str:
+    if ":" in _text(value):
+        raise Problem(f"{value!r} must not contain ':'")
+    return str(value)
+
+
+class UserConfig(Table):
+    """One `[[auth.user]]`: someone who may log in, with a bcrypt hash of their password."""
+
+    name: Annotated[str, BeforeValidator(_user_name)]
+    password_hash: str = Field(repr=False)
+    groups: Strings = ()
+
+    @field_validator("password_hash", mode="before")
+    @classmethod
+    def _bcrypt(cls, value: object, info: ValidationInfo) -> str:
+        if not is_bcrypt(_text(value)):
+            name = info.data.get("name", "USER")
+            raise Problem(f"not a bcrypt hash (make one with `htpasswd -nB {name}`)")
+        return str(value)
+
+
+def _htpasswd(value: object) -> Path:
+    path = Path(_text(value))
     try:
-        references.parse(image)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.image: {exc}") from None
-    platforms = table.get("platforms")
-    if platforms is not None:
-        if not isinstance(platforms, list) or not platforms:
-            raise ConfigError(f'{where}.platforms: must be a non-empty list such as ["linux/amd64"]')
-        for platform in platforms:
-            if not isinstance(platform, str) or not references.valid_platform(platform):
-                raise ConfigError(f"{where}.platforms: {platform!r} is not 'os/arch' or 'os/arch/variant'")
-        platforms = tuple(platforms)
-    return PinConfig(image, platforms)
+        text = path.read_text()
+    except OSError as exc:
+        raise Problem(f"cannot read {path}: {exc.strerror}") from exc
+    parse_htpasswd(text)  # its ValueError names the bad line
+    return path
 
 
-def _apply_environment(data: dict[str, Any], environ: dict[str, str]) -> None:
-    """`PULLPROXY_<SECTION>_<KEY>` overrides `[section] key`, e.g. PULLPROXY_CACHE_MAX_SIZE."""
-    for section in ("server", "cache"):
-        for name, value in environ.items():
+def _token_ttl(value: object) -> float:
+    seconds = units.parse_duration(value)
+    if not 60 <= seconds <= 86400:
+        # Docker clients treat anything shorter as 60 s and would reuse expired tokens.
+        raise Problem(f"{value!r} must be between 60s and 1d")
+    return seconds
+
+
+def _pull(value: object) -> Pull:
+    """Who may pull; which users and groups exist is checked against `[auth]` by `Config`."""
+    if value in (ANYONE, AUTHENTICATED):
+        return str(value)
+    if not isinstance(value, list | tuple):
+        raise Problem(f"{value!r} must be 'anyone', 'authenticated' or a list of users and 'group:<name>'")
+    return _strings(value)
+
+
+PullRule = Annotated[Pull, BeforeValidator(_pull)]
+
+
+class AuthConfig(Table):
+    """`[auth]`: who may log in, and the tokens they are given."""
+
+    htpasswd: Annotated[Path, BeforeValidator(_htpasswd)] | None = None
+    users: Tables[UserConfig] = Field(default=(), alias="user")
+    token_key_file: Pathname | None = None
+    token_key_env: Text | None = None
+    token_ttl: Annotated[float, BeforeValidator(_token_ttl)] = 300.0
+    default: PullRule = ()  # for repositories no [[access]] rule matches: nobody
+    _token_key: bytes | None = PrivateAttr(None)
+
+    @property
+    def token_key(self) -> bytes | None:
+        """The key that signs tokens; None: one is generated into the cache dir."""
+        return self._token_key
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        names = [user.name for user in self.users]
+        if len(set(names)) != len(names):
+            raise Problem(f"{next(n for n in names if names.count(n) > 1)!r} is configured twice", "user")
+        self._token_key = self._read_token_key()
+        return self
+
+    def _read_token_key(self) -> bytes | None:
+        if self.token_key_file is not None and self.token_key_env is not None:
+            raise Problem("token_key_file and token_key_env exclude each other")
+        if self.token_key_file is not None:
+            where = "token_key_file"
+            try:
+                key = self.token_key_file.read_bytes().strip()
+            except OSError as exc:
+                raise Problem(f"cannot read {self.token_key_file}: {exc.strerror}", where) from exc
+        elif self.token_key_env is not None:
+            where = "token_key_env"
+            key = _variable(self.token_key_env, where).strip().encode()
+        else:
+            return None
+        if len(key) < MIN_TOKEN_KEY:
+            raise Problem(f"the key must be at least {MIN_TOKEN_KEY} bytes (e.g. `openssl rand -hex 32`)", where)
+        return key
+
+
+def _check_pull(pull: Pull, auth: AuthConfig | None, certificates: bool, *at: str | int) -> None:
+    """`certificates`: client certificates name users (Common Name) and groups (Organization) too."""
+    if pull == AUTHENTICATED and auth is None and not certificates:
+        raise Problem("'authenticated' needs an [auth] section with users", *at)
+    if isinstance(pull, str) or certificates:
+        return
+    if pull and auth is None:
+        raise Problem("naming users needs an [auth] section", *at)
+    known_groups = {group for user in auth.users for group in user.groups} if auth else set()
+    for member in pull:
+        if member.startswith("group:") and member[6:] not in known_groups:
+            raise Problem(f"no [[auth.user]] is in group {member[6:]!r}", *at)
+
+
+def _glob(value: object) -> str:
+    pattern = _text(value)
+    if not _PATTERN.fullmatch(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
+        raise Problem(
+            f"{pattern!r} is not a pattern such as 'docker.io/library/*' or 'ghcr.io/acme/**'"
+            " (lower case; '**' only as a whole component)"
+        )
+    first, _, rest = pattern.partition("/")
+    if first in DOCKER_HUB_ALIASES:  # Docker Hub under one name
+        return f"{DOCKER_HUB}/{rest}" if rest else DOCKER_HUB
+    return pattern
+
+
+class AccessRule(Table):
+    """One `[[access]]`: who may pull the repositories a glob matches (see proxy.access)."""
+
+    repository: Annotated[str, BeforeValidator(_glob)]  # on "<upstream>/<repository>"
+    pull: PullRule
+    networks: Networks = ()
+
+
+# -- the whole file ------------------------------------------------------------------------
+
+
+def _at_least_1kib(size: int) -> int:
+    if size < 1024:
+        raise Problem(f"{size!r} must be at least 1KiB")
+    return size
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise Problem(f"{seconds!r} must be longer than 0s")
+    return seconds
+
+
+class Server(BaseModel):
+    """The keys of `[server]`, also `PULLPROXY_SERVER_<KEY>`."""
+
+    listen: Annotated[Listen, BeforeValidator(_listen)] = Listen("0.0.0.0", 5000)
+    workers: Count = 1
+    log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_log_format)] = "auto"
+    trusted_proxies: NetworkList = ()
+    # Bounds on what a client can hold (see proxy.http.server).
+    max_header_size: Annotated[int, BeforeValidator(units.parse_size), AfterValidator(_at_least_1kib)] = 64 << 10
+    header_timeout: Annotated[float, BeforeValidator(units.parse_duration), AfterValidator(_positive)] = 10.0
+    max_connections: Count = 1024
+    max_connections_per_client: Count = 128
+    tls_cert: Pathname | None = None  # with tls_key: the listener speaks HTTPS
+    tls_key: Pathname | None = None
+    tls_client_ca: Pathname | None = None  # clients must present a certificate this CA signed
+
+    @model_validator(mode="after")
+    def _connections(self) -> Self:
+        if self.max_connections_per_client > self.max_connections:
+            raise Problem(
+                f"{self.max_connections_per_client} is more than server.max_connections ({self.max_connections})",
+                "server",
+                "max_connections_per_client",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        """`tls_cert` and `tls_key` turn HTTPS on; a pair that would not load stops start-up here."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise Problem("tls_cert and tls_key go together", "server")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise Problem("needs tls_cert and tls_key (client certificates need TLS)", "server", "tls_client_ca")
+        if self.tls_cert is not None and self.tls_key is not None:
+            cert, key, client_ca = self.tls_cert, self.tls_key, self.tls_client_ca
+            keys = {
+                Role.CA: ("server", "tls_client_ca"),
+                Role.CERTIFICATE: ("server", "tls_cert"),
+                Role.KEY: ("server", "tls_key"),
+            }
+            _tls_files(keys, lambda: check_server_files(cert, key, client_ca))
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.host
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen.port
+
+
+class Cache(BaseModel):
+    """The keys of `[cache]`, also `PULLPROXY_CACHE_<KEY>`."""
+
+    cache_dir: Pathname = Field(default=Path("pullproxy-data"), alias="dir")
+    max_size: Size = 10 << 30
+    tag_ttl: Duration = 60.0
+    offline: Flag = False
+    pin_refresh: Duration = 3600.0
+
+
+SECTIONS: dict[str, type[BaseModel]] = {"server": Server, "cache": Cache}
+_SECTION_OF = {key: section for section, model in SECTIONS.items() for key in _keys(model)}
+
+
+def _upstreams(upstreams: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+    return upstreams or (DEFAULT_UPSTREAM,)
+
+
+class Environment(PydanticBaseSettingsSource):
+    """`PULLPROXY_<SECTION>_<KEY>` variables as `[section] key` values, e.g. PULLPROXY_CACHE_MAX_SIZE."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # values are found per section, in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for section in SECTIONS:
             head = f"{ENV_PREFIX}{section.upper()}_"
-            if name.startswith(head):
-                data.setdefault(section, {})[name[len(head) :].lower()] = value
+            table = {name[len(head) :].lower(): v for name, v in self.environ.items() if name.startswith(head)}
+            if table:
+                values[section] = table
+        return values
 
 
-def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
-    environ = dict(os.environ if environ is None else environ)
+class Config(BaseSettings, Cache, Server):
+    """What the file and the environment say; `[server]` and `[cache]` keys are attributes of their own."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", case_sensitive=True, validate_default=False, populate_by_name=True
+    )
+
+    upstreams: Annotated[Tables[UpstreamConfig], AfterValidator(_upstreams)] = Field(
+        default=(DEFAULT_UPSTREAM,), alias="upstream"
+    )
+    pins: Tables[PinConfig] = Field(default=(), alias="pin")
+    auth: AuthConfig | None = None
+    access: Tables[AccessRule] = ()
+
+    @property
+    def default_upstream(self) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.default), None)
+
+    @property
+    def default_pull(self) -> Pull:
+        """Who may pull what no `[[access]]` rule matches: anyone without `[auth]`, else `auth.default`."""
+        return ANYONE if self.auth is None else self.auth.default
+
+    @classmethod
+    def top_level_keys(cls) -> list[str]:
+        """The top-level keys of the file."""
+        sections = {name for model in SECTIONS.values() for name in model.model_fields}
+        return sorted([*SECTIONS, *(f.alias or n for n, f in cls.model_fields.items() if n not in sections)])
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment over the file (the file's values are the init arguments)."""
+        return Environment(settings_cls, _environ.get()), init_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        """The keys of `[server]` and `[cache]` become attributes."""
+        data = dict(data)
+        for section, model in SECTIONS.items():
+            table = data.pop(section, {})
+            if not isinstance(table, dict):
+                raise NotATable(section)
+            known = _keys(model)
+            for key in table:
+                if key not in known:
+                    raise Problem(f"unknown key (known: {', '.join(known)})", section, key)
+            data.update(table)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        """What one table cannot know alone: upstreams among each other, rules against upstreams and users."""
+        if sum(u.default for u in self.upstreams) > 1:
+            raise Problem("only one upstream may have default = true", "upstream")
+        names: set[str] = set()
+        prefixes: set[str] = set()
+        for index, upstream in enumerate(self.upstreams):
+            aliases = DOCKER_HUB_ALIASES if upstream.is_docker_hub else {upstream.name}
+            if names & aliases:
+                raise Problem(f"{upstream.name!r} is configured twice", "upstream", index, "name")
+            names |= aliases
+            prefix = effective_prefix(upstream)
+            if prefix is not None:
+                if prefix in prefixes:
+                    raise Problem(f"{prefix!r} is used by another upstream", "upstream", index, "prefix")
+                prefixes.add(prefix)
+        known = sorted({DOCKER_HUB if u.is_docker_hub else u.name for u in self.upstreams})
+        for index, rule in enumerate(self.access):
+            first = rule.repository.partition("/")[0]
+            if "*" not in first and first not in DOCKER_HUB_ALIASES and first not in known:
+                raise Problem(
+                    f"{first!r} is not a configured upstream (known: {', '.join(known)})", "access", index, "repository"
+                )
+            _check_pull(rule.pull, self.auth, self.tls_client_ca is not None, "access", index, "pull")
+        if self.auth is not None:
+            _check_pull(self.auth.default, self.auth, self.tls_client_ca is not None, "auth", "default")
+        return self
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -336,281 +646,39 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    _check_keys("(top level)", data, {"server", "cache", "upstream", "pin", "auth", "access"})
-    _apply_environment(data, environ)
-
-    server = _table(data, "server")
-    _check_keys(
-        "server",
-        server,
-        {
-            "listen",
-            "workers",
-            "log_format",
-            "trusted_proxies",
-            "tls_cert",
-            "tls_key",
-            "tls_client_ca",
-            *_CONNECTION_KEYS,
-        },
-    )
-    host, port = parse_listen("server.listen", server.get("listen", "0.0.0.0:5000"))
+    known = Config.top_level_keys()
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"(top level).{key}: unknown key (known: {', '.join(known)})")
+    token = _environ.set(dict(os.environ if environ is None else environ))
     try:
-        workers = int(server.get("workers", 1))
-    except (TypeError, ValueError):
-        workers = 0
-    if workers < 1:
-        raise ConfigError(f"server.workers: {server.get('workers')!r} must be a positive integer")
-    log_format = server.get("log_format", "auto")
-    if log_format not in ("auto", "json", "console"):
-        raise ConfigError(f"server.log_format: {log_format!r} must be 'auto', 'json' or 'console'")
-    proxies = server.get("trusted_proxies", [])
-    if isinstance(proxies, str):  # from the environment: comma-separated
-        proxies = [p.strip() for p in proxies.split(",") if p.strip()]
-    trusted_proxies = _networks("server.trusted_proxies", proxies)
-    tls_cert, tls_key, tls_client_ca = _server_tls(server)
-    certificates = tls_client_ca is not None  # client certificates name users and groups too
-
-    cache = _table(data, "cache")
-    _check_keys("cache", cache, {"dir", "max_size", "tag_ttl", "offline", "pin_refresh"})
-    cache_dir = Path(_string("cache.dir", cache.get("dir", "pullproxy-data")))
-
-    upstreams = tuple(_upstream(i, table, environ) for i, table in _tables(data, "upstream")) or (DEFAULT_UPSTREAM,)
-    _check_upstreams(upstreams)
-    auth = _auth(data["auth"], environ) if "auth" in data else None
-    default_pull: Pull = ANYONE
-    if auth is not None:
-        default_pull = _pull("auth.default", data["auth"].get("default", []), auth, certificates)
-    access = tuple(_rule(i, table, auth, upstreams, certificates) for i, table in _tables(data, "access"))
-    return Config(
-        listen_host=host,
-        listen_port=port,
-        workers=workers,
-        log_format=log_format,
-        trusted_proxies=trusted_proxies,
-        **_connection_limits(server),
-        cache_dir=cache_dir,
-        max_size=parse_size("cache.max_size", cache.get("max_size", "10GiB")),
-        tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", "60s")),
-        offline=parse_bool("cache.offline", cache.get("offline", False)),
-        pin_refresh=parse_duration("cache.pin_refresh", cache.get("pin_refresh", "1h")),
-        upstreams=upstreams,
-        pins=tuple(_pin(i, table) for i, table in _tables(data, "pin")),
-        auth=auth,
-        access=access,
-        default_pull=default_pull,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-    )
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc.errors()[0])) from None
+    finally:
+        _environ.reset(token)
 
 
-_CONNECTION_KEYS = ("max_header_size", "header_timeout", "max_connections", "max_connections_per_client")
-
-
-def _connection_limits(server: dict[str, Any]) -> dict[str, Any]:
-    """The [server] keys that bound what clients can hold: request head size and time, connections."""
-    max_header_size = parse_size("server.max_header_size", server.get("max_header_size", "64KiB"))
-    if max_header_size < 1024:
-        raise ConfigError(f"server.max_header_size: {server['max_header_size']!r} must be at least 1KiB")
-    header_timeout = parse_duration("server.header_timeout", server.get("header_timeout", "10s"))
-    if header_timeout <= 0:
-        raise ConfigError(f"server.header_timeout: {server['header_timeout']!r} must be longer than 0s")
-    total = _count("server.max_connections", server.get("max_connections", 1024))
-    per_client = _count("server.max_connections_per_client", server.get("max_connections_per_client", 128))
-    if per_client > total:
-        raise ConfigError(
-            f"server.max_connections_per_client: {per_client} is more than server.max_connections ({total})"
-        )
-    return {
-        "max_header_size": max_header_size,
-        "header_timeout": header_timeout,
-        "max_connections": total,
-        "max_connections_per_client": per_client,
-    }
-
-
-def _count(key: str, value: object) -> int:
-    """A positive integer, from TOML or an environment variable's digits."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}: {value!r} must be a positive integer")
-    return value
-
-
-_TLS_KEYS = ("tls_cert", "tls_key", "tls_client_ca")
-
-
-def _check_upstreams(upstreams: tuple[UpstreamConfig, ...]) -> None:
-    if sum(u.default for u in upstreams) > 1:
-        raise ConfigError("upstream: only one upstream may have default = true")
-    names: set[str] = set()
-    prefixes: set[str] = set()
-    for index, upstream in enumerate(upstreams):
-        aliases = DOCKER_HUB_ALIASES if upstream.is_docker_hub else {upstream.name}
-        if names & aliases:
-            raise ConfigError(f"upstream[{index}].name: {upstream.name!r} is configured twice")
-        names |= aliases
-        prefix = effective_prefix(upstream)
-        if prefix is not None:
-            if prefix in prefixes:
-                raise ConfigError(f"upstream[{index}].prefix: {prefix!r} is used by another upstream")
-            prefixes.add(prefix)
-
-
-def effective_prefix(upstream: UpstreamConfig) -> str | None:
-    """The path prefix that names this upstream: `prefix`, else its name when that can be one."""
-    if upstream.prefix is not None:
-        return upstream.prefix
-    return upstream.name if _PREFIX.fullmatch(upstream.name) else None
-
-
-# -- access control ----------------------------------------------------------------------
-
-
-def _networks(key: str, value: object) -> tuple[Network, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(f'{key}: must be a list of networks, e.g. ["10.0.0.0/8"]')
-    networks = []
-    for item in value:
-        try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            raise ConfigError(f"{key}: {item!r} is not a network such as '10.0.0.0/8' or 'fd00::/8'") from None
-    return tuple(networks)
-
-
-def _strings(key: str, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{key}: must be a list of non-empty strings")
-    return tuple(value)
-
-
-def _auth(table: object, environ: dict[str, str]) -> AuthConfig:
-    if not isinstance(table, dict):
-        raise ConfigError("auth: must be a table ([auth])")
-    allowed = {"htpasswd", "user", "token_key_file", "token_key_env", "token_ttl", "default"}
-    _check_keys("auth", table, allowed)
-    htpasswd = None
-    if "htpasswd" in table:
-        htpasswd = Path(_string("auth.htpasswd", table["htpasswd"]))
-        try:
-            text = htpasswd.read_text()
-        except OSError as exc:
-            raise ConfigError(f"auth.htpasswd: cannot read {htpasswd}: {exc.strerror}") from exc
-        try:
-            parse_htpasswd(text)
-        except ValueError as exc:
-            raise ConfigError(f"auth.htpasswd: {exc}") from None
-    users = tuple(_user(i, entry) for i, entry in _tables(table, "user", "auth.user"))
-    names = [u.name for u in users]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"auth.user: {next(n for n in names if names.count(n) > 1)!r} is configured twice")
-    key = _token_key(table, environ)
-    token_ttl = parse_duration("auth.token_ttl", table.get("token_ttl", "5m"))
-    if not 60 <= token_ttl <= 86400:
-        # Docker clients treat anything shorter as 60 s and would reuse expired tokens.
-        raise ConfigError(f"auth.token_ttl: {table['token_ttl']!r} must be between 60s and 1d")
-    return AuthConfig(htpasswd=htpasswd, users=users, token_key=key, token_ttl=token_ttl)
-
-
-def _token_key(table: dict[str, Any], environ: dict[str, str]) -> bytes | None:
-    """The key that signs tokens, from a file or a variable; None to generate one."""
-    if "token_key_file" in table and "token_key_env" in table:
-        raise ConfigError("auth: token_key_file and token_key_env exclude each other")
-    if "token_key_file" in table:
-        where = "auth.token_key_file"
-        path = Path(_string(where, table["token_key_file"]))
-        try:
-            key = path.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from exc
-    elif "token_key_env" in table:
-        where = "auth.token_key_env"
-        variable = _string(where, table["token_key_env"])
-        if variable not in environ:
-            raise ConfigError(f"{where}: environment variable {variable} is not set")
-        key = environ[variable].strip().encode()
+def _message(error: ErrorDetails) -> str:
+    """One of pydantic's errors as `key: problem`, the key dotted as in the file (`upstream[1].url`)."""
+    loc = tuple(error["loc"])
+    if loc and loc[0] in _SECTION_OF:
+        loc = (_SECTION_OF[str(loc[0])], *loc)
+    problem = error.get("ctx", {}).get("error")
+    if isinstance(problem, Problem):
+        loc = (*loc, *problem.at)
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    name = "".join(f".{part}" for part in loc if not isinstance(part, int)).lstrip(".")
+    if isinstance(problem, NotATable):
+        text = f"must be a table ({f'[[{name}]]' if loc and isinstance(loc[-1], int) else f'[{name}]'})"
+    elif isinstance(problem, NotAnArray):
+        text = f"must be an array of tables ([[{name}]])"
+    elif problem is not None:  # raised by a validator: says what is wrong
+        text = str(problem)
+    elif error["type"] == "missing":
+        text = "missing"
+    elif error["type"] == "extra_forbidden":
+        text = "unknown key"
     else:
-        return None
-    if len(key) < MIN_TOKEN_KEY:
-        raise ConfigError(f"{where}: the key must be at least {MIN_TOKEN_KEY} bytes (e.g. `openssl rand -hex 32`)")
-    return key
-
-
-def _user(index: int, table: object) -> UserConfig:
-    where = f"auth.user[{index}]"
-    table = _entry(where, table, "auth.user", {"name", "password_hash", "groups"}, ("name", "password_hash"))
-    name = _string(f"{where}.name", table["name"])
-    if ":" in name:
-        raise ConfigError(f"{where}.name: {name!r} must not contain ':'")
-    password_hash = _string(f"{where}.password_hash", table["password_hash"])
-    if not _BCRYPT.fullmatch(password_hash):
-        raise ConfigError(f"{where}.password_hash: not a bcrypt hash (make one with `htpasswd -nB {name}`)")
-    return UserConfig(name, password_hash, _strings(f"{where}.groups", table.get("groups", [])))
-
-
-def parse_htpasswd(text: str) -> dict[str, str]:
-    """`user:bcrypt-hash` lines (what `htpasswd -B` writes); raises ValueError naming the bad line."""
-    users: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, hashed = line.partition(":")
-        if not sep or not name:
-            raise ValueError(f"line {number} is not 'user:hash'")
-        if not _BCRYPT.fullmatch(hashed):
-            raise ValueError(f"line {number}: {name!r} has no bcrypt hash (write it with `htpasswd -B`)")
-        users[name] = hashed
-    return users
-
-
-def _pull(key: str, value: object, auth: AuthConfig | None, certificates: bool = False) -> Pull:
-    """`certificates`: client certificates name users (Common Name) and groups (Organization)."""
-    if value in (ANYONE, AUTHENTICATED):
-        if value == AUTHENTICATED and auth is None and not certificates:
-            raise ConfigError(f"{key}: 'authenticated' needs an [auth] section with users")
-        return str(value)
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: {value!r} must be 'anyone', 'authenticated' or a list of users and 'group:<name>'")
-    members = _strings(key, value)
-    if members and auth is None and not certificates:
-        raise ConfigError(f"{key}: naming users needs an [auth] section")
-    known_groups = {g for user in auth.users for g in user.groups} if auth else set()
-    for member in members:
-        if member.startswith("group:") and member[6:] not in known_groups and not certificates:
-            raise ConfigError(f"{key}: no [[auth.user]] is in group {member[6:]!r}")
-    return members
-
-
-def _rule(
-    index: int,
-    table: object,
-    auth: AuthConfig | None,
-    upstreams: tuple[UpstreamConfig, ...],
-    certificates: bool = False,
-) -> AccessRule:
-    where = f"access[{index}]"
-    table = _entry(where, table, "access", {"repository", "pull", "networks"}, ("repository", "pull"))
-    pattern = _string(f"{where}.repository", table["repository"])
-    if not _PATTERN.fullmatch(pattern) or any("**" in c and c != "**" for c in pattern.split("/")):
-        raise ConfigError(
-            f"{where}.repository: {pattern!r} is not a pattern such as 'docker.io/library/*' or 'ghcr.io/acme/**'"
-            " (lower case; '**' only as a whole component)"
-        )
-    first, _, rest = pattern.partition("/")
-    if first in DOCKER_HUB_ALIASES:
-        pattern = f"{DOCKER_HUB}/{rest}" if rest else DOCKER_HUB
-    elif "*" not in first:
-        names = {DOCKER_HUB if u.is_docker_hub else u.name for u in upstreams}
-        if first not in names:
-            raise ConfigError(
-                f"{where}.repository: {first!r} is not a configured upstream (known: {', '.join(sorted(names))})"
-            )
-    return AccessRule(
-        repository=pattern,
-        pull=_pull(f"{where}.pull", table["pull"], auth, certificates),
-        networks=_networks(f"{where}.networks", table.get("networks", [])),
-    )
+        text = f"{error['msg']} (got {error['input']!r})"
+    return f"{where}: {text}" if where else text

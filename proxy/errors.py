@@ -1,75 +1,169 @@
-"""Registry errors in the OCI envelope: `{"errors": [{"code", "message", "detail"}]}`."""
+"""Domain errors: what went wrong, in the OCI distribution-spec's terms, with no HTTP.
+
+Each class carries its OCI error code; the HTTP edge (`proxy.http.edge`) gives each its
+status and headers once, and the command line prints the message. The helpers below
+keep the messages of one kind alike wherever they are raised.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
-from starlette.responses import Response
+
+class Code(StrEnum):
+    """The OCI distribution-spec error codes pullproxy answers with."""
+
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    DENIED = "DENIED"
+    DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    NAME_INVALID = "NAME_INVALID"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
+    SIZE_INVALID = "SIZE_INVALID"
+    TOOMANYREQUESTS = "TOOMANYREQUESTS"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNKNOWN = "UNKNOWN"
+    UNSUPPORTED = "UNSUPPORTED"
 
 
 class RegistryError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        detail: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    code: ClassVar[Code] = Code.UNKNOWN
+
+    def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code
         self.message = message
         self.detail = detail
-        self.headers = headers or {}
-
-    def response(self) -> Response:
-        body = json.dumps({"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}).encode()
-        headers = {"Docker-Distribution-API-Version": "registry/2.0", **self.headers}
-        return Response(body, self.status, headers, media_type="application/json")
 
 
-def name_invalid(name: str) -> RegistryError:
-    return RegistryError(400, "NAME_INVALID", f"invalid repository name {name!r}", {"name": name})
+class NameInvalid(RegistryError):
+    code = Code.NAME_INVALID
 
 
-def name_unknown(name: str, why: str) -> RegistryError:
-    return RegistryError(404, "NAME_UNKNOWN", why, {"name": name})
+class NameUnknown(RegistryError):
+    code = Code.NAME_UNKNOWN
 
 
-def digest_invalid(digest: str) -> RegistryError:
-    return RegistryError(400, "DIGEST_INVALID", f"invalid digest {digest!r}", {"digest": digest})
+class DigestInvalid(RegistryError):
+    code = Code.DIGEST_INVALID
 
 
-def manifest_unknown(name: str, reference: str) -> RegistryError:
-    return RegistryError(
-        404,
-        "MANIFEST_UNKNOWN",
-        f"manifest {name}:{reference} not found",
-        {"name": name, "reference": reference},
-    )
+class PaginationInvalid(RegistryError):
+    code = Code.PAGINATION_NUMBER_INVALID
 
 
-def blob_unknown(digest: str) -> RegistryError:
-    return RegistryError(404, "BLOB_UNKNOWN", f"blob {digest} not found", {"digest": digest})
+class NotFound(RegistryError):
+    """Base of the "no such content" errors."""
 
 
-def unsupported(message: str, status: int = 405) -> RegistryError:
-    return RegistryError(status, "UNSUPPORTED", message)
+class ManifestUnknown(NotFound):
+    code = Code.MANIFEST_UNKNOWN
 
 
-def unavailable(message: str) -> RegistryError:
-    return RegistryError(503, "UNAVAILABLE", message, headers={"Retry-After": "5"})
+class BlobUnknown(NotFound):
+    code = Code.BLOB_UNKNOWN
 
 
-def offline(what: str) -> RegistryError:
-    """503 without Retry-After: retrying cannot help until the operator turns offline mode off."""
-    return RegistryError(
-        503, "UNAVAILABLE", f"{what} is not cached, and pullproxy is in offline mode ([cache] offline = true)"
-    )
+class RangeUnsatisfiable(RegistryError):
+    code = Code.SIZE_INVALID
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__("requested range is not satisfiable")
+        self.size = size
 
 
-def bad_upstream(message: str) -> RegistryError:
+class Unsupported(RegistryError):
+    code = Code.UNSUPPORTED
+
+
+class NoSuchEndpoint(Unsupported):
+    pass
+
+
+class HeadersTooLarge(Unsupported):
+    """The request head is larger than `[server] max_header_size`."""
+
+
+class BadRequest(Unsupported):
+    """A request this registry understands but refuses as malformed (e.g. a foreign token service)."""
+
+
+class Unauthorized(RegistryError):
+    """Credentials are missing or wrong; `challenge` tells the client how to authenticate."""
+
+    code = Code.UNAUTHORIZED
+
+    def __init__(self, message: str, detail: Any = None, challenge: str | None = None) -> None:
+        super().__init__(message, detail)
+        self.challenge = challenge
+
+
+class Denied(RegistryError):
+    code = Code.DENIED
+
+
+class Unavailable(RegistryError):
+    """Cannot be answered now; `retry_after` (seconds) when retrying later may help."""
+
+    code = Code.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: str | None = "5") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Offline(Unavailable):
+    """Not cached, and no upstream may be asked: retrying cannot help until offline mode is turned off."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is not cached, and pullproxy is in offline mode ([cache] offline = true)", None)
+
+
+class TooManyRequests(Unavailable):
+    code = Code.TOOMANYREQUESTS
+
+
+class BadUpstream(RegistryError):
     """The upstream answered with something that cannot be served (wrong digest, too large)."""
-    return RegistryError(502, "UNKNOWN", message)
+
+
+class Internal(RegistryError):
+    """A defect: never raised on purpose, only what the edge answers for an unexpected exception."""
+
+
+def name_invalid(name: str) -> NameInvalid:
+    return NameInvalid(f"invalid repository name {name!r}", {"name": name})
+
+
+def name_unknown(name: str, why: str) -> NameUnknown:
+    return NameUnknown(why, {"name": name})
+
+
+def digest_invalid(digest: str) -> DigestInvalid:
+    return DigestInvalid(f"invalid digest {digest!r}", {"digest": digest})
+
+
+def manifest_unknown(name: str, reference: str) -> ManifestUnknown:
+    return ManifestUnknown(f"manifest {name}:{reference} not found", {"name": name, "reference": reference})
+
+
+def blob_unknown(digest: str) -> BlobUnknown:
+    return BlobUnknown(f"blob {digest} not found", {"digest": digest})
+
+
+def unsupported(message: str) -> Unsupported:
+    return Unsupported(message)
+
+
+def unavailable(message: str) -> Unavailable:
+    return Unavailable(message)
+
+
+def offline(what: str) -> Offline:
+    return Offline(what)
+
+
+def bad_upstream(message: str) -> BadUpstream:
+    return BadUpstream(message)

@@ -2,8 +2,8 @@
 
 The registry part is the first component when it looks like a host (has a '.' or ':' or
 is `localhost`), as docker and podman decide; it names a configured upstream, and a
-reference without one means the default upstream. Resolving goes through the same
-`Router.route` as requests do, so `docker.io/alpine` becomes `library/alpine` there.
+reference without one means the default upstream. `Router.resolve` routes one the same
+way as requests are, so `docker.io/alpine` becomes `library/alpine` there.
 This module imports nothing else from `proxy`, so the configuration can use it.
 """
 
@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from cache import digests
-
-if TYPE_CHECKING:
-    from proxy.routing import Route, Router
 
 # Matched with fullmatch: `$` would admit a final "\n".
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -50,7 +46,7 @@ def parse(text: str) -> ImageRef:
     colon = rest.rfind(":")
     if colon > slash:
         name, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG.fullmatch(tag):
+        if not valid_tag(tag):
             raise ValueError(f"{text!r}: {tag!r} is not a valid tag")
     registry = None
     first, sep, remainder = name.partition("/")
@@ -61,23 +57,11 @@ def parse(text: str) -> ImageRef:
     return ImageRef(registry, name, tag, digest or None)
 
 
+def valid_tag(text: str) -> bool:
+    """A tag as the distribution spec defines it (and never a digest: no colon)."""
+    return _TAG.fullmatch(text) is not None
+
+
 def valid_platform(text: str) -> bool:
     """`os/arch` or `os/arch/variant`, e.g. linux/arm64/v8."""
     return _PLATFORM.fullmatch(text) is not None
-
-
-def route(router: Router, ref: ImageRef) -> Route:
-    """The upstream and its repository name; raises `errors.RegistryError` like a request would."""
-    if ref.registry is not None:
-        return router.route(ref.repository, ref.registry)
-    if router.default is None:
-        return router.route(ref.repository, None)  # refuses with the same message as a request
-    return router.route(ref.repository, router.default.name)
-
-
-def canonical(route: Route, ref: ImageRef) -> str:
-    """The full name this mirror stores it under, e.g. `docker.io/library/alpine:latest`."""
-    name = f"{route.upstream.name}/{route.repo}"
-    if ref.digest and not ref.tag:
-        return f"{name}@{ref.digest}"
-    return f"{name}:{ref.tag or DEFAULT_TAG}"

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.access import Policy, User
-from proxy.auth import client_address
+from proxy.access.gate import client_address
+from proxy.access.policy import ANYONE, Policy, Pull, User
 from tests.support.auth import password_hash
 
 ALICE = User("alice", frozenset({"dev"}))
 BOB = User("bob")
 
 
-def rules(*entries: tuple[str, config.Pull]) -> list[config.AccessRule]:
-    return [config.AccessRule(pattern, pull) for pattern, pull in entries]
+def rules(*entries: tuple[str, Pull]) -> list[config.AccessRule]:
+    return [config.AccessRule(repository=pattern, pull=pull) for pattern, pull in entries]
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def rules(*entries: tuple[str, config.Pull]) -> list[config.AccessRule]:
     ],
 )
 def test_glob_semantics(pattern: str, name: str, matches: bool) -> None:
-    policy = Policy(rules((pattern, ["alice"])), config.ANYONE)
+    policy = Policy(rules((pattern, ["alice"])), ANYONE)
     assert (policy.rule_for(name).pattern == pattern) is matches
 
 
@@ -56,11 +56,11 @@ def test_first_matching_rule_wins_and_the_default_catches_the_rest() -> None:
     assert not policy.allows("ghcr.io/other/app", None, None)
     assert not policy.allows("docker.io/library/alpine", ALICE, None)  # default: nobody
     assert not policy.open
-    assert Policy(rules(("**", "anyone")), config.ANYONE).open
+    assert Policy(rules(("**", "anyone")), ANYONE).open
 
 
 def test_networks_admit_without_credentials_only_for_their_rule() -> None:
-    trusted = config.AccessRule("ghcr.io/acme/**", [], (ipaddress.ip_network("10.0.0.0/8"),))
+    trusted = config.AccessRule(repository="ghcr.io/acme/**", pull=(), networks=(ipaddress.ip_network("10.0.0.0/8"),))
     policy = Policy([trusted], [])
     inside, outside = ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("192.0.2.1")
     assert policy.allows("ghcr.io/acme/app", None, inside)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
+from proxy import config, registries
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -83,7 +83,7 @@ def test_pins_and_offline_mode(tmp_path: Path) -> None:
     text += 'platforms = ["linux/amd64"]\n'
     loaded = config.load(write(tmp_path, text), environ={"PULLPROXY_CACHE_OFFLINE": "true"})
     assert loaded.offline and loaded.pin_refresh == 1800
-    assert loaded.pins == (config.PinConfig("docker.io/library/python:3.12", ("linux/amd64",)),)
+    assert loaded.pins == (config.PinConfig(image="docker.io/library/python:3.12", platforms=("linux/amd64",)),)
 
 
 def test_password_env_reads_the_variable(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_password_env_reads_the_variable(tmp_path: Path) -> None:
 def test_name_with_port_has_no_implicit_prefix(tmp_path: Path) -> None:
     path = write(tmp_path, '[[upstream]]\nname = "registry.example:5000"\nurl = "http://x"\n')
     upstream = config.load(path, environ={}).upstreams[0]
-    assert config.effective_prefix(upstream) is None
+    assert registries.effective_prefix(upstream) is None
 
 
 def test_serve_with_bad_config_exits_with_one_clear_line(tmp_path: Path) -> None:

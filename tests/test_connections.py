@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from proxy import config as configuration
-from proxy import server
+from proxy.http import server
 from tests.support.proxy import Proxy
 
 PROTOCOLS = {"httptools": server.BoundedHttpToolsProtocol, "h11": server.BoundedH11Protocol}

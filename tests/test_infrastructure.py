@@ -283,7 +283,7 @@ def test_proxy_harness_starts_restarts_and_reports_failures(
     upstream: SeededRegistry, proxy_factory: Callable[..., Proxy]
 ) -> None:
     """The Proxy helper runs ``python -m proxy serve`` on a free port and keeps it on restart."""
-    pytest.importorskip("proxy.cli")
+    pytest.importorskip("proxy.cli.main")
     proxy = proxy_factory(upstream_url=upstream.url)
     assert httpx.get(f"{proxy.url}/v2/", timeout=10).status_code == 200
     url, pid = proxy.url, proxy.pid

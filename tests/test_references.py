@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import errors, references
+from proxy import errors, references, routing
 from proxy.config import UpstreamConfig
 from proxy.routing import Router
-from proxy.upstream import Upstream
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -16,9 +15,9 @@ DIGEST = "sha256:" + "a" * 64
 def router() -> Router:
     return Router(
         [
-            Upstream(UpstreamConfig("docker.io", "http://hub", default=True)),
-            Upstream(UpstreamConfig("ghcr.io", "http://ghcr")),
-            Upstream(UpstreamConfig("registry.example:5000", "http://internal", prefix="internal")),
+            UpstreamConfig(name="docker.io", url="http://hub", default=True),
+            UpstreamConfig(name="ghcr.io", url="http://ghcr"),
+            UpstreamConfig(name="registry.example:5000", url="http://internal", prefix="internal"),
         ]
     )
 
@@ -37,7 +36,7 @@ def router() -> Router:
 )
 def test_references_resolve_to_an_upstream_and_repository(router: Router, text: str, canonical: str) -> None:
     ref = references.parse(text)
-    assert references.canonical(references.route(router, ref), ref) == canonical
+    assert routing.canonical(router.resolve(ref), ref) == canonical
     assert ref.reference == (DIGEST if "@" in text else ref.tag or "latest")
 
 
@@ -49,4 +48,4 @@ def test_malformed_references_are_refused(text: str) -> None:
 
 def test_an_unconfigured_registry_is_refused(router: Router) -> None:
     with pytest.raises(errors.RegistryError, match=r"quay\.io"):
-        references.route(router, references.parse("quay.io/acme/app"))
+        router.resolve(references.parse("quay.io/acme/app"))

@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry
 
-from proxy import metrics, status
 from proxy.config import UpstreamConfig
-from proxy.health import upstream_state
-from proxy.observe import Activity, Failure
-from proxy.upstream import Upstream
+from proxy.ops import metrics, status
+from proxy.ops.health import upstream_state
+from proxy.ops.observe import Activity, Failure
+from proxy.upstream.client import Upstream
 from tests.support.browser import dump_dom, screenshot
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import Proxy
@@ -55,7 +55,7 @@ def test_status_page_escapes_what_it_shows_and_says_when_there_is_nothing_yet() 
     activity = Activity()
     activity.pulled("acme/<b>app</b>:1")
     activity.failed(Failure(time.time(), "GET", "/v2/<i>x</i>/manifests/1", 502, "<script>alert(1)</script>"))
-    upstream = upstream_state(Upstream(UpstreamConfig("docker.io", "https://r.example")))
+    upstream = upstream_state(Upstream(UpstreamConfig(name="docker.io", url="https://r.example")))
 
     page = status.render(metrics.Snapshot(CollectorRegistry()), [upstream], activity, time.time())
 

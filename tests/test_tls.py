@@ -26,12 +26,12 @@ from starlette.requests import Request
 
 from proxy import config as configuration
 from proxy import tls
-from proxy.access import Policy
-from proxy.auth import Gate
+from proxy.access.gate import Gate
+from proxy.access.policy import Policy
+from proxy.access.throttle import LoginThrottle
+from proxy.access.tokens import Tokens
+from proxy.access.users import Users
 from proxy.config import ConfigError, Network
-from proxy.throttle import LoginThrottle
-from proxy.tokens import Tokens
-from proxy.users import Users
 from tests.support.auth import challenge, claims, error_code, user_entry
 from tests.support.certs import PKI, KeyPair
 from tests.support.clients import (
@@ -332,8 +332,12 @@ def test_without_the_mixin_the_handshake_itself_requires_a_client_certificate(pk
         http_protocol_class = tls.PeerCertificateProtocol
 
     served = pki.server()
-    strict = tls._uvicorn_context(served.cert, served.key, clients_pki.ca_cert, Plain(), ssl.create_default_context)
-    lenient = tls._uvicorn_context(served.cert, served.key, clients_pki.ca_cert, Refusing(), ssl.create_default_context)
+    strict = tls.server._uvicorn_context(
+        served.cert, served.key, clients_pki.ca_cert, Plain(), ssl.create_default_context
+    )
+    lenient = tls.server._uvicorn_context(
+        served.cert, served.key, clients_pki.ca_cert, Refusing(), ssl.create_default_context
+    )
     assert (strict.verify_mode, lenient.verify_mode) == (ssl.CERT_REQUIRED, ssl.CERT_OPTIONAL)
 
 
@@ -513,7 +517,7 @@ def test_the_realm_is_https_over_tls_or_when_a_trusted_proxy_says_so(tmp_path: P
     gate = Gate(Policy([], "anyone"), Users([], None, LoginThrottle()), Tokens(b"k" * 32, 300), trusted)
 
     def realm(request: Request) -> str:
-        return challenge_of(gate.challenge(request, None, "authentication required").headers["WWW-Authenticate"])
+        return challenge_of(gate.challenge(request, None, "authentication required").challenge)
 
     assert realm(_request("https", "192.0.2.7", {})) == "https://mirror.internal:5000/token"
     assert realm(_request("http", "192.0.2.7", {})) == "http://mirror.internal:5000/token"

@@ -18,7 +18,7 @@ import truststore
 from proxy import config as configuration
 from proxy import tls
 from proxy.config import ConfigError, UpstreamConfig
-from proxy.upstream import Upstream, UpstreamUnavailable
+from proxy.upstream.client import Upstream, UpstreamUnavailable
 from tests.support.certs import PKI, KeyPair
 from tests.support.clients import skopeo_copy
 from tests.support.images import PushedImage
@@ -138,7 +138,7 @@ def test_the_operating_systems_trust_store_is_the_default(
     """truststore: OpenSSL's system store on Linux (what update-ca-certificates manages), the
     platform's verifier on macOS and Windows. SSL_CERT_FILE stands in for the system store here."""
     config = UpstreamConfig(
-        "registry.internal", private_registry.url, client_cert=mirror_pair.cert, client_key=mirror_pair.key
+        name="registry.internal", url=private_registry.url, client_cert=mirror_pair.cert, client_key=mirror_pair.key
     )
     context = tls.upstream_context(config)
     if isinstance(context, truststore.SSLContext):  # macOS, Windows, or no store where OpenSSL looks
@@ -225,7 +225,7 @@ def test_the_system_store_is_read_once_not_at_every_connection(monkeypatch: pyte
         original(self)
 
     monkeypatch.setattr(ssl.SSLContext, "set_default_verify_paths", counted)
-    context = tls.upstream_context(UpstreamConfig("r.internal", "https://r.internal"))
+    context = tls.upstream_context(UpstreamConfig(name="r.internal", url="https://r.internal"))
     created = len(loads)
     for _ in range(5):  # what anyio does for each new connection
         context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="r.internal")

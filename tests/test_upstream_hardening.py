@@ -19,12 +19,12 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from proxy import metrics, status
-from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
-from proxy.health import upstream_state
-from proxy.observe import Activity
-from proxy.upstream import (
+from proxy.ops import metrics, status
+from proxy.ops.health import upstream_state
+from proxy.ops.observe import Activity
+from proxy.upstream import client as upstream_module
+from proxy.upstream.client import (
     FAILED_ANSWERS_BEFORE_BACKOFF,
     MAX_REDIRECTS,
     Upstream,
@@ -164,7 +164,7 @@ class Recorded:
         return {request.url.host for request in self.seen}
 
     def upstream(self, url: str = PUBLIC_UPSTREAM, **keys: Any) -> Upstream:
-        return Upstream(UpstreamConfig("docker.io", url, **keys), transport=httpx.MockTransport(self))
+        return Upstream(UpstreamConfig(name="docker.io", url=url, **keys), transport=httpx.MockTransport(self))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from cache import inventory
 from cache.manifests import MAX_LEVELS
 from cache.store import ContentStore, Manifest
 from proxy import config as configuration
-from proxy import pull, references
+from proxy import references
+from proxy.images import pull
 from proxy.mirror import open_mirror
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import to_toml
@@ -55,15 +56,15 @@ def walk(
 
     async def main() -> pull.Plan:
         async with open_mirror(config) as (router, mirror):
-            original = mirror.manifest
+            original = mirror.manifests.get
 
             async def counting(route: Any, reference: str) -> tuple[Manifest, str]:
                 asked[reference] += 1
                 return await original(route, reference)
 
-            mirror.manifest = counting  # type: ignore[method-assign]
+            mirror.manifests.get = counting  # type: ignore[method-assign]
             ref = references.parse(f"{REPO}:{tag}")
-            return await pull.plan(mirror, references.route(router, ref), ref.reference, platforms)
+            return await pull.plan(mirror, router.resolve(ref), ref.reference, platforms)
 
     return anyio.run(main), asked
 

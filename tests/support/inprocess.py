@@ -21,8 +21,8 @@ import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from starlette.types import ASGIApp
 
-from proxy.app import create_app
 from proxy.config import Config, UpstreamConfig
+from proxy.http.app import create_app
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

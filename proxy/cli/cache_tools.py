@@ -1,0 +1,104 @@
+"""`pullproxy cache ls | du | rm IMAGE | verify`: look at and repair the cache, also while a server runs.
+
+A running server keeps small in-memory maps: after `rm`, it may still answer the removed
+tag until `tag_ttl` has passed and a removed manifest it holds in memory (immutable and
+verified, so never wrong); blobs are always re-opened from disk, and one that is gone is
+fetched again from the upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from cache import inventory
+from cache.meta import Metadata
+from cache.store import ContentStore
+from proxy import references
+from proxy.cli.progress import Progress
+from proxy.config import Config
+from proxy.routing import Router, canonical
+from proxy.units import format_ago, format_size
+
+
+@contextlib.contextmanager
+def _open(config: Config) -> Iterator[tuple[ContentStore, Metadata]]:
+    if not config.cache_dir.is_dir():
+        raise SystemExit(f"pullproxy: no cache at {config.cache_dir}")
+    store = ContentStore(config.cache_dir, config.max_size)
+    meta = Metadata(config.cache_dir)
+    try:
+        yield store, meta
+    finally:
+        store.close()
+        meta.close()
+
+
+def ls(config: Config) -> int:
+    with _open(config) as (store, meta):
+        listed = inventory.images(store, meta)
+    rows = [("IMAGE", "DIGEST", "SIZE", "LAST USED", "NOTE")]
+    for image in sorted(listed, key=lambda i: (i.upstream, i.repo, i.tag)):
+        notes = ["pinned"] if image.pinned else []
+        if image.platforms:
+            notes.append(f"{image.platforms[0]}/{image.platforms[1]} platforms")
+        if not image.complete:
+            notes.append("incomplete")
+        rows.append(
+            (
+                f"{image.upstream}/{image.repo}:{image.tag}",
+                image.digest[:19],
+                format_size(image.size),
+                "-" if image.last_used is None else format_ago(image.last_used, time.time()),
+                ", ".join(notes),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def du(config: Config) -> int:
+    with _open(config) as (store, _):
+        entries = store.entries()
+        volume = store.volume()
+    blobs = [e for e in entries if not e.is_manifest]
+    manifests = [e for e in entries if e.is_manifest]
+    pinned = [e for e in entries if e.pinned]
+    print(f"cache       {format_size(volume)} of {format_size(config.max_size)} ({volume / config.max_size:.0%})")
+    print(f"blobs       {format_size(sum(e.size for e in blobs))} in {len(blobs)}")
+    print(f"manifests   {format_size(sum(e.size for e in manifests))} in {len(manifests)}")
+    print(f"pinned      {format_size(sum(e.size for e in pinned))} in {len(pinned)}")
+    print(f"downloads   {format_size(inventory.directory_size(config.cache_dir / 'partial'))} in progress")
+    print(f"metadata    {format_size(inventory.directory_size(config.cache_dir / 'meta'))} (tags)")
+    return 0
+
+
+def rm(config: Config, image: str) -> int:
+    try:
+        ref = references.parse(image)
+    except ValueError as exc:
+        raise SystemExit(f"pullproxy: {exc}") from None
+    route = Router(config.upstreams).resolve(ref)
+    with _open(config) as (store, meta):
+        tags, freed = inventory.remove(store, meta, route.upstream.name, route.repo, ref.reference)
+    name = f"{route.upstream.name}/{route.repo}"
+    if not tags and not freed:
+        raise SystemExit(f"pullproxy: {canonical(route, ref)} is not in the cache")
+    print(f"removed {', '.join(f'{name}:{t}' for t in tags) or ref.reference}, freed {format_size(freed)}")
+    if any(references.parse(pin.image) == ref for pin in config.pins):
+        print("note: it is a [[pin]]: the next pin refresh fetches it again")
+    return 0
+
+
+def verify(config: Config) -> int:
+    with _open(config) as (store, _), Progress() as progress:
+        total = sum(e.size for e in store.entries() if not e.is_manifest)
+        task = progress.task("verifying", total)
+        bad = inventory.verify(store, task.advance)
+        task.finish(f"verified {format_size(total)}: {len(bad)} corrupt or missing")
+    for digest in bad:
+        print(f"removed corrupt {digest}")
+    return 1 if bad else 0

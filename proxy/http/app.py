@@ -1,0 +1,160 @@
+"""The ASGI application: wiring of config, cache, upstreams and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import httpx
+import structlog
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cache import flight
+from cache.store import ContentStore
+from proxy import config as configuration
+from proxy import errors
+from proxy.access.gate import Gate
+from proxy.access.policy import Policy
+from proxy.access.throttle import LoginThrottle
+from proxy.access.tokens import Tokens, load_or_create_key
+from proxy.access.users import Users
+from proxy.http.edge import error_response
+from proxy.http.registry import routes
+from proxy.images import pinning
+from proxy.mirror import open_mirror
+from proxy.ops import health, logs, metrics, observe, status
+from proxy.record import record_of
+
+log = structlog.get_logger("pullproxy")
+TOUCH_INTERVAL = 2.0
+CONFIG_ENV = "PULLPROXY_CONFIG"
+
+
+async def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.RegistryError)
+    record_of(request.scope).error = exc.message  # for the status page's recent errors
+    return error_response(exc)
+
+
+async def _download_failed(request: Request, exc: Exception) -> Response:
+    """A download that failed before its response started (e.g. no room in the cache): 503, or 502 if too large."""
+    assert isinstance(exc, flight.DownloadFailed)
+    if isinstance(exc, flight.NoRoom) and exc.shortage is flight.Shortage.BLOB_TOO_LARGE:
+        return await _registry_error(request, errors.bad_upstream(str(exc)))
+    return await _registry_error(request, errors.unavailable(str(exc)))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(errors.unsupported(f"{request.method} is not supported on {request.url.path}"))
+    return error_response(errors.NoSuchEndpoint(f"no such endpoint {request.url.path}"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", path=request.url.path)
+    return error_response(errors.Internal("internal error"))
+
+
+OPERATING = [
+    Route("/", status.page, methods=["GET"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/metrics", metrics.endpoint, methods=["GET"]),
+]
+
+
+def create_app(
+    config: configuration.Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
+) -> Starlette:
+    """The app for `config`; `transports` (by upstream name) serve in-process tests, see `open_mirror`."""
+    activity = observe.Activity()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_mirror(config, transports) as (router, mirror):
+            store = mirror.store
+            app.state.router = router
+            app.state.mirror = mirror
+            app.state.activity = activity
+            app.state.probe = health.CacheProbe(store.partial_dir)
+            app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
+            app.state.gate = await _gate(config)
+            await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
+            metrics.worker_started()
+            tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
+            if config.pins and config.pin_refresh > 0:
+                tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
+            log.info(
+                "serving",
+                cache=str(config.cache_dir),
+                max_size=config.max_size,
+                upstreams=[f"{u.name}={u.url}" for u in config.upstreams],
+            )
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                metrics.worker_stopped()
+
+    return Starlette(
+        routes=[*routes, *OPERATING],
+        middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
+        exception_handlers={
+            errors.RegistryError: _registry_error,
+            flight.DownloadFailed: _download_failed,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+
+
+async def _gate(config: configuration.Config) -> Gate:
+    auth = config.auth or configuration.AuthConfig()
+    users = Users(auth.users, auth.htpasswd, LoginThrottle())
+    await users.load()
+    key = auth.token_key or await to_thread.run_sync(load_or_create_key, config.cache_dir)
+    policy = Policy(config.access, config.default_pull)
+    return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    """Files of downloads a crash interrupted (those no worker holds the lock of: workers share the
+    folder), and other staged files older than an hour."""
+    import time
+
+    removed = flight.remove_abandoned(directory)
+    if removed:
+        log.info("removed abandoned downloads", count=removed)
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if not entry.name.endswith(flight.SUFFIXES) and entry.stat().st_mtime < time.time() - 3600:
+                os.unlink(entry.path)
+
+
+async def _flush_touches(store: ContentStore) -> None:
+    while True:
+        await asyncio.sleep(TOUCH_INTERVAL)
+        try:
+            await to_thread.run_sync(store.flush_touches)
+        except Exception:
+            log.exception("recording cache hits failed")
+
+
+def app_from_environment() -> Starlette:
+    """Factory for uvicorn's worker processes, which cannot be handed a config object."""
+    path = os.environ.get(CONFIG_ENV)
+    config = configuration.load(Path(path) if path else None)
+    logs.configure(config.log_format)
+    return create_app(config)

@@ -1,0 +1,115 @@
+"""Blobs by digest: a cached file, a download in flight, or a new download from the upstream.
+
+Concurrent requests for the same blob share one download (see `cache.flight`), which
+belongs to the cache and goes on when its first client leaves. A cached blob is served
+under a repository only if that repository holds it (see `links`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+from anyio import to_thread
+
+from cache.flight import AlreadyCached, Downloads, Source
+from cache.readers import BlobReader, DownloadReader, FileReader
+from cache.store import ContentStore
+from proxy import errors
+from proxy.mirror.failures import parsed, registry_error
+from proxy.mirror.links import Links
+from proxy.mirror.outcome import Outcome
+from proxy.routing import Route
+from proxy.upstream.client import UpstreamError
+from proxy.upstream.pool import Upstreams
+
+
+@dataclass(slots=True)
+class Blob:
+    reader: BlobReader
+    size: int | None
+    outcome: Outcome
+
+
+class Blobs:
+    def __init__(self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links) -> None:
+        self.store = store
+        self.upstreams = upstreams
+        self.downloads = downloads
+        self.links = links
+
+    async def open(self, route: Route, digest: str) -> Blob:
+        """A reader for the blob, which the caller must close."""
+        parsed(digest)
+        for _ in range(3):  # another worker may commit the blob, or fail to start it, while we look
+            cached = self.open_cached(digest) or await to_thread.run_sync(self._open_stored, digest)
+            if cached is not None:
+                await self._ensure_held(route, digest, cached)
+                return Blob(cached, cached.size, Outcome.HIT)
+            joined = self.downloads.in_flight(digest) is not None
+            download = self.downloads.join(digest, lambda: self._open_upstream(route, digest))
+            reader = DownloadReader(download)
+            try:
+                await asyncio.shield(download.started)
+            except AlreadyCached:  # read the store
+                reader.close()
+                continue
+            except UpstreamError as exc:
+                reader.close()
+                raise registry_error(exc, route, digest, blob=True) from None
+            except BaseException:
+                reader.close()
+                raise
+            await self._ensure_held(route, digest, reader)  # the download may be another repository's
+            return Blob(reader, download.size, Outcome.JOINED if joined else Outcome.MISS)
+        raise errors.unavailable(f"blob {digest} could not be read from the cache")
+
+    async def size(self, route: Route, digest: str) -> tuple[int | None, Outcome]:
+        """For HEAD: answered from the cache or a running download, else by a HEAD upstream."""
+        parsed(digest)
+        cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
+        download = self.downloads.in_flight(digest)
+        if cached is not None:
+            size, outcome = cached[1], Outcome.HIT
+        elif download is not None and download.started.done() and download.error is None:
+            size, outcome = download.size, Outcome.JOINED
+        else:
+            return await self.links.confirm(route, digest, blob=True), Outcome.MISS
+        await self.links.ensure(route, digest, blob=True)
+        return size, outcome
+
+    async def _open_upstream(self, route: Route, digest: str) -> Source:
+        source = await self.upstreams.of(route).open_blob(route.repo, digest)
+        await self.links.record(route, [digest])  # before readers start: the upstream vouched
+        return source
+
+    async def _ensure_held(self, route: Route, digest: str, reader: BlobReader) -> None:
+        try:
+            await self.links.ensure(route, digest, blob=True)
+        except BaseException:
+            reader.close()
+            raise
+
+    def open_cached(self, digest: str) -> FileReader | None:
+        """Hot path: a blob whose path is remembered opens without SQLite or a thread."""
+        found = self.store.cached_blob_path(digest)
+        if found is None:
+            return None
+        try:
+            return FileReader(os.open(found[0], os.O_RDONLY), found[1])
+        except FileNotFoundError:  # evicted since; look it up again
+            self.store.forget_path(digest)
+            return None
+
+    def _open_stored(self, digest: str) -> FileReader | None:
+        """Blocking."""
+        for _ in range(2):  # a second try covers an eviction between lookup and open
+            found = self.store.find_blob(digest)
+            if found is None:
+                return None
+            try:
+                return FileReader(os.open(found[0], os.O_RDONLY), found[1])
+            except FileNotFoundError:
+                self.store.forget_path(digest)
+        return None

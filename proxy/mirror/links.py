@@ -1,0 +1,127 @@
+"""Which repositories a cached digest may be served under.
+
+The content store is shared by every repository (a digest names the same bytes
+anywhere), but access is granted per repository: a blob or manifest cached through a
+private repository must not be served under another name to whoever knows its digest.
+A link says a repository holds a digest. It is recorded for a manifest served from that
+repository and for what its content carries, as its kind defines it and as a registry
+checks on push: an image's config and layers, an index's child manifests, an artifact
+manifest's blobs, schema 1's fsLayers. Nothing else counts: a `subject`, any other field,
+and what a referrers answer lists merely name a digest, which anyone can do. Links are
+also recorded whenever that repository's upstream answered for the digest.
+Cached content is served by digest only where a link exists; otherwise `ensure` asks
+the upstream first (one `HEAD`, shared by concurrent callers). Links are looked up in
+memory, then SQLite; they are written only when new, so a repeated pull writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from anyio import to_thread
+
+from cache import digests
+from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX, OCI_MANIFEST
+from cache.meta import EXPANDED, LINKED, Metadata
+from cache.store import Manifest
+from proxy.mirror.failures import registry_error
+from proxy.mirror.flights import SingleFlight
+from proxy.routing import Route
+from proxy.upstream.client import UpstreamError
+from proxy.upstream.pool import Upstreams
+
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+
+
+# Per manifest kind, the fields a registry verifies the repository holds before accepting it.
+_CARRIED: dict[str, tuple[str, ...]] = {
+    OCI_MANIFEST: ("config", "layers"),
+    DOCKER_MANIFEST: ("config", "layers"),
+    OCI_INDEX: ("manifests",),
+    DOCKER_LIST: ("manifests",),
+    OCI_ARTIFACT: ("blobs",),
+    DOCKER_SCHEMA1_SIGNED: ("fsLayers",),
+    DOCKER_SCHEMA1: ("fsLayers",),
+}
+
+
+def referenced_digests(body: bytes, media_type: str) -> list[str]:
+    """The digests a manifest of `media_type` carries; nothing for other bodies or kinds.
+
+    A body whose own `mediaType` is another kind carries nothing: a registry checked it as
+    that kind, or not at all.
+    """
+    fields = _CARRIED.get(media_type, ())
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return []
+    if not fields or not isinstance(parsed, dict) or parsed.get("mediaType", media_type) != media_type:
+        return []
+    found = []
+    for key in fields:
+        value = parsed.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                found.append(item.get("blobSum" if key == "fsLayers" else "digest"))
+    return [d for d in found if isinstance(d, str) and _valid(d)]
+
+
+def _valid(digest: str) -> bool:
+    try:
+        digests.parse(digest)
+    except digests.InvalidDigest:
+        return False
+    return True
+
+
+class Links:
+    def __init__(self, meta: Metadata, upstreams: Upstreams) -> None:
+        self.meta = meta
+        self.upstreams = upstreams
+        self._confirming: SingleFlight[tuple[str, str, str], int | None] = SingleFlight()
+
+    async def _level(self, route: Route, digest: str) -> int:
+        key = (route.upstream.name, route.repo, digest)
+        return self.meta.cached_link(*key) or await to_thread.run_sync(self.meta.find_link, *key)
+
+    async def holds(self, route: Route, digest: str) -> bool:
+        return await self._level(route, digest) >= LINKED
+
+    async def record(self, route: Route, found: Iterable[str]) -> None:
+        """`route`'s repository holds these digests."""
+        new = {d: LINKED for d in found if not self.meta.cached_link(route.upstream.name, route.repo, d)}
+        if new:
+            await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, new)
+
+    async def record_manifest(self, route: Route, manifest: Manifest) -> None:
+        """`manifest` was served from `route`'s repository: it and all it references are there."""
+        if await self._level(route, manifest.digest) >= EXPANDED:
+            return
+        levels = dict.fromkeys(referenced_digests(manifest.body, manifest.media_type), LINKED)
+        levels[manifest.digest] = EXPANDED
+        await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
+
+    async def ensure(self, route: Route, digest: str, blob: bool) -> None:
+        """Before serving cached content: `route`'s repository holds it, or its upstream confirms it."""
+        if not await self.holds(route, digest):
+            await self.confirm(route, digest, blob)
+
+    async def confirm(self, route: Route, digest: str, blob: bool) -> int | None:
+        """HEAD upstream: if the repository has `digest` there, link it (and return a blob's size)."""
+
+        async def ask() -> int | None:
+            upstream = self.upstreams.of(route)
+            try:
+                if blob:
+                    size = await upstream.head_blob(route.repo, digest)
+                else:
+                    await upstream.head_manifest(route.repo, digest)
+                    size = None
+            except UpstreamError as exc:
+                raise registry_error(exc, route, digest, blob=blob) from None
+            await self.record(route, [digest])
+            return size
+
+        return await self._confirming.run((route.upstream.name, route.repo, digest), ask)

@@ -1,0 +1,125 @@
+"""Manifests by digest and by tag: the store first, else the upstream; verified, stored, linked.
+
+A tag is trusted for `tag_ttl`, then checked with a `HEAD`; while the upstream is
+unavailable the last known digest is served (stale). Concurrent requests for the same
+manifest share one upstream request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from anyio import to_thread
+
+from cache import digests
+from cache.mediatypes import manifest_media_type
+from cache.meta import Metadata
+from cache.store import ContentStore, Manifest
+from proxy import errors
+from proxy.mirror.failures import parsed, registry_error
+from proxy.mirror.flights import SingleFlight
+from proxy.mirror.links import Links
+from proxy.mirror.outcome import Outcome
+from proxy.routing import Route
+from proxy.upstream.client import UpstreamError, UpstreamNotFound, UpstreamUnavailable
+from proxy.upstream.pool import Upstreams
+
+log = structlog.get_logger("pullproxy")
+Found = tuple[Manifest, Outcome]
+
+
+class Manifests:
+    def __init__(
+        self, store: ContentStore, meta: Metadata, upstreams: Upstreams, links: Links, tag_ttl: float, offline: bool
+    ) -> None:
+        self.store = store
+        self.upstreams = upstreams
+        self.meta = meta
+        self.links = links
+        self.tag_ttl = tag_ttl
+        self.offline = offline  # tags are answered from the cache, never revalidated
+        self._tags: SingleFlight[tuple[str, str, str], Found] = SingleFlight()
+        self._fetches: SingleFlight[tuple[str, str, str], Manifest] = SingleFlight()
+
+    async def get(self, route: Route, reference: str) -> Found:
+        """The manifest `reference` (a tag or a digest) names in `route`'s repository."""
+        found = await (
+            self._by_digest(route, reference) if digests.is_digest(reference) else self._by_tag(route, reference)
+        )
+        await self.links.record_manifest(route, found[0])
+        return found
+
+    async def stored(self, digest: str) -> Manifest | None:
+        return self.store.cached_manifest(digest) or await to_thread.run_sync(self.store.find_manifest, digest)
+
+    async def _by_digest(self, route: Route, digest: str) -> Found:
+        parsed(digest)
+        manifest = await self.stored(digest)
+        if manifest is not None:
+            await self.links.ensure(route, digest, blob=False)
+            return manifest, Outcome.HIT
+        fetched = await self._fetches.run(
+            (route.upstream.name, route.repo, digest), lambda: self._fetch(route, digest, digest)
+        )
+        return fetched, Outcome.MISS
+
+    async def _by_tag(self, route: Route, tag: str) -> Found:
+        record = self.meta.cached_tag(route.upstream.name, route.repo, tag)
+        if record is not None and self._fresh(record.checked_at):
+            manifest = self.store.cached_manifest(record.digest)
+            if manifest is not None:  # the hot path: memory only
+                return manifest, Outcome.HIT
+        return await self._tags.run((route.upstream.name, route.repo, tag), lambda: self._resolve(route, tag))
+
+    def _fresh(self, checked_at: float) -> bool:
+        return self.offline or time.time() - checked_at < self.tag_ttl
+
+    async def _resolve(self, route: Route, tag: str) -> Found:
+        upstream = self.upstreams.of(route)
+        record = self.meta.cached_tag(upstream.name, route.repo, tag) or await to_thread.run_sync(
+            self.meta.find_tag, upstream.name, route.repo, tag
+        )
+        cached = await self.stored(record.digest) if record else None
+        if record is not None and cached is not None:
+            if self._fresh(record.checked_at):
+                return cached, Outcome.HIT
+            try:
+                current = await upstream.head_manifest(route.repo, tag)
+            except UpstreamUnavailable as exc:
+                log.warning("stale tag", upstream=upstream.name, repo=route.repo, tag=tag, why=str(exc))
+                return cached, Outcome.STALE
+            except UpstreamNotFound:
+                raise errors.manifest_unknown(route.prefix + route.repo, tag) from None
+            except UpstreamError as exc:
+                raise registry_error(exc, route, tag) from None
+            if current == record.digest:
+                await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, current)
+                return cached, Outcome.REVALIDATED
+            if current is not None:
+                known = await self.stored(current)
+                if known is not None:
+                    await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, current)
+                    return known, Outcome.MISS
+        manifest = await self._fetch(route, tag, None)
+        await to_thread.run_sync(self.meta.set_tag, upstream.name, route.repo, tag, manifest.digest)
+        return manifest, Outcome.MISS
+
+    async def _fetch(self, route: Route, reference: str, expected: str | None) -> Manifest:
+        """GET from the upstream, verify against `expected` (or its own claim), store."""
+        try:
+            fetched = await self.upstreams.of(route).get_manifest(route.repo, reference)
+        except UpstreamError as exc:
+            raise registry_error(exc, route, reference) from None
+        claimed = expected or fetched.digest
+        try:
+            digest = claimed if claimed else digests.of(fetched.body)
+            if not digests.matches(digest, fetched.body):
+                raise errors.bad_upstream(
+                    f"{route.upstream.name} sent a manifest for {route.repo}:{reference} that does not match {digest}"
+                )
+        except digests.InvalidDigest:
+            raise errors.bad_upstream(f"{route.upstream.name} claimed an invalid digest {claimed!r}") from None
+        manifest = Manifest(digest, manifest_media_type(fetched.content_type, fetched.body), fetched.body)
+        await to_thread.run_sync(self.store.put_manifest, manifest)
+        return manifest

@@ -1,0 +1,381 @@
+"""The status page at `/`: how the mirror is doing, for a person, in plain HTML.
+
+Cache use, hit ratio and traffic come from the metrics, so with several workers they
+cover all of them; upstream state, most pulled images and recent errors are the
+answering worker's own. The page refreshes itself; it needs no JavaScript.
+
+`build` turns what the process knows into a `StatusView` of display-ready values (pure,
+so tests build one without a server); `templates/status.html` lays it out, with Jinja's
+autoescape, so no repository name, error message or upstream URL can inject markup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jinja2
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
+
+from proxy import tls
+from proxy.access.gate import Gate
+from proxy.errors import RegistryError
+from proxy.mirror.outcome import Outcome
+from proxy.ops import metrics
+from proxy.ops.health import upstream_state
+from proxy.ops.observe import Activity
+from proxy.paths import classify
+from proxy.routing import Router, route_name
+
+REFRESH_SECONDS = 10
+TEMPLATE = "status.html"
+OUTCOMES = (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE, Outcome.JOINED, Outcome.MISS)  # in display order
+PULLS_SHOWN = 10
+ERRORS_SHOWN = 20
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
+
+templates = Jinja2Templates(
+    env=jinja2.Environment(
+        loader=jinja2.PackageLoader("proxy.ops", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of showing nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+)
+
+
+# -- the view model: display-ready values, escaped only by the template ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """Text shown in monospace with digests shortened; the full text shows on hover."""
+
+    full: str
+    shown: str
+
+    @classmethod
+    def of(cls, text: str) -> Code:
+        return cls(text, _short(text))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUse:
+    size: str
+    limit: str
+    used_percent: float  # 0 to 100, the bar's width
+    used: str  # the same for reading: "<1%" when some but less than one
+    entries: str
+    evicted: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeCount:
+    outcome: Outcome
+    count: str
+
+
+@dataclass(frozen=True, slots=True)
+class HitRatio:
+    ratio: str  # "none yet" before the first manifest or blob request
+    answered: str
+    breakdown: tuple[OutcomeCount, ...]  # in `OUTCOMES` order
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    served: str
+    fetched: str
+    downloads: str
+    clients: str
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    ago: str
+    what: Code
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRow:
+    name: str
+    url: str
+    state: str  # ok, failing or unknown: also its badge's CSS class
+    last_ok: str
+    last_error: LastError | None
+    requests: str
+    errors: str
+    fetched: str
+    backoff: str | None = None  # while the mirror does not ask it: when it tries again
+    notes: tuple[str, ...] = ()  # extra lines under the URL, e.g. a warning that TLS is not verified
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    image: str
+    count: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    clock: str
+    ago: str
+    status: int
+    request: Code
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One row about the server itself, e.g. TLS on or off, or when its certificate expires."""
+
+    label: str
+    value: str
+    warning: bool = False  # shown as a red badge
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    clock: str
+    refresh_seconds: int
+    cache: CacheUse
+    hits: HitRatio
+    traffic: Traffic
+    upstreams: tuple[UpstreamRow, ...]
+    pulls: tuple[Pull, ...]  # "no pulls yet" when empty
+    errors: tuple[ErrorRow, ...]  # "no errors" when empty
+    note: str
+    server: tuple[Fact, ...] = ()  # a "Server" section, shown only when there are facts
+
+
+# -- the page -----------------------------------------------------------------------------
+
+
+async def page(request: Request) -> Response:
+    state = request.app.state
+    await state.sampler.sample()
+    snapshot = await to_thread.run_sync(lambda: metrics.Snapshot(metrics.collected()))
+    upstreams = [upstream_state(upstream) for upstream in state.mirror.upstreams]
+    visible = await _visibility(request)
+    view = build(snapshot, upstreams, state.activity, time.time(), visible, _worker(), tls.describe_server())
+    return templates.TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
+
+
+async def _visibility(request: Request) -> Callable[[str], bool]:
+    """Which repositories (as clients name them) this caller may see: those it may pull.
+
+    The page is open to anyone, so with access rules a private repository's name must not
+    show in the most pulled images or in recent errors, as in `_catalog`.
+    """
+    gate: Gate = request.app.state.gate
+    router: Router = request.app.state.router
+    caller = await gate.caller(request)
+    address = gate.address(request)
+
+    def visible(name: str) -> bool:
+        first, _, rest = name.partition("/")
+        for path, ns in ((name, None), (rest, first)):  # a prefix, or containerd's ns in front
+            try:
+                route = router.route(path, ns)
+            except RegistryError:
+                continue
+            return gate.policy.allows(route_name(route), caller.user, address)
+        return False
+
+    return visible
+
+
+def _worker() -> int | None:
+    """This process's pid when the metrics cover several workers (the page then says whose the rest is)."""
+    return os.getpid() if metrics.MULTIPROCESS else None
+
+
+def render(
+    snapshot: metrics.Snapshot,
+    upstreams: Sequence[Mapping[str, object]],
+    activity: Activity,
+    now: float,
+    visible: Callable[[str], bool] = lambda name: True,
+) -> str:
+    """The page as `page` serves it, without a request."""
+    return render_view(build(snapshot, upstreams, activity, now, visible, _worker()))
+
+
+def render_view(view: StatusView) -> str:
+    return templates.get_template(TEMPLATE).render(view=view)
+
+
+def build(
+    snapshot: metrics.Snapshot,
+    upstreams: Sequence[Mapping[str, object]],
+    activity: Activity,
+    now: float,
+    visible: Callable[[str], bool] = lambda name: True,
+    worker: int | None = None,
+    server_tls: Mapping[str, object] | None = None,
+) -> StatusView:
+    """The page's content, from the metrics, the upstreams' state (`health.upstream_state`)
+    and this process's activity; `visible` says which repository names the caller may see."""
+    return StatusView(
+        clock=_clock(now),
+        refresh_seconds=REFRESH_SECONDS,
+        cache=_cache_use(snapshot),
+        hits=_hit_ratio(snapshot),
+        traffic=Traffic(
+            served=_bytes(snapshot.served_bytes()),
+            fetched=_bytes(snapshot.fetched_bytes()),
+            downloads=_count(snapshot.downloads_in_flight()),
+            clients=_count(snapshot.download_clients()),
+        ),
+        upstreams=tuple(_upstream(snapshot, upstream, now) for upstream in upstreams),
+        pulls=_pulls(activity, visible),
+        errors=_errors(activity, now, visible),
+        note=_scope_note(activity, worker),
+        server=_tls_facts(server_tls, now) if server_tls is not None else (),
+    )
+
+
+def _tls_facts(server: Mapping[str, object], now: float) -> tuple[Fact, ...]:
+    """Whether clients' credentials cross the network encrypted, and until when the certificate holds."""
+    if not server.get("enabled"):
+        why = "passwords and tokens cross the network in clear; tls_cert and tls_key in [server] turn HTTPS on"
+        return (Fact("Listener", f"plain HTTP: {why}", warning=True),)
+    certificate = server["certificate"]
+    assert isinstance(certificate, Mapping)
+    not_after = float(certificate["not_after"])
+    days = (not_after - now) / 86400
+    left = "expired" if days < 0 else f"in {days:.0f} d" if days >= 2 else f"in {max(0, int(days * 24))} h"
+    clients = " · client certificates required" if server.get("client_certificates") == "required" else ""
+    facts = [
+        Fact("Listener", f"HTTPS {certificate['subject']} · issued by {certificate['issuer']}{clients}"),
+        Fact(
+            "Certificate",
+            f"Certificate expires {_clock(not_after)} UTC ({left}) · SHA-256 {str(certificate['sha256'])[:16]}…",
+            warning=days < tls.EXPIRY_WARNING_DAYS,
+        ),
+    ]
+    error = server.get("rotation_error")
+    if isinstance(error, Mapping):
+        why = f"rotation failed {_ago(error['at'], now)}: {error['why']}; the certificate above is still served"
+        facts.append(Fact("Rotation", why, warning=True))
+    return tuple(facts)
+
+
+def _cache_use(snapshot: metrics.Snapshot) -> CacheUse:
+    size, limit = snapshot.cache_size(), snapshot.cache_limit()
+    used = min(100.0, 100 * size / limit) if limit else 0.0
+    return CacheUse(
+        size=_bytes(size),
+        limit=_bytes(limit),
+        used_percent=round(used, 1),
+        used="<1%" if 0 < used < 1 else f"{used:.0f}%",
+        entries=_count(snapshot.cache_entries()),
+        evicted=_count(snapshot.evictions()),
+    )
+
+
+def _hit_ratio(snapshot: metrics.Snapshot) -> HitRatio:
+    counts = {outcome: snapshot.cache_answers(outcome) for outcome in OUTCOMES}
+    answered = sum(counts.values())
+    from_cache = sum(count for outcome, count in counts.items() if outcome.from_cache)
+    return HitRatio(
+        ratio=f"{100 * from_cache / answered:.1f}%" if answered else "none yet",
+        answered=_count(answered),
+        breakdown=tuple(OutcomeCount(outcome, _count(count)) for outcome, count in counts.items()),
+    )
+
+
+def _upstream(snapshot: metrics.Snapshot, upstream: Mapping[str, object], now: float) -> UpstreamRow:
+    name = str(upstream["name"])
+    error = upstream["last_error"]
+    return UpstreamRow(
+        name=name,
+        url=str(upstream["url"]),
+        state=str(upstream["state"]),
+        last_ok=_ago(upstream["last_ok"], now),
+        last_error=LastError(_ago(error["at"], now), Code.of(str(error["what"]))) if isinstance(error, dict) else None,
+        requests=_count(snapshot.upstream_requests(name)),
+        errors=_count(snapshot.upstream_errors(name)),
+        fetched=_bytes(snapshot.fetched_bytes(name)),
+        backoff=_backoff(upstream.get("backoff_until"), now),
+        notes=("TLS not verified",) if upstream.get("tls") == tls.UpstreamTrust.NOT_VERIFIED else (),
+    )
+
+
+def _backoff(until: object, now: float) -> str | None:
+    if not isinstance(until, int | float):
+        return None
+    return f"not asked, next try in {max(0, round(until - now))} s"
+
+
+def _pulls(activity: Activity, visible: Callable[[str], bool]) -> tuple[Pull, ...]:
+    pulled = [(image, count) for image, count in activity.most_pulled(50) if visible(image.rpartition(":")[0])]
+    return tuple(Pull(image, _count(count)) for image, count in pulled[:PULLS_SHOWN])
+
+
+def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> tuple[ErrorRow, ...]:
+    names = ((failure, classify(failure.path).name) for failure in activity.errors)
+    shown = [failure for failure, name in names if not name or visible(name)]
+    return tuple(
+        ErrorRow(
+            clock=_clock(failure.at),
+            ago=_ago(failure.at, now),
+            status=failure.status,
+            request=Code.of(f"{failure.method} {failure.path}"),
+            why=_short(failure.message),
+        )
+        for failure in shown[:ERRORS_SHOWN]
+    )
+
+
+def _scope_note(activity: Activity, worker: int | None) -> str:
+    since = f"since {_clock(activity.since)} UTC"
+    if worker is None:
+        return f"Pulls count tag lookups {since}."
+    return (
+        "Cache, hit ratio, traffic and upstream counts cover all workers. Upstream state, most pulled images "
+        f"and recent errors are this worker's (pid {worker}) {since}; pulls count tag lookups."
+    )
+
+
+def _short(text: str) -> str:
+    """Digests cut to their first 12 hex digits, for reading."""
+    return _DIGEST.sub(r"\1…", text)
+
+
+def _count(value: float) -> str:
+    return f"{int(value):,}"
+
+
+def _bytes(value: float) -> str:
+    power = 0
+    while value >= 1024 and power < len(_UNITS) - 1:
+        value /= 1024
+        power += 1
+    return f"{value:.0f} B" if power == 0 else f"{value:.1f} {_UNITS[power]}"
+
+
+def _clock(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(at: object, now: float) -> str:
+    if not isinstance(at, int | float):
+        return "never"
+    seconds = max(0, int(now - at))
+    if seconds < 90:
+        return f"{seconds} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds // 60} min ago"
+    if seconds < 36 * 3600:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
