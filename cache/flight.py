@@ -31,16 +31,17 @@ import enum
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cache import digests, threads
+from cache.readers import READ_SIZE
 from cache.store import ContentStore
 
 MAX_PENDING = 1 << 20  # received bytes waiting for the disk before the upstream is read more slowly
 RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up
-READ_SIZE = 1 << 20  # the most one file read returns
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
 WRITEBACK_STEP = 8 << 20  # written bytes handed to the disk as the download goes, so the flush at the end is short
@@ -72,11 +73,26 @@ class AlreadyCached(Exception):
 
 @dataclass
 class Source:
-    """An upstream response ready to stream: what the opener hands a download."""
+    """An upstream response ready to stream: what an `Origin` hands a download."""
 
     size: int | None
     chunks: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
+
+
+# Where a download's bytes come from: called once, by the download that fetches, to open
+# the upstream's answer (raising the upstream's error when there is none). The only code
+# of its callers' that the cache runs.
+Origin = Callable[[], Awaitable[Source]]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A reader of a download that has started (close it when done), and what the caller needs to know."""
+
+    reader: DownloadReader
+    size: int | None  # None: the upstream did not say
+    joined: bool  # True: another request of this process had started it
 
 
 class _Paths:
@@ -90,7 +106,7 @@ class _Paths:
 class Download:
     """A download as its readers see it, whichever process fetches it."""
 
-    def __init__(self, digest: str) -> None:
+    def __init__(self, digest: str, on_done: Callable[[Download], None]) -> None:
         self.digest = digest
         self.size: int | None = None
         self.committed = False
@@ -99,7 +115,11 @@ class Download:
         self._fd = -1
         self._readers = 0
         self._task: asyncio.Task[None] | None = None
-        self.on_done: Callable[[], None] = lambda: None
+        self._on_done = on_done  # told once, when the download committed or failed
+
+    def begin(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run the download's work as a task of its own: it goes on when the first reader leaves."""
+        self._task = asyncio.create_task(work, name=f"download {self.digest}")
 
     @property
     def done(self) -> bool:
@@ -164,14 +184,14 @@ class Download:
         if not self.started.done():
             self.started.set_exception(exc)
             self.started.exception()  # retrieved: readers that left already must not cause a warning
-        self.on_done()
+        self._on_done(self)
 
 
 class _Fetch(Download):
     """This process fetches from the upstream."""
 
-    def __init__(self, digest: str, paths: _Paths, lock_fd: int) -> None:
-        super().__init__(digest)
+    def __init__(self, digest: str, paths: _Paths, lock_fd: int, on_done: Callable[[Download], None]) -> None:
+        super().__init__(digest, on_done)
         self.paths = paths
         self._lock_fd = lock_fd
         self.written = 0
@@ -205,7 +225,7 @@ class _Fetch(Download):
         self._progress.set()
         self._progress = asyncio.Event()
 
-    async def run(self, store: ContentStore, opener: Callable[[], Awaitable[Source]]) -> None:
+    async def run(self, store: ContentStore, opener: Origin) -> None:
         source: Source | None = None
         paths = self.paths
         try:
@@ -252,7 +272,7 @@ class _Fetch(Download):
             await threads.run(store.put_blob, self.digest, paths.data, self.written)
             self._batches.clear()  # later readers, if any, read the file
             self.committed = True
-            self.on_done()
+            self._on_done(self)
         except BaseException as exc:  # every failure must reach every reader
             if isinstance(exc, OSError):  # e.g. the disk is full
                 failure: BaseException = DownloadFailed(f"the download of {self.digest} could not be kept: {exc}")
@@ -371,8 +391,10 @@ class _Fetch(Download):
 class _Follow(Download):
     """Another process fetches; this one follows its partial file."""
 
-    def __init__(self, digest: str, paths: _Paths, store: ContentStore, lock_fd: int) -> None:
-        super().__init__(digest)
+    def __init__(
+        self, digest: str, paths: _Paths, store: ContentStore, lock_fd: int, on_done: Callable[[Download], None]
+    ) -> None:
+        super().__init__(digest, on_done)
         self.paths = paths
         self._store = store
         self._lock_fd = lock_fd  # the owner's lock file as it was when we looked: its outcome is ours
@@ -393,7 +415,7 @@ class _Follow(Download):
             self.size = self._written()
             self.committed = True
             self._close_lock()
-            self.on_done()
+            self._on_done(self)
         else:
             self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
 
@@ -595,6 +617,28 @@ def remove_abandoned(directory: Path) -> int:
     return removed
 
 
+class DownloadReader:
+    """One client's view of a shared download."""
+
+    def __init__(self, download: Download) -> None:
+        self._download = download
+        download.acquire()
+        self._open = True
+
+    @property
+    def size(self) -> int | None:
+        """Known once the download has started."""
+        return self._download.size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self._download.read(offset, size)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._download.release()
+
+
 class Downloads:
     """The downloads this process fetches or follows, keyed by digest."""
 
@@ -614,11 +658,27 @@ class Downloads:
         """Clients of this process reading a download in flight, at the upstream's pace."""
         return sum(download._readers for download in self._running.values())
 
-    def join(self, digest: str, opener: Callable[[], Awaitable[Source]]) -> Download:
+    async def read(self, digest: str, origin: Origin) -> Joined | None:
+        """A reader of the download of `digest` once it has started, or None: the store has the
+        blob now (another worker committed it), read it there. Raises what `origin` raised."""
+        joined = digest in self._running
+        download = self.join(digest, origin)
+        reader = DownloadReader(download)
+        try:
+            await asyncio.shield(download.started)
+        except AlreadyCached:
+            reader.close()
+            return None
+        except BaseException:
+            reader.close()
+            raise
+        return Joined(reader, download.size, joined)
+
+    def join(self, digest: str, origin: Origin) -> Download:
         """The download of `digest`: one running here, one another worker runs, or a new one.
 
-        `started` may raise `AlreadyCached`: then the store has the blob. The caller must
-        `acquire()` the download now and `release()` it when done reading.
+        The lower-level `read`: `started` may raise `AlreadyCached` (then the store has the
+        blob), and the caller must `acquire()` the download and `release()` it when done.
         """
         download = self._running.get(digest)
         if download is not None:
@@ -626,14 +686,14 @@ class Downloads:
         paths = _Paths(self._store.partial_dir, digest)
         lock_fd, owner = _take_lock(paths.lock)
         if owner:
-            fetch = _Fetch(digest, paths, lock_fd)
-            download, work = fetch, fetch.run(self._store, opener)
+            fetch = _Fetch(digest, paths, lock_fd, self._forget)
+            fetch.begin(fetch.run(self._store, origin))
+            download: Download = fetch
         else:
-            follow = _Follow(digest, paths, self._store, lock_fd)
-            download, work = follow, follow.run()
+            follow = _Follow(digest, paths, self._store, lock_fd, self._forget)
+            follow.begin(follow.run())
+            download = follow
         self._running[digest] = download
-        download.on_done = lambda: self._forget(download)
-        download._task = asyncio.create_task(work, name=f"download {digest}")
         return download
 
     def _forget(self, download: Download) -> None:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from cache import digests
 from cache.manifests import MAX_LEVELS, refs
 from cache.meta import Metadata
+from cache.readers import READ_SIZE
 from cache.store import ContentStore, Entry, manifest_key
-
-READ_SIZE = 1 << 20
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Uniform readers over a cached blob file and a download in flight, for the HTTP layer."""
+"""Readers of blob bytes, for the HTTP layer: a cached file here, a download in flight in `flight`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import os
 from typing import Protocol
 
 from cache import threads
-from cache.flight import READ_SIZE, Download
+
+READ_SIZE = 1 << 20  # the most one read returns: what a reader holds in memory per client
 
 
 class BlobReader(Protocol):
-    size: int | None
+    @property
+    def size(self) -> int | None:
+        """None while (or when) the upstream did not say."""
+        ...
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset`, as many as are at hand; b"" at the end.
@@ -27,7 +31,11 @@ class FileReader:
 
     def __init__(self, fd: int, size: int) -> None:
         self._fd = fd
-        self.size: int | None = size
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     async def read(self, offset: int, size: int) -> bytes:
         return await threads.run(os.pread, self._fd, min(size, READ_SIZE), offset)
@@ -36,25 +44,3 @@ class FileReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-class DownloadReader:
-    """One client's view of a shared download."""
-
-    def __init__(self, download: Download) -> None:
-        self._download = download
-        download.acquire()
-        self._open = True
-
-    @property
-    def size(self) -> int | None:
-        """Known once the download has started."""
-        return self._download.size
-
-    async def read(self, offset: int, size: int) -> bytes:
-        return await self._download.read(offset, size)
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._download.release()

@@ -20,8 +20,7 @@ import httpx
 import pytest
 
 from cache import digests, flight
-from cache.flight import Download, DownloadFailed, Downloads, Source
-from cache.readers import DownloadReader
+from cache.flight import Download, DownloadFailed, DownloadReader, Downloads, Source
 from cache.store import ContentStore
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy

@@ -15,7 +15,7 @@ from anyio import from_thread, to_thread
 
 from cache.archive import REF_NAME, ArchiveError, ArchiveReader, ArchiveWriter, OutputExists
 from cache.manifests import Descriptor
-from cache.readers import BlobReader
+from cache.readers import READ_SIZE, BlobReader
 from proxy import errors, references
 from proxy.cli.progress import Progress
 from proxy.config import Config
@@ -106,7 +106,7 @@ class _BlockingReader:
         self._reader, self._advance, self._offset = reader, advance, 0
 
     def read(self, size: int) -> bytes:
-        chunk = from_thread.run(self._reader.read, self._offset, min(size, pull.READ_SIZE))
+        chunk = from_thread.run(self._reader.read, self._offset, min(size, READ_SIZE))
         self._offset += len(chunk)
         self._advance(len(chunk))
         return chunk

@@ -15,6 +15,7 @@ from anyio import to_thread
 
 from cache.flight import DownloadFailed
 from cache.manifests import MAX_LEVELS, Descriptor, refs, select
+from cache.readers import READ_SIZE
 from cache.store import Manifest, manifest_key
 from proxy import errors
 from proxy.cli.progress import Task
@@ -22,7 +23,6 @@ from proxy.mirror import Blob, Mirror, Outcome
 from proxy.routing import Route
 from proxy.units import format_size
 
-READ_SIZE = 1 << 20
 BlobSink = Callable[[Descriptor, Blob], Awaitable[None]]
 
 

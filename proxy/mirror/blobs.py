@@ -7,14 +7,13 @@ under a repository only if that repository holds it (see `links`).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 
 from anyio import to_thread
 
-from cache.flight import AlreadyCached, Downloads, Source
-from cache.readers import BlobReader, DownloadReader, FileReader
+from cache.flight import Downloads, Source
+from cache.readers import BlobReader, FileReader
 from cache.store import ContentStore
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
@@ -47,22 +46,14 @@ class Blobs:
             if cached is not None:
                 await self._ensure_held(route, digest, cached)
                 return Blob(cached, cached.size, Outcome.HIT)
-            joined = self.downloads.in_flight(digest) is not None
-            download = self.downloads.join(digest, lambda: self._open_upstream(route, digest))
-            reader = DownloadReader(download)
             try:
-                await asyncio.shield(download.started)
-            except AlreadyCached:  # read the store
-                reader.close()
-                continue
+                found = await self.downloads.read(digest, lambda: self._open_upstream(route, digest))
             except UpstreamError as exc:
-                reader.close()
                 raise registry_error(exc, route, digest, blob=True) from None
-            except BaseException:
-                reader.close()
-                raise
-            await self._ensure_held(route, digest, reader)  # the download may be another repository's
-            return Blob(reader, download.size, Outcome.JOINED if joined else Outcome.MISS)
+            if found is None:  # committed elsewhere just now: read the store
+                continue
+            await self._ensure_held(route, digest, found.reader)  # the download may be another repository's
+            return Blob(found.reader, found.size, Outcome.JOINED if found.joined else Outcome.MISS)
         raise errors.unavailable(f"blob {digest} could not be read from the cache")
 
     async def size(self, route: Route, digest: str) -> tuple[int | None, Outcome]:
@@ -70,6 +61,7 @@ class Blobs:
         parsed(digest)
         cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
         download = self.downloads.in_flight(digest)
+        size: int | None
         if cached is not None:
             size, outcome = cached[1], Outcome.HIT
         elif download is not None and download.started.done() and download.error is None:
@@ -80,8 +72,10 @@ class Blobs:
         return size, outcome
 
     async def _open_upstream(self, route: Route, digest: str) -> Source:
+        """The download's origin: the upstream's answer, which also proves `route`'s repository
+        holds the blob (recorded before any reader starts, so none of them asks again)."""
         source = await self.upstreams.of(route).open_blob(route.repo, digest)
-        await self.links.record(route, [digest])  # before readers start: the upstream vouched
+        await self.links.record(route, [digest])
         return source
 
     async def _ensure_held(self, route: Route, digest: str, reader: BlobReader) -> None:
