@@ -1,7 +1,8 @@
 """What a manifest refers to: child manifests of an index, blobs of an image.
 
-The one place that knows manifest structure, for everything that walks an image:
-prefetch, pins, export, import and the cache tools.
+The one place that knows manifest structure: `refs` for everything that walks an image
+(prefetch, pins, export, import and the cache tools), `referenced_digests` for what a
+repository provably holds (the mirror's links), `index_entries` for an archive's index.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cache import digests
+from cache.mediatypes import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
+    OCI_ARTIFACT,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 
 # Docker buildx attaches provenance/SBOM manifests to an index, bound to one platform's manifest.
 _REFERENCE_TYPE = "vnd.docker.reference.type"
@@ -138,3 +148,37 @@ def select(children: list[Descriptor], platforms: Iterable[str] | None) -> list[
         c for c in children if _REFERENCE_TYPE in c.annotations and c.annotations.get(_REFERENCE_DIGEST) in picked
     ]
     return chosen + [c for c in attached if c.digest not in picked]
+
+
+# Per manifest kind, the fields a registry verifies the repository holds before accepting it.
+_CARRIED: dict[str, tuple[str, ...]] = {
+    OCI_MANIFEST: ("config", "layers"),
+    DOCKER_MANIFEST: ("config", "layers"),
+    OCI_INDEX: ("manifests",),
+    DOCKER_LIST: ("manifests",),
+    OCI_ARTIFACT: ("blobs",),
+    DOCKER_SCHEMA1_SIGNED: ("fsLayers",),
+    DOCKER_SCHEMA1: ("fsLayers",),
+}
+
+
+def referenced_digests(body: bytes, media_type: str) -> list[str]:
+    """The digests a manifest of `media_type` carries; nothing for other bodies or kinds.
+
+    A body whose own `mediaType` is another kind carries nothing: a registry checked it as
+    that kind, or not at all.
+    """
+    fields = _CARRIED.get(media_type, ())
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return []
+    if not fields or not isinstance(parsed, dict) or parsed.get("mediaType", media_type) != media_type:
+        return []
+    found = []
+    for key in fields:
+        value = parsed.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                found.append(item.get("blobSum" if key == "fsLayers" else "digest"))
+    return [d for d in found if isinstance(d, str) and valid_digest(d)]

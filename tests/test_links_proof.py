@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cache.manifests import referenced_digests
 from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX
-from proxy.mirror.links import referenced_digests
 from tests.support.auth import error_code, user_entry
 from tests.support.images import OCI_MANIFEST, PushedImage, Pusher, canonical_json, push_oci_image
 from tests.support.inprocess import MemoryRegistry, mirror_client

@@ -16,13 +16,11 @@ memory, then SQLite; they are written only when new, so a repeated pull writes n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 from anyio import to_thread
 
-from cache import digests
-from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX, OCI_MANIFEST
+from cache.manifests import referenced_digests
 from cache.meta import EXPANDED, LINKED, Metadata
 from cache.store import Manifest
 from proxy.mirror.failures import registry_error
@@ -30,50 +28,6 @@ from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
 from proxy.upstream.pool import Upstreams
-
-DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-
-
-# Per manifest kind, the fields a registry verifies the repository holds before accepting it.
-_CARRIED: dict[str, tuple[str, ...]] = {
-    OCI_MANIFEST: ("config", "layers"),
-    DOCKER_MANIFEST: ("config", "layers"),
-    OCI_INDEX: ("manifests",),
-    DOCKER_LIST: ("manifests",),
-    OCI_ARTIFACT: ("blobs",),
-    DOCKER_SCHEMA1_SIGNED: ("fsLayers",),
-    DOCKER_SCHEMA1: ("fsLayers",),
-}
-
-
-def referenced_digests(body: bytes, media_type: str) -> list[str]:
-    """The digests a manifest of `media_type` carries; nothing for other bodies or kinds.
-
-    A body whose own `mediaType` is another kind carries nothing: a registry checked it as
-    that kind, or not at all.
-    """
-    fields = _CARRIED.get(media_type, ())
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return []
-    if not fields or not isinstance(parsed, dict) or parsed.get("mediaType", media_type) != media_type:
-        return []
-    found = []
-    for key in fields:
-        value = parsed.get(key)
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict):
-                found.append(item.get("blobSum" if key == "fsLayers" else "digest"))
-    return [d for d in found if isinstance(d, str) and _valid(d)]
-
-
-def _valid(digest: str) -> bool:
-    try:
-        digests.parse(digest)
-    except digests.InvalidDigest:
-        return False
-    return True
 
 
 class Links:
