@@ -37,6 +37,7 @@ _SEGMENTS = {
     "tags": Endpoint.TAGS,
     "referrers": Endpoint.REFERRERS,
 }
+SEGMENT_OF = {endpoint: segment for segment, endpoint in _SEGMENTS.items()}
 _BASE = Classified(Endpoint.BASE, "", "")
 _CATALOG = Classified(Endpoint.CATALOG, "", "")
 _TOKEN = Classified(Endpoint.TOKEN, "", "")

@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable
 import httpx
 import structlog
 
+from proxy.paths import classify
 from proxy.upstream.egress import Egress
 
 log = structlog.get_logger("pullproxy")
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-_REPOSITORY_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _EXPIRY_MARGIN = 30.0
 
 TokenFetch = Callable[[httpx.Request], Awaitable[tuple[int, bytes]]]
@@ -47,8 +47,8 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 def scope_for(path: str) -> str | None:
-    match = _REPOSITORY_PATH.match(path)
-    return f"repository:{match.group(1)}:pull" if match else None
+    name = classify(path).name
+    return f"repository:{name}:pull" if name else None
 
 
 class RegistryAuth:

@@ -29,6 +29,7 @@ from cache.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy import tls
 from proxy.config import UpstreamConfig
 from proxy.ops import metrics
+from proxy.paths import SEGMENT_OF, classify
 from proxy.upstream.auth import RealmRefused, RegistryAuth, scope_for
 from proxy.upstream.egress import Egress, same_origin
 
@@ -291,7 +292,8 @@ class Upstream:
     def _failed(self, method: str, path: str, why: str) -> None:
         """Remember a failure for `/readyz` and the status page, which anyone may read: no
         repository name goes there (the log line has it)."""
-        kind = next((k for k in ("manifests", "blobs", "tags", "referrers") if f"/{k}/" in path), "request")
+        api = path.find("/v2/")  # an upstream's URL may have a path of its own before it
+        kind = SEGMENT_OF.get(classify(path[api:] if api >= 0 else path).endpoint, "request")
         self.last_error = (time.time(), f"{method} {kind}: {why}")
         self.metrics.errors.inc()
         log.warning("upstream request failed", upstream=self.name, method=method, path=path, why=why)
