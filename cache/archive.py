@@ -25,11 +25,11 @@ from typing import Any, Protocol
 
 from cache import digests
 from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
+from cache.mediatypes import OCI_INDEX, OCI_MANIFEST
 from cache.store import ContentStore, Manifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_MANIFEST = 4 << 20
 MAX_LAYOUT_FILE = 64 << 10  # oci-layout holds one short field
@@ -302,7 +302,7 @@ class ArchiveReader:
             advance(descriptor.size or 0)
             return False
         member = self._blob(descriptor)
-        hasher = digests.hasher(descriptor.digest)
+        check = digests.Check(descriptor.digest)
         staged, fd = _new_file(store.partial_dir, f"import-{descriptor.digest.replace(':', '-')}")
         try:
             source = self._tar.extractfile(member)
@@ -310,11 +310,10 @@ class ArchiveReader:
             with source, os.fdopen(fd, "wb") as out:
                 while chunk := source.read(COPY_SIZE):
                     out.write(chunk)
-                    hasher.update(chunk)
+                    check.update(chunk)
                     advance(len(chunk))
-            actual = f"{digests.parse(descriptor.digest)[0]}:{hasher.hexdigest()}"
-            if actual != descriptor.digest:
-                raise ArchiveError(f"blob {descriptor.digest} in the archive hashes to {actual}")
+            if not check.matches():
+                raise ArchiveError(f"blob {descriptor.digest} in the archive hashes to {check.actual}")
             store.put_blob(descriptor.digest, staged)
         finally:
             with contextlib.suppress(FileNotFoundError):

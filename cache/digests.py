@@ -27,9 +27,24 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
-def hasher(digest: str) -> hashlib._Hash:
-    """A fresh hash object of the algorithm `digest` uses."""
-    return hashlib.new(parse(digest)[0])
+class Check:
+    """Bytes hashed as they come, to be compared with the digest they should have."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self._algorithm = parse(digest)[0]
+        self._hash = hashlib.new(self._algorithm)
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    @property
+    def actual(self) -> str:
+        """The digest of what was hashed so far."""
+        return f"{self._algorithm}:{self._hash.hexdigest()}"
+
+    def matches(self) -> bool:
+        return self.actual == self.digest
 
 
 def of(data: bytes, algorithm: str = "sha256") -> str:

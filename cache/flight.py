@@ -245,7 +245,7 @@ class _Fetch(Download):
             else:
                 await threads.run(self._reserve, store, source.size, source.size)
             self._start(source.size)
-            hasher = digests.hasher(self.digest)
+            check = digests.Check(self.digest)
             handed_over = 0  # bytes whose writeback was started
 
             def write(batch: bytes) -> None:
@@ -254,7 +254,7 @@ class _Fetch(Download):
                 if end > self.reserved:  # only when the size is unknown
                     self._reserve(store, end, max(end, 2 * self.reserved))
                 _write_all(self._fd, batch)
-                hasher.update(batch)  # only what is on the disk counts
+                check.update(batch)  # only what is on the disk counts
                 if end - handed_over >= WRITEBACK_STEP:
                     _start_writeback(self._fd, handed_over, end - handed_over)
                     handed_over = end
@@ -263,9 +263,8 @@ class _Fetch(Download):
             await self._write_as_it_arrives(source.chunks, write, limit)
             if self.size is not None and self.written != self.size:
                 raise DownloadFailed(f"upstream sent {self.written} of {self.size} bytes")
-            actual = f"{digests.parse(self.digest)[0]}:{hasher.hexdigest()}"
-            if actual != self.digest:
-                raise DownloadFailed(f"upstream bytes hash to {actual}, not {self.digest}")
+            if not check.matches():
+                raise DownloadFailed(f"upstream bytes hash to {check.actual}, not {self.digest}")
             on_disk = (await threads.run(os.fstat, self._fd)).st_size
             if on_disk != self.written:
                 raise DownloadFailed(f"the partial file of {self.digest} holds {on_disk} of {self.written} bytes")

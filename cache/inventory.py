@@ -153,14 +153,14 @@ def _matches(digest: str, data: bytes) -> bool:
 
 def _file_matches(digest: str, path: str, advance: Callable[[int], None]) -> bool:
     try:
-        hasher = digests.hasher(digest)
+        check = digests.Check(digest)
         with open(path, "rb") as source:
             while chunk := source.read(READ_SIZE):
-                hasher.update(chunk)
+                check.update(chunk)
                 advance(len(chunk))
     except (digests.InvalidDigest, FileNotFoundError):
         return False
-    return f"{digests.parse(digest)[0]}:{hasher.hexdigest()}" == digest
+    return check.matches()
 
 
 def directory_size(path: os.PathLike[str] | str) -> int:

@@ -25,7 +25,6 @@ from cache.mediatypes import (
 # Docker buildx attaches provenance/SBOM manifests to an index, bound to one platform's manifest.
 _REFERENCE_TYPE = "vnd.docker.reference.type"
 _REFERENCE_DIGEST = "vnd.docker.reference.digest"
-_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 # Every walk over an image visits each digest once and goes at most this deep (an index of
 # indexes of images is 3 levels): repeated or nested children cannot make one image cost
@@ -81,8 +80,8 @@ def index_entries(body: bytes) -> list[Descriptor]:
         raise InvalidIndex("not a JSON object")
     if parsed.get("schemaVersion", 2) != 2:
         raise InvalidIndex(f"schemaVersion {parsed['schemaVersion']!r}, not 2")
-    if parsed.get("mediaType", _OCI_INDEX) != _OCI_INDEX:
-        raise InvalidIndex(f"mediaType {parsed['mediaType']!r}, not {_OCI_INDEX}")
+    if parsed.get("mediaType", OCI_INDEX) != OCI_INDEX:
+        raise InvalidIndex(f"mediaType {parsed['mediaType']!r}, not {OCI_INDEX}")
     entries = parsed.get("manifests")
     if not isinstance(entries, list):
         raise InvalidIndex('no "manifests" list')

@@ -16,6 +16,7 @@ import time
 import structlog
 from anyio import to_thread
 
+from cache.mediatypes import OCI_INDEX
 from cache.meta import Metadata
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
@@ -28,7 +29,7 @@ from proxy.upstream.client import MAX_MANIFEST_SIZE, UpstreamError
 from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
-EMPTY_INDEX = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}'
+EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, separators=(",", ":")).encode()
 
 
 class Referrers:
