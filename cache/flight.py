@@ -679,15 +679,16 @@ class Downloads:
         The lower-level `read`: `started` may raise `AlreadyCached` (then the store has the
         blob), and the caller must `acquire()` the download and `release()` it when done.
         """
-        download = self._running.get(digest)
-        if download is not None:
-            return download
+        running = self._running.get(digest)
+        if running is not None:
+            return running
         paths = _Paths(self._store.partial_dir, digest)
         lock_fd, owner = _take_lock(paths.lock)
+        download: Download
         if owner:
             fetch = _Fetch(digest, paths, lock_fd, self._forget)
             fetch.begin(fetch.run(self._store, origin))
-            download: Download = fetch
+            download = fetch
         else:
             follow = _Follow(digest, paths, self._store, lock_fd, self._forget)
             follow.begin(follow.run())

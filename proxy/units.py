@@ -17,6 +17,11 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
+def natural(text: str) -> int | None:
+    """A count or size a peer sent: ASCII digits only (`isdigit` takes "²"), at most 18 of them."""
+    return int(text) if re.fullmatch("[0-9]{1,18}", text) else None
+
+
 def parse_size(value: object) -> int:
     """Bytes from a positive integer or text such as `10GiB`, `500MB`, `1.5g`; raises ValueError."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -124,7 +124,9 @@ async def _gate(config: configuration.Config) -> Gate:
     auth = config.auth or configuration.AuthConfig()
     users = Users(auth.users, auth.htpasswd, LoginThrottle())
     await users.load()
-    key = auth.token_key or await to_thread.run_sync(load_or_create_key, config.cache_dir)
+    key = auth.token_key
+    if key is None:
+        key = await to_thread.run_sync(load_or_create_key, config.cache_dir)
     policy = Policy(config.access, config.default_pull)
     return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
 

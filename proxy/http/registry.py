@@ -28,11 +28,13 @@ MAX_PAGE = 10000  # `n` beyond this is served as this: a registry may answer few
 
 
 def _mirror(request: Request) -> Mirror:
-    return request.app.state.mirror
+    mirror: Mirror = request.app.state.mirror
+    return mirror
 
 
 def _gate(request: Request) -> Gate:
-    return request.app.state.gate
+    gate: Gate = request.app.state.gate
+    return gate
 
 
 async def _route(request: Request) -> UpstreamRoute:

@@ -40,6 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from proxy import config as configuration
 from proxy import errors, tls
+from proxy.access.policy import Network
 from proxy.http.edge import error_response, status_of
 
 try:
@@ -81,7 +82,7 @@ class Limits:
     header_timeout: float
     max_connections: int
     max_connections_per_client: int
-    unlimited: tuple[configuration.Network, ...] = ()  # trusted proxies: no per-address limit
+    unlimited: tuple[Network, ...] = ()  # trusted proxies: no per-address limit
 
 
 def client_key(host: str) -> str:
@@ -200,6 +201,7 @@ class Protocols:
     """
 
     def __init__(self, limits: Limits, protocol: Callable[..., asyncio.Protocol] | None = None) -> None:
+        self.protocol: Callable[..., asyncio.Protocol]
         self.limits = limits
         self.connections = Connections(limits)
         self.protocol = protocol or PROTOCOL

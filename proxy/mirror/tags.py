@@ -6,7 +6,7 @@ import structlog
 from anyio import to_thread
 
 from cache.meta import Metadata
-from proxy import errors
+from proxy import errors, units
 from proxy.mirror.failures import registry_error
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
@@ -53,8 +53,8 @@ def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> Tag
     ordered = sorted(tags)
     if last is not None:
         ordered = [t for t in ordered if t > last]
-    if n is not None and n.isdigit():
-        count = int(n)
+    count = units.natural(n) if n is not None else None
+    if count is not None:
         if len(ordered) > count:
             page = ordered[:count]
             return TagPage(name, page, {"n": str(count), "last": page[-1]} if page else None)

@@ -44,7 +44,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROCESS = MULTIPROC_ENV in os.environ  # read by prometheus-client when imported, too
 SAMPLE_INTERVAL = 5.0
 
-disable_created_metrics()  # `_created` series double the output and no dashboard reads them
+# `_created` series double the output and no dashboard reads them (the call is untyped upstream)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 REQUESTS = Counter(
@@ -188,7 +189,7 @@ def collected() -> CollectorRegistry:
     if not MULTIPROCESS:
         return REGISTRY
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
     return registry
 
 
@@ -278,12 +279,12 @@ def worker_started() -> None:
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rpartition("_")[2]
         if pid.isdigit() and not _alive(int(pid)):
-            mark_process_dead(int(pid), directory)
+            mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
 
 
 def worker_stopped() -> None:
     if MULTIPROCESS:
-        mark_process_dead(os.getpid(), os.environ[MULTIPROC_ENV])
+        mark_process_dead(os.getpid(), os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
 
 
 def _alive(pid: int) -> bool:

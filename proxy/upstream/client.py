@@ -16,6 +16,7 @@ import json
 import math
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import parse_qs, urlsplit
@@ -26,7 +27,7 @@ import structlog
 
 from cache.flight import Source
 from cache.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
-from proxy import tls
+from proxy import tls, units
 from proxy.config import UpstreamConfig
 from proxy.ops import metrics
 from proxy.paths import SEGMENT_OF, classify
@@ -269,7 +270,8 @@ class Upstream:
         limit = BODY_LIMITS[kind]
         try:
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > limit:
+            declared = units.natural(length)
+            if declared is not None and declared > limit:
                 raise UpstreamTooLarge(self.name, f"{what} is larger than the {_mib(limit)} limit ({length} bytes)")
             body = bytearray()
             # aiter_bytes, not aiter_raw: it also serves a response whose body was read already
@@ -330,8 +332,9 @@ class Upstream:
         if self._retry_at is not None and now < self._retry_at:
             return  # requests sent before the window opened, failing now: no reason to wait longer
         window = min(BACKOFF_FIRST * 2**self._windows, BACKOFF_MAX)
-        if retry_after is not None and retry_after.strip().isdigit():
-            window = max(window, min(float(retry_after), BACKOFF_MAX))
+        seconds = units.natural(retry_after.strip()) if retry_after is not None else None
+        if seconds is not None:
+            window = max(window, min(float(seconds), BACKOFF_MAX))
         self._windows += 1
         self._retry_at = now + window
         self._backoff_why = why
@@ -389,7 +392,8 @@ class Upstream:
         path = f"/v2/{repo}/manifests/{reference}"
         response = await self._send("HEAD", path, Kind.MANIFEST, headers={"Accept": UPSTREAM_ACCEPT})
         await response.aclose()
-        return response.headers.get("Docker-Content-Digest")
+        digest: str | None = response.headers.get("Docker-Content-Digest")
+        return digest
 
     async def get_manifest(self, repo: str, reference: str) -> FetchedManifest:
         path = f"/v2/{repo}/manifests/{reference}"
@@ -401,9 +405,9 @@ class Upstream:
     async def open_blob(self, repo: str, digest: str) -> Source:
         response = await self._send("GET", f"/v2/{repo}/blobs/{digest}", Kind.BLOB)
         length = response.headers.get("Content-Length")
-        size = int(length) if length and length.isdigit() else None
+        size = units.natural(length) if length else None
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in response.aiter_raw():
                     self.metrics.fetched.inc(len(chunk))
@@ -418,7 +422,7 @@ class Upstream:
         response = await self._send("HEAD", f"/v2/{repo}/blobs/{digest}", Kind.BLOB)
         await response.aclose()
         length = response.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
+        return units.natural(length) if length else None
 
     async def referrers(self, repo: str, digest: str) -> bytes | None:
         """The OCI 1.1 referrers index, or None when the upstream does not offer the API."""
