@@ -32,6 +32,7 @@ from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens
 from proxy.access.users import Users
 from proxy.config import ConfigError, Network
+from tests.e2e.test_clients import assert_same_image
 from tests.support.auth import challenge, claims, error_code, user_entry
 from tests.support.certs import PKI, KeyPair
 from tests.support.clients import (
@@ -46,7 +47,6 @@ from tests.support.clients import (
 from tests.support.images import PushedImage
 from tests.support.proxy import REPO_ROOT, Proxy
 from tests.support.registry import Registry
-from tests.test_clients import assert_same_image
 
 ALICE = ("alice", "alice-pw")
 PODMAN = "/usr/bin/podman"

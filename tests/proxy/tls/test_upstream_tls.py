@@ -19,12 +19,12 @@ from proxy import config as configuration
 from proxy import tls
 from proxy.config import ConfigError, UpstreamConfig
 from proxy.upstream.client import Upstream, UpstreamUnavailable
+from tests.e2e.test_clients import assert_same_image
 from tests.support.certs import PKI, KeyPair
 from tests.support.clients import skopeo_copy
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy, to_toml
 from tests.support.registry import Registry
-from tests.test_clients import assert_same_image
 
 
 def images(upstream: Registry) -> dict[str, PushedImage]:

@@ -28,7 +28,7 @@ def test_no_file_means_docker_hub_on_port_5000_with_10gib_cache() -> None:
 
 
 def test_example_config_loads() -> None:
-    loaded = config.load(Path(__file__).parent.parent / "config.example.toml", environ={})
+    loaded = config.load(Path(__file__).parents[2] / "config.example.toml", environ={})
     assert loaded.tag_ttl == 60
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_clients import assert_same_image
 from tests.support.auth import user_entry
 from tests.support.clients import CommandError, Containerd, docker_daemon_pull, skopeo_copy, write_authfile
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
-from tests.test_clients import assert_same_image
 
 ALICE = ("alice", "alice-pw")  # group dev
 BOB = ("bob", "bob-pw")
