@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cache import digests
 
@@ -101,7 +102,7 @@ def valid_digest(digest: str) -> bool:
     return True
 
 
-def _descriptor(raw: dict) -> Descriptor:
+def _descriptor(raw: dict[str, Any]) -> Descriptor:
     platform = raw.get("platform")
     name = None
     if isinstance(platform, dict) and platform.get("os") and platform.get("architecture"):

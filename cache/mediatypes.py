@@ -30,8 +30,9 @@ def manifest_media_type(content_type: str | None, body: bytes) -> str:
     except ValueError:
         parsed = None
     if isinstance(parsed, dict):
-        if isinstance(parsed.get("mediaType"), str):
-            return parsed["mediaType"]
+        media_type = parsed.get("mediaType")
+        if isinstance(media_type, str):
+            return media_type
         if parsed.get("schemaVersion") == 1:
             return DOCKER_SCHEMA1_SIGNED
         if "manifests" in parsed:
