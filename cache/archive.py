@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from cache import digests
 from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
-from cache.store import ContentStore, Manifest
+from cache.storage import ContentStore, Manifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache import digests, threads
-from cache.store import ContentStore
+from cache.storage import ContentStore
 
 MAX_PENDING = 1 << 20  # received bytes waiting for the disk before the upstream is read more slowly
 RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up

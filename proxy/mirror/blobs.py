@@ -15,7 +15,7 @@ from anyio import to_thread
 
 from cache.flight import AlreadyCached, Downloads, Source
 from cache.readers import BlobReader, DownloadReader, FileReader
-from cache.store import ContentStore
+from cache.storage import ContentStore
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.links import Links

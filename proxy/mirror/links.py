@@ -23,8 +23,7 @@ from anyio import to_thread
 
 from cache import digests
 from cache.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, OCI_ARTIFACT, OCI_INDEX, OCI_MANIFEST
-from cache.meta import EXPANDED, LINKED, Metadata
-from cache.store import Manifest
+from cache.storage import EXPANDED, LINKED, Manifest, Metadata
 from proxy.mirror.failures import registry_error
 from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route
