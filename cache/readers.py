@@ -10,7 +10,8 @@ from cache.flight import READ_SIZE, Download
 
 
 class BlobReader(Protocol):
-    size: int | None
+    @property
+    def size(self) -> int | None: ...
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset`, as many as are at hand; b"" at the end.

@@ -70,8 +70,9 @@ class Blobs:
         parsed(digest)
         cached = self.store.cached_blob_path(digest) or await to_thread.run_sync(self.store.find_blob, digest)
         download = self.downloads.in_flight(digest)
+        size: int | None
         if cached is not None:
-            size, outcome = cached[1], Outcome.HIT
+            size, outcome = cached.size, Outcome.HIT
         elif download is not None and download.started.done() and download.error is None:
             size, outcome = download.size, Outcome.JOINED
         else:

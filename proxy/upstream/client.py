@@ -16,6 +16,7 @@ import json
 import math
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import parse_qs, urlsplit
@@ -387,7 +388,8 @@ class Upstream:
         path = f"/v2/{repo}/manifests/{reference}"
         response = await self._send("HEAD", path, Kind.MANIFEST, headers={"Accept": UPSTREAM_ACCEPT})
         await response.aclose()
-        return response.headers.get("Docker-Content-Digest")
+        digest: str | None = response.headers.get("Docker-Content-Digest")
+        return digest
 
     async def get_manifest(self, repo: str, reference: str) -> FetchedManifest:
         path = f"/v2/{repo}/manifests/{reference}"
@@ -401,7 +403,7 @@ class Upstream:
         length = response.headers.get("Content-Length")
         size = int(length) if length and length.isdigit() else None
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in response.aiter_raw():
                     self.metrics.fetched.inc(len(chunk))
