@@ -142,3 +142,13 @@ def test_tag_records_are_pickled_as_every_version_wrote_them(tmp_path: Path) -> 
     with sqlite3.connect(tmp_path / "meta" / "cache.db") as db:
         (stored,) = [value for (value,) in db.execute("SELECT value FROM Cache") if b"TagRecord" in value]
     assert b"\x8c\ncache.meta\x94\x8c\tTagRecord" in stored
+
+
+def test_only_the_adapter_imports_diskcache() -> None:
+    importing = sorted(
+        str(path.relative_to(ROOT))
+        for package in ("cache", "proxy")
+        for path in (ROOT / package).rglob("*.py")
+        if any(line.startswith(("import diskcache", "from diskcache")) for line in path.read_text().splitlines())
+    )
+    assert importing == ["cache/diskcache_sql.py"]
