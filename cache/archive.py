@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from cache import digests
 from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
 from cache.mediatypes import OCI_INDEX, OCI_MANIFEST
-from cache.store import ContentStore, Manifest
+from cache.storage import ContentStore, Manifest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -69,7 +69,7 @@ class ArchiveWriter:
             raise ArchiveError(f"{path}: folder {path.parent} does not exist")
         self._partial, fd = self._create()
         self._file = os.fdopen(fd, "wb")  # closed by commit or abort
-        self._tar = tarfile.open(  # noqa: SIM115 -- `commit` closes it; `abort` drops it unfinished
+        self._tar = tarfile.TarFile(  # what `tarfile.open` makes for "w"; `commit` closes it, `abort` drops it
             fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_SIZE
         )
         self._blobs: set[str] = set()
@@ -101,7 +101,7 @@ class ArchiveWriter:
         exact = _Exact(source, digest, size)
         with self._io():
             self._folder(os.path.dirname(_blob_path(digest)))
-            self._tar.addfile(self._info(_blob_path(digest), size), exact)
+            self._tar.addfile(self._info(_blob_path(digest), size), exact)  # type: ignore[arg-type]  # read(n) only
         if exact.read(1):
             raise ArchiveError(f"blob {digest}: more than {size} bytes")
         self._blobs.add(digest)

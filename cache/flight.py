@@ -38,7 +38,7 @@ from typing import Any
 
 from cache import digests, threads
 from cache.readers import READ_SIZE
-from cache.store import ContentStore
+from cache.storage import ContentStore
 
 MAX_PENDING = 1 << 20  # received bytes waiting for the disk before the upstream is read more slowly
 RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 from cache import digests
 from cache.manifests import MAX_LEVELS, refs
-from cache.meta import Metadata
 from cache.readers import READ_SIZE
-from cache.store import ContentStore, Entry, manifest_key
+from cache.storage import ContentStore, Entry, Metadata, manifest_key
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Image:
 
 def images(store: ContentStore, meta: Metadata) -> list[Image]:
     """Every tag the cache knows, with the size and last use of its cached content."""
-    entries = {(manifest_key(e.digest) if e.is_manifest else e.digest): e for e in store.entries()}
+    entries = {e.key: e for e in store.entries()}
     listed = []
     for upstream, repo in meta.repositories():
         for tag in meta.known_tags(upstream, repo):
@@ -116,7 +115,7 @@ def remove(store: ContentStore, meta: Metadata, upstream: str, repo: str, refere
             record = meta.find_tag(other_upstream, other_repo, tag)
             if record is not None:
                 doomed -= tree(store, record.digest).store_keys()
-    sizes = {(manifest_key(e.digest) if e.is_manifest else e.digest): e.size for e in store.entries()}
+    sizes = {e.key: e.size for e in store.entries()}
     freed = sum(sizes.get(key, 0) for key in doomed if store.remove(key))
     return tags, freed
 
@@ -133,13 +132,11 @@ def verify(store: ContentStore, advance: Callable[[int], None]) -> list[str]:
         if entry.is_manifest:
             manifest = store.find_manifest(entry.digest)
             ok = manifest is not None and _matches(entry.digest, manifest.body)
-            key = manifest_key(entry.digest)
         else:
             found = store.find_blob(entry.digest)
-            ok = found is not None and _file_matches(entry.digest, found[0], advance)
-            key = entry.digest
+            ok = found is not None and _file_matches(entry.digest, found.path, advance)
         if not ok:
-            store.remove(key)
+            store.remove(entry.key)
             bad.append(entry.digest)
     return bad
 

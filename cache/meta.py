@@ -1,4 +1,4 @@
-"""What each upstream repository's tags pointed at, the tag lists it last answered, and
+"""`DiskMetadata`: what each upstream repository's tags pointed at, the tag lists it last answered, and
 which digests each repository is known to hold (its links).
 
 Kept apart from the content cache: these records are tiny, are never evicted by the LRU,
@@ -15,31 +15,25 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-import diskcache
 from cachetools import LRUCache
 
-# How much is known about a digest in a repository.
-LINKED = 1  # the repository holds it
-EXPANDED = 2  # a manifest whose referenced digests are recorded as linked too
+from cache.diskcache_sql import EvictionPolicy, SqlCache
+from cache.storage import ReferrersRecord, TagRecord
 
 REFERRERS_SIZE = 64 << 20  # bytes of stored referrers indexes (typically under 1 KiB each)
 NO_REFERRERS = 8192  # digests remembered, per process, as having none
 
 
-@dataclass(frozen=True, slots=True)
-class TagRecord:
-    digest: str
-    checked_at: float  # when the upstream last confirmed it (wall clock, shared by workers)
+class DiskMetadata:
+    """Implements `cache.storage.Metadata` in two diskcache directories beside the content."""
 
-
-class Metadata:
     def __init__(self, directory: Path, referrers_size: int = REFERRERS_SIZE) -> None:
-        self._db = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
-        self._referrers = diskcache.Cache(
-            str(directory / "referrers"), eviction_policy="least-recently-stored", size_limit=referrers_size
+        self._db = SqlCache(directory / "meta", EvictionPolicy.NONE)
+        self._referrers = SqlCache(
+            directory / "referrers", EvictionPolicy.LEAST_RECENTLY_STORED, size_limit=referrers_size
         )
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(maxsize=16384)
         self._links: LRUCache[tuple[str, str, str], int] = LRUCache(maxsize=65536)
@@ -53,7 +47,7 @@ class Metadata:
 
     def find_tag(self, upstream: str, repo: str, tag: str) -> TagRecord | None:
         """Blocking."""
-        record = self._db.get(("tag", upstream, repo, tag))
+        record = cast(TagRecord | None, self._db.get(("tag", upstream, repo, tag)))
         if record is not None:
             with self._lock:
                 self._tags[(upstream, repo, tag)] = record
@@ -64,10 +58,10 @@ class Metadata:
         record = TagRecord(digest, time.time())
         with self._db.transact():
             self._db.set(("tag", upstream, repo, tag), record)
-            known = self._db.get(("tags", upstream, repo), ())
+            known = self._tag_list(upstream, repo)
             if tag not in known:
                 self._db.set(("tags", upstream, repo), tuple(sorted({*known, tag})))
-            repos = self._db.get(("repos",), ())
+            repos = self._repositories()
             if (upstream, repo) not in repos:
                 self._db.set(("repos",), tuple(sorted({*repos, (upstream, repo)})))
         with self._lock:
@@ -78,24 +72,24 @@ class Metadata:
         """Blocking. A running server may still answer from its memory until `tag_ttl` has passed."""
         with self._db.transact():
             self._db.delete(("tag", upstream, repo, tag))
-            known = tuple(t for t in self._db.get(("tags", upstream, repo), ()) if t != tag)
+            known = tuple(t for t in self._tag_list(upstream, repo) if t != tag)
             self._db.set(("tags", upstream, repo), known)
             if not known:
-                repos = self._db.get(("repos",), ())
+                repos = self._repositories()
                 self._db.set(("repos",), tuple(r for r in repos if r != (upstream, repo)))
         with self._lock:
             self._tags.pop((upstream, repo, tag), None)
 
-    def referrers(self, upstream: str, repo: str, digest: str) -> tuple[float, bytes | None] | None:
+    def referrers(self, upstream: str, repo: str, digest: str) -> ReferrersRecord | None:
         """Blocking: when the referrers of `digest` were last fetched and their index (None:
         there were none); None when nothing is known."""
         key = (upstream, repo, digest)
         with self._lock:
             checked_at = self._no_referrers.get(key)
         if checked_at is not None:
-            return checked_at, None
-        record: tuple[float, bytes | None] | None = self._referrers.get(key)
-        return record
+            return ReferrersRecord(checked_at, None)
+        record = cast(tuple[float, bytes | None] | None, self._referrers.get(key))
+        return None if record is None else ReferrersRecord(*record)
 
     def set_referrers(self, upstream: str, repo: str, digest: str, index: bytes | None) -> None:
         """Blocking: store `digest`'s referrers index as just fetched; None for "there are none"."""
@@ -119,7 +113,7 @@ class Metadata:
 
     def find_link(self, upstream: str, repo: str, digest: str) -> int:
         """Blocking."""
-        level = self._db.get(("link", upstream, repo, digest), 0)
+        level = cast(int, self._db.get(("link", upstream, repo, digest), 0))
         if level:
             with self._lock:
                 self._links[(upstream, repo, digest)] = level
@@ -130,7 +124,7 @@ class Metadata:
         with self._db.transact():
             for digest, level in levels.items():
                 key = ("link", upstream, repo, digest)
-                stored = self._db.get(key, 0)
+                stored = cast(int, self._db.get(key, 0))
                 if stored < level:
                     self._db.set(key, level)
                 with self._lock:
@@ -138,11 +132,17 @@ class Metadata:
 
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags this cache has seen, for answering `tags/list` while offline."""
-        return list(self._db.get(("tags", upstream, repo), ()))
+        return list(self._tag_list(upstream, repo))
 
     def repositories(self) -> list[tuple[str, str]]:
         """Blocking: every (upstream, repository) with a cached tag."""
-        return list(self._db.get(("repos",), ()))
+        return list(self._repositories())
+
+    def _tag_list(self, upstream: str, repo: str) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self._db.get(("tags", upstream, repo), ()))
+
+    def _repositories(self) -> tuple[tuple[str, str], ...]:
+        return cast(tuple[tuple[str, str], ...], self._db.get(("repos",), ()))
 
     def close(self) -> None:
         self._db.close()

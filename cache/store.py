@@ -1,4 +1,4 @@
-"""Blobs and manifests by digest in a size-bounded, least-recently-used diskcache.
+"""`DiskContentStore`: blobs and manifests by digest in a size-bounded, least-recently-used diskcache.
 
 A blob enters the cache only by renaming a fully verified file into place, so a crash
 never leaves a partial blob visible and a large layer is never copied a second time.
@@ -8,128 +8,42 @@ complete bytes or is gone.
 Hits are served from an in-memory map of digest to file path; their LRU bookkeeping is
 queued and written to SQLite in one transaction every few seconds instead of once per hit.
 Pinned entries carry diskcache's `tag` "pinned" in the shared SQLite file, so every
-process's eviction skips them.
+process's eviction skips them (the SQL for that is in `cache.diskcache_sql`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-import diskcache
 from cachetools import LRUCache
-from diskcache.core import MODE_BINARY, UNKNOWN
 
-_MANIFEST = "manifest:"
-PINNED = "pinned"
-
-
-class IncompleteFile(Exception):
-    """A staged file does not hold the bytes that were verified: it is not stored."""
+from cache.diskcache_sql import EvictionPolicy, SqlCache
+from cache.storage import BlobFile, Entry, IncompleteFile, Manifest, is_manifest_key, key_digest, manifest_key
 
 
-class StagedFile:
-    """A verified, flushed file on the cache's own filesystem, to be moved (not copied) into it."""
+class DiskContentStore:
+    """Content-addressed storage shared by every upstream: a digest names the same bytes anywhere.
 
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        self.size = size
-
-
-class _RenamingDisk(diskcache.Disk):
-    """Stores a `StagedFile` by renaming it to the cache's file name; every file it writes is flushed."""
-
-    def store(self, value: object, read: bool, key: object = UNKNOWN) -> tuple:
-        if isinstance(value, StagedFile):
-            filename, full_path = self.filename(key, value)
-            directory = os.path.dirname(full_path)
-            for attempt in range(10):
-                created = _make_directories(directory)
-                try:
-                    os.rename(value.path, full_path)
-                    break
-                except FileNotFoundError:
-                    # Another process's eviction may remove a directory it emptied.
-                    if attempt == 9 or not value.path.exists():
-                        raise
-            _sync_directories(directory, created)
-            return value.size, MODE_BINARY, filename, None
-        stored = super().store(value, read, key)
-        if stored[2] is not None:  # a large value (a big manifest) went into a file of its own
-            full_path = os.path.join(self._directory, stored[2])
-            _sync_file(full_path)
-            _sync_directories(os.path.dirname(full_path), [])
-        return stored
-
-
-def _make_directories(directory: str) -> list[str]:
-    """`os.makedirs`, returning the directories it created (whose parents must be flushed too)."""
-    created = []
-    path = directory
-    while not os.path.isdir(path):
-        created.append(path)
-        path = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    return created
-
-
-def _sync_file(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_directories(directory: str, created: list[str]) -> None:
-    """Flush the entry of a new file in `directory`, and those of the directories just created."""
-    for path in [directory, *(os.path.dirname(new) for new in created)]:
-        with contextlib.suppress(FileNotFoundError):
-            _sync_file(path)
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    digest: str
-    media_type: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One cached blob or manifest, for the cache tools."""
-
-    digest: str
-    is_manifest: bool
-    size: int
-    last_used: float  # wall clock
-    pinned: bool
-
-
-def manifest_key(digest: str) -> str:
-    return _MANIFEST + digest
-
-
-class ContentStore:
-    """Content-addressed storage shared by every upstream: a digest names the same bytes anywhere."""
+    Implements `cache.storage.ContentStore` in one directory shared by this host's processes.
+    """
 
     def __init__(self, directory: Path, max_size: int) -> None:
         self.directory = directory
         self.max_size = max_size
         self.partial_dir = directory / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        self._cache = diskcache.Cache(
-            str(directory / "content"),
+        self._cache = SqlCache(
+            directory / "content",
+            EvictionPolicy.LEAST_RECENTLY_USED,
             size_limit=max_size,
-            eviction_policy="least-recently-used",
             cull_limit=0,  # culled explicitly after each insert, down to the limit
-            disk=_RenamingDisk,
+            renaming=True,
         )
-        self._paths: LRUCache[str, tuple[str, int]] = LRUCache(maxsize=65536)
+        self._paths: LRUCache[str, BlobFile] = LRUCache(maxsize=65536)
         self._manifests: LRUCache[str, Manifest] = LRUCache(maxsize=4096)
         self._touched: set[str] = set()
         self._lock = threading.Lock()
@@ -139,7 +53,7 @@ class ContentStore:
 
     # -- blobs -------------------------------------------------------------------------
 
-    def cached_blob_path(self, digest: str) -> tuple[str, int] | None:
+    def cached_blob_path(self, digest: str) -> BlobFile | None:
         """Memory-only lookup for the hot path; `None` means "ask `find_blob`"."""
         with self._lock:
             found = self._paths.get(digest)
@@ -147,26 +61,27 @@ class ContentStore:
                 self._touched.add(digest)
         return found
 
-    def find_blob(self, digest: str) -> tuple[str, int] | None:
+    def find_blob(self, digest: str) -> BlobFile | None:
         """Blocking SQLite lookup; remembers the path so later hits stay in memory.
 
         A file whose size is not the one recorded when it was stored is removed, not returned.
         """
-        handle = self._cache.get(digest, read=True)
+        handle = self._cache.open_file(digest)
         if handle is None:
             return None
         with handle:
             path = handle.name
             size = os.fstat(handle.fileno()).st_size
-        recorded = self._cache._sql("SELECT size FROM Cache WHERE key = ? AND raw = 1", (digest,)).fetchone()
-        if recorded is not None and recorded[0] != size:
+        recorded = self._cache.recorded_size(digest)
+        if recorded is not None and recorded != size:
             # Not the bytes that were stored (a disk that lost writes, a hand that truncated it):
             # forget it, so it is fetched again rather than served short.
             self.remove(digest)
             return None
+        found = BlobFile(path, size)
         with self._lock:
-            self._paths[digest] = (path, size)
-        return path, size
+            self._paths[digest] = found
+        return found
 
     def forget_path(self, digest: str) -> None:
         """Called when a remembered file has been evicted by another process."""
@@ -188,7 +103,7 @@ class ContentStore:
         finally:
             os.close(fd)
         self.flush_touches()  # so eviction sees the latest hits
-        self._cache.set(digest, StagedFile(staged, actual))
+        self._cache.move_in(digest, staged, actual)
         self._cull()
 
     def has_blob(self, digest: str) -> bool:
@@ -200,15 +115,15 @@ class ContentStore:
         with self._lock:
             found = self._manifests.get(digest)
             if found is not None:
-                self._touched.add(_MANIFEST + digest)
+                self._touched.add(manifest_key(digest))
         return found
 
     def find_manifest(self, digest: str) -> Manifest | None:
         """Blocking SQLite lookup."""
-        stored = self._cache.get(_MANIFEST + digest)
+        stored = self._cache.get(manifest_key(digest))
         if stored is None:
             return None
-        media_type, body = stored
+        media_type, body = cast(tuple[str, bytes], stored)
         manifest = Manifest(digest, media_type, body)
         with self._lock:
             self._manifests[digest] = manifest
@@ -218,10 +133,10 @@ class ContentStore:
         """Blocking. A manifest already stored is left as it is (same bytes; it may be pinned)."""
         with self._lock:
             self._manifests[manifest.digest] = manifest
-        if _MANIFEST + manifest.digest in self._cache:
+        if manifest_key(manifest.digest) in self._cache:
             return
         self.flush_touches()
-        self._cache.set(_MANIFEST + manifest.digest, (manifest.media_type, manifest.body))
+        self._cache.set(manifest_key(manifest.digest), (manifest.media_type, manifest.body))
         self._cull()
 
     # -- pins and tools ----------------------------------------------------------------
@@ -230,36 +145,31 @@ class ContentStore:
         """Blocking: keep these entries (blob digests, `manifest_key`s) out of eviction."""
         with self._cache.transact():
             for key in keys:
-                self._cache._sql("UPDATE Cache SET tag = ? WHERE key = ? AND raw = 1", (PINNED, key))
+                self._cache.set_pinned(key, True)
 
     def keep_pinned(self, keys: set[str]) -> None:
         """Blocking: make `keys` the whole pinned set; entries pinned before and not named are unpinned."""
         with self._cache.transact():
-            rows = self._cache._sql("SELECT key FROM Cache WHERE tag = ?", (PINNED,)).fetchall()
-            for (key,) in rows:
+            for key in self._cache.pinned_keys():
                 if key not in keys:
-                    self._cache._sql("UPDATE Cache SET tag = NULL WHERE key = ? AND raw = 1", (key,))
+                    self._cache.set_pinned(key, False)
             self.pin(keys)
         self._cull()  # what was unpinned may now be over the limit
 
     def entries(self) -> list[Entry]:
         """Blocking: every cached entry with its size, last use and pin."""
         self.flush_touches()
-        # Small values (manifests) live inside SQLite, where diskcache records their size as 0.
-        rows = self._cache._sql(
-            "SELECT key, size + IFNULL(length(value), 0), access_time, tag FROM Cache WHERE raw = 1"
-        ).fetchall()
         return [
-            Entry(key.removeprefix(_MANIFEST), key.startswith(_MANIFEST), size, access_time, tag == PINNED)
-            for key, size, access_time, tag in rows
+            Entry(key_digest(row.key), is_manifest_key(row.key), row.size, row.access_time, row.pinned)
+            for row in self._cache.rows()
         ]
 
     def remove(self, key: str) -> bool:
         """Blocking: delete a blob digest or `manifest_key`. A process that has the file open keeps reading it."""
         with self._lock:
             self._paths.pop(key, None)
-            self._manifests.pop(key.removeprefix(_MANIFEST), None)
-        return bool(self._cache.delete(key))
+            self._manifests.pop(key_digest(key), None)
+        return self._cache.delete(key)
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -269,12 +179,7 @@ class ContentStore:
             keys, self._touched = self._touched, set()
         if not keys:
             return 0
-        with self._cache.transact():
-            for key in keys:
-                # A read refreshes access_time under the LRU policy; the value is not needed.
-                handle = self._cache.get(key, read=True)
-                if hasattr(handle, "close"):
-                    handle.close()
+        self._cache.touch(keys)
         return len(keys)
 
     def make_room(self, in_flight: int) -> int:
@@ -284,9 +189,7 @@ class ContentStore:
         and then nothing is evicted (in vain).
         """
         self.flush_touches()
-        evictable = self._cache._sql(
-            "SELECT IFNULL(SUM(size), 0) FROM Cache WHERE tag IS NOT ? AND raw = 1", (PINNED,)
-        ).fetchone()[0]
+        evictable = self._cache.unpinned_volume()
         at_best = self.max_size - (self._cache.volume() - evictable) - in_flight
         if at_best < 0:
             return at_best
@@ -305,13 +208,10 @@ class ContentStore:
         for _ in range(100_000):
             if self._cache.volume() <= limit:
                 return
-            # diskcache has no public "least recently used key"; its schema is stable across 5.x.
-            row = self._cache._sql(
-                "SELECT key FROM Cache WHERE tag IS NOT ? ORDER BY access_time LIMIT 1", (PINNED,)
-            ).fetchone()
-            if row is None:
+            key = self._cache.least_recently_used()
+            if key is None:
                 return
-            self._cache.delete(row[0])
+            self._cache.delete(key)
             with self._lock:
                 self.evictions += 1
 

@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 
 from cache import inventory
-from cache.meta import Metadata
-from cache.store import ContentStore
+from cache.storage import ContentStore, Metadata
 from proxy import references
 from proxy.cli.progress import Progress
 from proxy.config import Config
+from proxy.mirror.mirror import open_storage
 from proxy.routing import Router, canonical
 from proxy.units import format_ago, format_size
 
@@ -26,8 +26,7 @@ from proxy.units import format_ago, format_size
 def _open(config: Config) -> Iterator[tuple[ContentStore, Metadata]]:
     if not config.cache_dir.is_dir():
         raise SystemExit(f"pullproxy: no cache at {config.cache_dir}")
-    store = ContentStore(config.cache_dir, config.max_size)
-    meta = Metadata(config.cache_dir)
+    store, meta = open_storage(config)
     try:
         yield store, meta
     finally:

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache import flight
-from cache.store import ContentStore
+from cache.storage import ContentStore
 from proxy import config as configuration
 from proxy import errors
 from proxy.access.gate import Gate

@@ -15,7 +15,7 @@ import structlog
 from anyio import to_thread
 
 from cache.pins import PinLock
-from cache.store import manifest_key
+from cache.storage import manifest_key
 from proxy import errors, references
 from proxy.cli.progress import Progress
 from proxy.config import Config, PinConfig

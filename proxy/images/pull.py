@@ -16,7 +16,7 @@ from anyio import to_thread
 from cache.flight import DownloadFailed
 from cache.manifests import MAX_LEVELS, Descriptor, refs, select
 from cache.readers import READ_SIZE
-from cache.store import Manifest, manifest_key
+from cache.storage import Manifest, manifest_key
 from proxy import errors
 from proxy.cli.progress import Task
 from proxy.mirror import Blob, Mirror, Outcome

@@ -14,7 +14,7 @@ from anyio import to_thread
 
 from cache.flight import Downloads, Source
 from cache.readers import BlobReader, FileReader
-from cache.store import ContentStore
+from cache.storage import ContentStore
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.links import Links
@@ -63,7 +63,7 @@ class Blobs:
         download = self.downloads.in_flight(digest)
         size: int | None
         if cached is not None:
-            size, outcome = cached[1], Outcome.HIT
+            size, outcome = cached.size, Outcome.HIT
         elif download is not None and download.started.done() and download.error is None:
             size, outcome = download.size, Outcome.JOINED
         else:

@@ -21,8 +21,7 @@ from collections.abc import Iterable
 from anyio import to_thread
 
 from cache.manifests import referenced_digests
-from cache.meta import EXPANDED, LINKED, Metadata
-from cache.store import Manifest
+from cache.storage import EXPANDED, LINKED, Manifest, Metadata
 from proxy.mirror.failures import registry_error
 from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route

@@ -14,8 +14,7 @@ from anyio import to_thread
 
 from cache import digests
 from cache.mediatypes import manifest_media_type
-from cache.meta import Metadata
-from cache.store import ContentStore, Manifest
+from cache.storage import ContentStore, Manifest, Metadata
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.flights import SingleFlight

@@ -15,8 +15,9 @@ import httpx
 from anyio import to_thread
 
 from cache.flight import Downloads
-from cache.meta import Metadata
-from cache.store import ContentStore
+from cache.meta import DiskMetadata
+from cache.storage import ContentStore, Metadata
+from cache.store import DiskContentStore
 from proxy.config import Config
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
@@ -59,6 +60,16 @@ class Mirror:
         )
 
 
+def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
+    """Blocking: the content store and the metadata for `config`, the one place that chooses their kind."""
+    store = DiskContentStore(config.cache_dir, config.max_size)
+    try:
+        return store, DiskMetadata(config.cache_dir)
+    except BaseException:
+        store.close()
+        raise
+
+
 @contextlib.asynccontextmanager
 async def open_mirror(
     config: Config, transports: Mapping[str, httpx.AsyncBaseTransport] | None = None
@@ -68,8 +79,7 @@ async def open_mirror(
     `transports` (by upstream name) lets in-process tests put a fake upstream behind httpx.
     """
     config.cache_dir.mkdir(parents=True, exist_ok=True)
-    store = await to_thread.run_sync(ContentStore, config.cache_dir, config.max_size)
-    meta = await to_thread.run_sync(Metadata, config.cache_dir)
+    store, meta = await to_thread.run_sync(open_storage, config)
     upstreams = Upstreams(config.upstreams, offline=config.offline, transports=transports)
     try:
         yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)

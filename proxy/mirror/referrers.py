@@ -17,7 +17,7 @@ import structlog
 from anyio import to_thread
 
 from cache.mediatypes import OCI_INDEX
-from cache.meta import Metadata
+from cache.storage import Metadata
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.flights import SingleFlight
@@ -47,8 +47,8 @@ class Referrers:
         algorithm, hex_ = parsed(digest)
         upstream = self.upstreams.of(route)
         known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
-        if known is not None and time.time() - known[0] < self.tag_ttl:
-            return known[1] or EMPTY_INDEX, Outcome.HIT
+        if known is not None and time.time() - known.checked_at < self.tag_ttl:
+            return known.body or EMPTY_INDEX, Outcome.HIT
 
         def entries(index: bytes) -> list[object]:
             try:
@@ -88,4 +88,4 @@ class Referrers:
         if known is None or not isinstance(error, errors.Unavailable):
             raise error
         log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
-        return known[1] or EMPTY_INDEX, Outcome.STALE
+        return known.body or EMPTY_INDEX, Outcome.STALE

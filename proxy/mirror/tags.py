@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 from anyio import to_thread
 
-from cache.meta import Metadata
+from cache.storage import Metadata
 from proxy import errors, units
 from proxy.mirror.failures import registry_error
 from proxy.mirror.outcome import Outcome

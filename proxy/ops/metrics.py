@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cache.flight import Downloads
-from cache.store import ContentStore
+from cache.storage import ContentStore
 from proxy.paths import Endpoint
 
 if TYPE_CHECKING:  # at run time the import would cycle back here through the upstream client
@@ -44,8 +44,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROCESS = MULTIPROC_ENV in os.environ  # read by prometheus-client when imported, too
 SAMPLE_INTERVAL = 5.0
 
-# `_created` series double the output and no dashboard reads them (the call is untyped upstream)
-disable_created_metrics()  # type: ignore[no-untyped-call]
+disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output, no dashboard reads them
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 REQUESTS = Counter(
@@ -189,7 +188,7 @@ def collected() -> CollectorRegistry:
     if not MULTIPROCESS:
         return REGISTRY
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
 
 
@@ -279,12 +278,12 @@ def worker_started() -> None:
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = path.stem.rpartition("_")[2]
         if pid.isdigit() and not _alive(int(pid)):
-            mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
+            mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
 
 
 def worker_stopped() -> None:
     if MULTIPROCESS:
-        mark_process_dead(os.getpid(), os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
+        mark_process_dead(os.getpid(), os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
 
 
 def _alive(pid: int) -> bool:

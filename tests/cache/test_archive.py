@@ -15,7 +15,8 @@ import pytest
 from cache import digests
 from cache.archive import ArchiveError, ArchiveReader, ArchiveWriter, OutputExists
 from cache.manifests import MAX_LEVELS, Descriptor
-from cache.store import ContentStore, Manifest
+from cache.storage import Manifest
+from cache.store import DiskContentStore
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -93,8 +94,8 @@ def extracted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[ContentStore]:
-    content = ContentStore(tmp_path / "cache", 1 << 30)
+def store(tmp_path: Path) -> Iterator[DiskContentStore]:
+    content = DiskContentStore(tmp_path / "cache", 1 << 30)
     yield content
     content.close()
 
@@ -262,7 +263,7 @@ def test_a_manifest_that_is_not_json_or_too_large_or_of_another_size_is_refused(
     assert refused(path) == f"manifest {bad_child['digest']} names an invalid digest 'sha256:nothex'"
 
 
-def test_a_blob_of_another_size_than_its_descriptor_says_so(tmp_path: Path, store: ContentStore) -> None:
+def test_a_blob_of_another_size_than_its_descriptor_says_so(tmp_path: Path, store: DiskContentStore) -> None:
     archive = Layout()
     top = archive.image("x")
     path = archive.write(tmp_path / "a.tar", [top])

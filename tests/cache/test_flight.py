@@ -21,7 +21,7 @@ import pytest
 
 from cache import digests, flight
 from cache.flight import Download, DownloadFailed, DownloadReader, Downloads, Source
-from cache.store import ContentStore
+from cache.store import DiskContentStore
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy
 
@@ -89,7 +89,7 @@ def _download_with_short_writes(directory: str) -> None:
     """In a child process: no file may grow past 1.5 MiB, so the write that crosses it is cut short."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
-    store = ContentStore(Path(directory), max_size=64 * MIB)
+    store = DiskContentStore(Path(directory), max_size=64 * MIB)
     resource.setrlimit(resource.RLIMIT_FSIZE, (MIB + MIB // 2, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     async def main() -> dict[str, object]:
@@ -129,7 +129,7 @@ def test_a_write_cut_short_fails_the_download_and_stores_nothing(tmp_path: Path)
 
 
 def test_put_blob_refuses_a_file_of_another_size_than_was_verified(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=64 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(MIB)
     staged = store.partial_dir / "staged"
     staged.write_bytes(data[: MIB // 2])  # the second half never reached the disk
@@ -164,7 +164,7 @@ def flushes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 def test_a_blob_is_flushed_before_it_is_renamed_into_the_store_and_its_directory_after(
     tmp_path: Path, flushes: list[tuple[str, int]]
 ) -> None:
-    store = ContentStore(tmp_path, max_size=64 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(MIB)
     staged = store.partial_dir / "staged"
     staged.write_bytes(data)
@@ -181,9 +181,9 @@ def test_a_blob_is_flushed_before_it_is_renamed_into_the_store_and_its_directory
 def test_a_manifest_large_enough_for_a_file_of_its_own_is_flushed(
     tmp_path: Path, flushes: list[tuple[str, int]]
 ) -> None:
-    from cache.store import Manifest
+    from cache.storage import Manifest
 
-    store = ContentStore(tmp_path, max_size=64 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
     body = json.dumps({"schemaVersion": 2, "padding": "x" * (64 << 10)}).encode()
     store.put_manifest(Manifest(digests.of(body), "application/vnd.oci.image.manifest.v1+json", body))
     (file,) = (tmp_path / "content").rglob("*.val")
@@ -193,7 +193,7 @@ def test_a_manifest_large_enough_for_a_file_of_its_own_is_flushed(
 
 
 def test_a_stored_blob_that_lost_bytes_is_not_served_but_fetched_again(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=64 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(MIB)
     staged = store.partial_dir / "staged"
     staged.write_bytes(data)
@@ -202,7 +202,7 @@ def test_a_stored_blob_that_lost_bytes_is_not_served_but_fetched_again(tmp_path:
     assert found is not None
     os.truncate(found[0], MIB // 2)  # what a disk that lies about flushes may leave after a power loss
     store.close()
-    reopened = ContentStore(tmp_path, max_size=64 * MIB)
+    reopened = DiskContentStore(tmp_path, max_size=64 * MIB)
     assert reopened.find_blob(digests.of(data)) is None
     assert not reopened.has_blob(digests.of(data))
     reopened.close()
@@ -212,7 +212,7 @@ def test_a_stored_blob_that_lost_bytes_is_not_served_but_fetched_again(tmp_path:
 
 
 def test_a_blob_larger_than_the_cache_is_refused_before_its_bytes_are_fetched(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=4 * MIB)
+    store = DiskContentStore(tmp_path, max_size=4 * MIB)
     data = os.urandom(8 * MIB)
     consumed: list[int] = []
 
@@ -235,7 +235,7 @@ def test_a_blob_larger_than_the_cache_is_refused_before_its_bytes_are_fetched(tm
 
 
 def test_a_blob_of_unknown_size_is_cut_off_at_the_cache_size(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=4 * MIB)
+    store = DiskContentStore(tmp_path, max_size=4 * MIB)
     data = os.urandom(16 * MIB)
     consumed: list[int] = []
 
@@ -257,7 +257,7 @@ def test_a_blob_of_unknown_size_is_cut_off_at_the_cache_size(tmp_path: Path) -> 
 
 
 def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=5 * MIB)
+    store = DiskContentStore(tmp_path, max_size=5 * MIB)
     old, kept = os.urandom(MIB), os.urandom(MIB)
     for blob in (old, kept):
         staged = store.partial_dir / "staged"
@@ -387,7 +387,7 @@ def test_a_follower_its_last_reader_left_lets_go_of_the_partial_file(tmp_path: P
     """Else the disk space of a download that then fails stays taken until the digest is asked for again."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
-    owner_store, follower_store = ContentStore(tmp_path, 64 * MIB), ContentStore(tmp_path, 64 * MIB)
+    owner_store, follower_store = DiskContentStore(tmp_path, 64 * MIB), DiskContentStore(tmp_path, 64 * MIB)
     data_file = owner_store.partial_dir / f"{digest.replace(':', '-')}.data"
 
     async def main() -> None:
@@ -432,7 +432,7 @@ def test_a_follower_does_not_take_a_later_download_for_the_one_it_followed(
     monkeypatch.setattr(flight, "FOLLOW_POLL", 1.0)
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
-    stores = [ContentStore(tmp_path, 64 * MIB) for _ in range(3)]  # three processes, as it were
+    stores = [DiskContentStore(tmp_path, 64 * MIB) for _ in range(3)]  # three processes, as it were
 
     async def main() -> None:
         gate = asyncio.Event()
@@ -469,7 +469,7 @@ def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
     """Readers waiting together: the first to see the owner's outcome must not pull the lock from the others."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
-    owner_store, follower_store = ContentStore(tmp_path, 64 * MIB), ContentStore(tmp_path, 64 * MIB)
+    owner_store, follower_store = DiskContentStore(tmp_path, 64 * MIB), DiskContentStore(tmp_path, 64 * MIB)
 
     async def main() -> None:
         gate = asyncio.Event()

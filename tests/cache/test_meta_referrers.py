@@ -8,7 +8,7 @@ from pathlib import Path
 
 import diskcache
 
-from cache.meta import Metadata
+from cache.meta import DiskMetadata
 from tests.support.inprocess import OCI_INDEX, OCI_MANIFEST, MemoryRegistry, mirror_client
 
 EMPTY = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
@@ -66,7 +66,7 @@ def test_no_referrers_of_a_pulled_image_is_stored_for_offline_clients(tmp_path: 
 
 
 def test_stored_referrers_indexes_are_bounded_the_oldest_going_first(tmp_path: Path) -> None:
-    meta = Metadata(tmp_path, referrers_size=256 << 10)
+    meta = DiskMetadata(tmp_path, referrers_size=256 << 10)
     try:
         index = json.dumps({**EMPTY, "annotations": {"pad": "x" * 1000}}).encode()
         for number in range(2000):  # about 2 MiB of indexes
@@ -79,7 +79,7 @@ def test_stored_referrers_indexes_are_bounded_the_oldest_going_first(tmp_path: P
 
 
 def test_none_in_memory_replaces_an_index_stored_before(tmp_path: Path) -> None:
-    meta = Metadata(tmp_path)
+    meta = DiskMetadata(tmp_path)
     try:
         meta.set_referrers("up", "team/app", "sha256:" + "a" * 64, b"{}")
         meta.remember_no_referrers("up", "team/app", "sha256:" + "a" * 64)

@@ -10,21 +10,21 @@ from pathlib import Path
 import httpx
 
 from cache import digests
-from cache.store import ContentStore
+from cache.store import DiskContentStore
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import Proxy
 
 MIB = 1 << 20
 
 
-def stage(store: ContentStore, data: bytes) -> tuple[str, Path]:
+def stage(store: DiskContentStore, data: bytes) -> tuple[str, Path]:
     path = store.partial_dir / f"staged-{len(os.listdir(store.partial_dir))}"
     path.write_bytes(data)
     return digests.of(data), path
 
 
 def test_lru_evicts_the_least_recently_used_and_stays_under_the_limit(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=int(3.5 * MIB))
+    store = DiskContentStore(tmp_path, max_size=int(3.5 * MIB))
     blobs = {name: os.urandom(MIB) for name in "abcd"}
     ids = {}
     for name in "abc":
@@ -47,11 +47,11 @@ def test_lru_evicts_the_least_recently_used_and_stays_under_the_limit(tmp_path: 
 
 
 def test_cache_is_kept_across_reopening(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=10 * MIB)
+    store = DiskContentStore(tmp_path, max_size=10 * MIB)
     digest, path = stage(store, b"kept")
     store.put_blob(digest, path)
     store.close()
-    reopened = ContentStore(tmp_path, max_size=10 * MIB)
+    reopened = DiskContentStore(tmp_path, max_size=10 * MIB)
     found = reopened.find_blob(digest)
     assert found is not None and Path(found[0]).read_bytes() == b"kept"
     reopened.close()

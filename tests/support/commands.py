@@ -22,9 +22,9 @@ def pullproxy(proxy: Proxy, *args: str, check: bool = True, timeout: float = 300
 
 def blob_file(proxy: Proxy, digest: str) -> Path:
     """Where the mirror keeps a cached blob on disk."""
-    from cache.store import ContentStore
+    from cache.store import DiskContentStore
 
-    store = ContentStore(proxy.cache_dir, 1 << 40)
+    store = DiskContentStore(proxy.cache_dir, 1 << 40)
     try:
         found = store.find_blob(digest)
     finally:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from cache import digests
-from cache.store import ContentStore
+from cache.store import DiskContentStore
 from tests.support.clients import CommandError, read_dir_image, skopeo_copy
 from tests.support.commands import pullproxy
 from tests.support.images import PushedImage, push_oci_image, push_random_blob
@@ -38,7 +38,7 @@ def assert_pulled(proxy: Proxy, image: PushedImage, folder: Path, all_platforms:
 
 
 def test_store_eviction_skips_pinned_entries_until_they_are_unpinned(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path, max_size=400 * KIB)
+    store = DiskContentStore(tmp_path, max_size=400 * KIB)
     added = []
     for i in range(6):
         data = os.urandom(100 * KIB)
@@ -121,7 +121,7 @@ def test_pins_follow_their_tag_on_schedule(
     wait_for(lambda: second.digest[:19] in pullproxy(proxy, "cache", "ls").stdout)
     registry.stop()
     assert_pulled(proxy, second, tmp_path / "second")
-    entries = ContentStore(proxy.cache_dir, 1 << 30)
+    entries = DiskContentStore(proxy.cache_dir, 1 << 30)
     pinned = {e.digest for e in entries.entries() if e.pinned}
     entries.close()
     assert second.digest in pinned and first.digest not in pinned  # the old digest returned to the LRU

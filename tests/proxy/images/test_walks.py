@@ -16,7 +16,8 @@ import pytest
 
 from cache import inventory
 from cache.manifests import MAX_LEVELS
-from cache.store import ContentStore, Manifest
+from cache.storage import Manifest
+from cache.store import DiskContentStore
 from proxy import config as configuration
 from proxy import references
 from proxy.images import pull
@@ -94,7 +95,7 @@ def test_the_cache_tree_of_a_repeating_nested_index_reads_each_manifest_once(
 ) -> None:
     chain = nested(hub, "v1", levels=4, repeats=6)
     walk(hub, tmp_path, "v1")  # now cached
-    store = ContentStore(tmp_path / "cache", 1 << 30)
+    store = DiskContentStore(tmp_path / "cache", 1 << 30)
     try:
         found: Counter[str] = Counter()
         original = store.find_manifest
