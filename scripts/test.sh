@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Real registry and clients the integration tests drive, and a browser for the status page
 # (Debian packages).
-DEBS=(docker-registry skopeo containerd chromium)
+DEBS=(docker-registry skopeo containerd chromium podman)
 # A virtual environment keeps the tests off the system Python (Debian refuses pip there).
 python3 -m venv --help >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()
@@ -25,4 +25,6 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy --strict proxy cache
 .venv/bin/python -m pytest -q "$@"
