@@ -33,13 +33,13 @@ from proxy.ops.health import upstream_state
 from proxy.ops.observe import Activity
 from proxy.paths import classify
 from proxy.routing import Router, route_name
+from proxy.units import format_ago, format_size
 
 REFRESH_SECONDS = 10
 TEMPLATE = "status.html"
 OUTCOMES = (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE, Outcome.JOINED, Outcome.MISS)  # in display order
 PULLS_SHOWN = 10
 ERRORS_SHOWN = 20
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
 
 templates = Jinja2Templates(
@@ -231,8 +231,8 @@ def build(
         cache=_cache_use(snapshot),
         hits=_hit_ratio(snapshot),
         traffic=Traffic(
-            served=_bytes(snapshot.served_bytes()),
-            fetched=_bytes(snapshot.fetched_bytes()),
+            served=format_size(snapshot.served_bytes()),
+            fetched=format_size(snapshot.fetched_bytes()),
             downloads=_count(snapshot.downloads_in_flight()),
             clients=_count(snapshot.download_clients()),
         ),
@@ -265,7 +265,7 @@ def _tls_facts(server: Mapping[str, object], now: float) -> tuple[Fact, ...]:
     ]
     error = server.get("rotation_error")
     if isinstance(error, Mapping):
-        why = f"rotation failed {_ago(error['at'], now)}: {error['why']}; the certificate above is still served"
+        why = f"rotation failed {format_ago(error['at'], now)}: {error['why']}; the certificate above is still served"
         facts.append(Fact("Rotation", why, warning=True))
     return tuple(facts)
 
@@ -274,8 +274,8 @@ def _cache_use(snapshot: metrics.Snapshot) -> CacheUse:
     size, limit = snapshot.cache_size(), snapshot.cache_limit()
     used = min(100.0, 100 * size / limit) if limit else 0.0
     return CacheUse(
-        size=_bytes(size),
-        limit=_bytes(limit),
+        size=format_size(size),
+        limit=format_size(limit),
         used_percent=round(used, 1),
         used="<1%" if 0 < used < 1 else f"{used:.0f}%",
         entries=_count(snapshot.cache_entries()),
@@ -301,11 +301,13 @@ def _upstream(snapshot: metrics.Snapshot, upstream: Mapping[str, object], now: f
         name=name,
         url=str(upstream["url"]),
         state=str(upstream["state"]),
-        last_ok=_ago(upstream["last_ok"], now),
-        last_error=LastError(_ago(error["at"], now), Code.of(str(error["what"]))) if isinstance(error, dict) else None,
+        last_ok=format_ago(upstream["last_ok"], now),
+        last_error=LastError(format_ago(error["at"], now), Code.of(str(error["what"])))
+        if isinstance(error, dict)
+        else None,
         requests=_count(snapshot.upstream_requests(name)),
         errors=_count(snapshot.upstream_errors(name)),
-        fetched=_bytes(snapshot.fetched_bytes(name)),
+        fetched=format_size(snapshot.fetched_bytes(name)),
         backoff=_backoff(upstream.get("backoff_until"), now),
         notes=("TLS not verified",) if upstream.get("tls") == tls.UpstreamTrust.NOT_VERIFIED else (),
     )
@@ -328,7 +330,7 @@ def _errors(activity: Activity, now: float, visible: Callable[[str], bool]) -> t
     return tuple(
         ErrorRow(
             clock=_clock(failure.at),
-            ago=_ago(failure.at, now),
+            ago=format_ago(failure.at, now),
             status=failure.status,
             request=Code.of(f"{failure.method} {failure.path}"),
             why=_short(failure.message),
@@ -356,26 +358,5 @@ def _count(value: float) -> str:
     return f"{int(value):,}"
 
 
-def _bytes(value: float) -> str:
-    power = 0
-    while value >= 1024 and power < len(_UNITS) - 1:
-        value /= 1024
-        power += 1
-    return f"{value:.0f} B" if power == 0 else f"{value:.1f} {_UNITS[power]}"
-
-
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _ago(at: object, now: float) -> str:
-    if not isinstance(at, int | float):
-        return "never"
-    seconds = max(0, int(now - at))
-    if seconds < 90:
-        return f"{seconds} s ago"
-    if seconds < 90 * 60:
-        return f"{seconds // 60} min ago"
-    if seconds < 36 * 3600:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"
