@@ -3,16 +3,25 @@
 Concurrent requests for the same blob share one download (see `cache.flight`), which
 belongs to the cache and goes on when its first client leaves. A cached blob is served
 under a repository only if that repository holds it (see `links`).
+
+A range the download has not reached yet is not waited for: `span` asks the upstream for
+just those bytes (a lazy-pulling client reads a layer's tail first) while the one full
+download goes on for the cache. Those bytes are passed on, never stored, and cannot be
+verified, as no range can; only the full download's verified bytes are kept.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+import structlog
 from anyio import to_thread
 
-from cache.flight import Downloads, Source
+from cache.flight import DownloadFailed, DownloadReader, Downloads, Source
 from cache.readers import BlobReader, FileReader
 from cache.storage import ContentStore
 from proxy import errors
@@ -22,6 +31,13 @@ from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
 from proxy.upstream.client import UpstreamError
 from proxy.upstream.pool import Upstreams
+
+log = structlog.get_logger("pullproxy")
+
+# Upstream range requests at once: beyond these a range waits for the full download instead,
+# so no client can make the mirror open connections to an upstream without bound.
+MAX_RANGE_FETCHES = 8  # in this process
+MAX_RANGE_FETCHES_PER_BLOB = 2
 
 
 @dataclass(slots=True)
@@ -37,6 +53,7 @@ class Blobs:
         self.upstreams = upstreams
         self.downloads = downloads
         self.links = links
+        self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
 
     async def open(self, route: Route, digest: str) -> Blob:
         """A reader for the blob, which the caller must close."""
@@ -55,6 +72,61 @@ class Blobs:
             await self._ensure_held(route, digest, found.reader)  # the download may be another repository's
             return Blob(found.reader, found.size, Outcome.JOINED if found.joined else Outcome.MISS)
         raise errors.unavailable(f"blob {digest} could not be read from the cache")
+
+    @staticmethod
+    def at_hand(blob: Blob, end: int) -> bool:
+        """Whether bytes up to `end` can be read from the cache or the download now, without waiting."""
+        reader = blob.reader
+        return not isinstance(reader, DownloadReader) or reader.available() > end
+
+    async def span(self, route: Route, digest: str, blob: Blob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes `start`..`end` (inclusive) of an open blob, in order, a chunk at a time.
+
+        From the cache or the download when they are at hand; else from an upstream range
+        request, falling back to waiting for the download when none may be opened now, when
+        the upstream does not answer with that range, or where it breaks off.
+        """
+        offset = start
+        if not self.at_hand(blob, end):
+            async with contextlib.aclosing(self._upstream_span(route, digest, start, end)) as fetched:
+                async for chunk in fetched:
+                    offset += len(chunk)
+                    yield chunk
+        while offset <= end:
+            chunk = await blob.reader.read(offset, end - offset + 1)
+            if not chunk:
+                raise DownloadFailed(f"blob {digest} ended at {offset}, before byte {end}")
+            offset += len(chunk)
+            yield chunk
+
+    async def _upstream_span(self, route: Route, digest: str, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """What an upstream range request delivers of `start`..`end`: maybe nothing, maybe a part."""
+        if sum(self._range_fetches.values()) >= MAX_RANGE_FETCHES or (
+            self._range_fetches[digest] >= MAX_RANGE_FETCHES_PER_BLOB
+        ):
+            return
+        self._range_fetches[digest] += 1
+        source: Source | None = None
+        try:
+            try:
+                source = await self.upstreams.of(route).open_blob_range(route.repo, digest, start, end)
+            except UpstreamError as exc:
+                log.info("upstream range refused; waiting for the download", digest=digest, why=str(exc))
+                return
+            if source is None:
+                log.info("upstream did not answer the range; waiting for the download", digest=digest)
+                return
+            try:
+                async for chunk in source.chunks:
+                    yield chunk
+            except UpstreamError as exc:
+                log.info("upstream range broke off; the download serves the rest", digest=digest, why=str(exc))
+        finally:
+            self._range_fetches[digest] -= 1
+            if self._range_fetches[digest] <= 0:
+                del self._range_fetches[digest]
+            if source is not None:
+                await source.close()
 
     async def size(self, route: Route, digest: str) -> tuple[int | None, Outcome]:
         """For HEAD: answered from the cache or a running download, else by a HEAD upstream."""

@@ -418,6 +418,36 @@ class Upstream:
 
         return Source(size=size, chunks=chunks(), close=response.aclose)
 
+    async def open_blob_range(self, repo: str, digest: str, start: int, end: int) -> Source | None:
+        """Bytes `start`..`end` (inclusive) of a blob, streamed, never verified (a range cannot be);
+        None when the upstream answered with anything but exactly that range (a 200 carrying
+        the whole blob, say), closed unread. At most the range's bytes are taken."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        response = await self._send("GET", path, Kind.BLOB, headers={"Range": f"bytes={start}-{end}"})
+        answered = response.headers.get("Content-Range", "").partition("/")[0].strip()
+        if response.status_code != 206 or answered != f"bytes {start}-{end}":
+            await response.aclose()
+            return None
+        count = end - start + 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            received = 0
+            try:
+                async for chunk in response.aiter_raw():
+                    self.metrics.fetched.inc(len(chunk))
+                    wanted = chunk[: count - received]
+                    received += len(chunk)
+                    if wanted:
+                        yield wanted
+                    if received >= count:
+                        return
+            except httpx.HTTPError as exc:
+                self._failed("GET", path, type(exc).__name__)
+                raise UpstreamUnavailable(self.name, f"blob range broke off ({type(exc).__name__})") from exc
+            raise UpstreamUnavailable(self.name, f"blob range ended after {received} of {count} bytes")
+
+        return Source(size=count, chunks=chunks(), close=response.aclose)
+
     async def head_blob(self, repo: str, digest: str) -> int | None:
         response = await self._send("HEAD", f"/v2/{repo}/blobs/{digest}", Kind.BLOB)
         await response.aclose()
