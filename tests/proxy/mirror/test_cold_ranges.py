@@ -1,0 +1,176 @@
+"""Ranges of blobs the cache does not hold yet: answered at once from an upstream range request while
+the one full download goes on for the cache; several ranges as multipart/byteranges.
+
+The lazy-pull tests replay, against an eStargz layer (`tests.support.estargz`), the requests
+stargz-snapshotter's remote reader sends (its daemon is not packaged in Debian): the bytes=0-1
+probe, HEAD, the footer, the TOC, then the chunks of two files in one multi-range GET.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import estargz
+from tests.support.faulty import FaultyRegistry
+from tests.support.images import Pusher, sha256_digest
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+
+FILES = {f"usr/lib/file{i}": os.urandom(200_000) for i in range(40)}  # random: gzip keeps them as large
+WANTED = ["usr/lib/file2", "usr/lib/file30"]  # far apart: their chunks go out as two ranges of one GET
+
+
+def fetched_bytes(proxy: Proxy) -> float:
+    """pullproxy_upstream_fetched_bytes_total, every upstream."""
+    text = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pullproxy_upstream_fetched_bytes_total"
+    )
+
+
+def visible_blob_files(proxy: Proxy) -> list[Path]:
+    content = proxy.cache_dir / "content"
+    return [p for p in content.rglob("*.val")] if content.exists() else []
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def parts_of(response: httpx.Response) -> list[tuple[str, bytes]]:
+    media_type = response.headers["Content-Type"]
+    assert media_type.startswith("multipart/byteranges; boundary=")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + media_type.encode() + b"\r\n\r\n" + response.content
+    )
+    assert message.is_multipart() and not message.defects
+    out = []
+    for part in message.iter_parts():
+        body = part.get_payload(decode=True)
+        assert isinstance(body, bytes)
+        out.append((str(part["Content-Range"]), body))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layer() -> bytes:
+    return estargz.build(FILES)
+
+
+@pytest.fixture
+def registry(registry_factory: Callable[..., Registry], layer: bytes) -> Registry:
+    registry = registry_factory()
+    with Pusher(registry.url) as pusher:
+        pusher.push_blob("lazy/app", layer)
+    return registry
+
+
+def test_stargz_reader_pulls_lazily_through_the_mirror_from_distribution(registry: Registry, layer: bytes) -> None:
+    digest = sha256_digest(layer)
+    with Proxy(upstream_url=registry.url) as proxy, httpx.Client(timeout=30) as client:
+        reader = estargz.LazyReader(client, f"{proxy.url}/v2/lazy/app/blobs/{digest}")
+        assert reader.size == len(layer)
+        entries = reader.toc()
+        assert [e["name"] for e in entries] == list(FILES)
+        assert reader.files(entries, WANTED) == {name: FILES[name] for name in WANTED}
+        assert any("," in sent for sent in reader.sent)  # a multi-range GET was sent, and answered
+        assert set(reader.statuses) == {206}  # never the whole blob
+        assert reader.received < len(layer) / 4
+        assert proxy.log_text().count("206") >= len(reader.sent)  # the mirror's log has the range requests
+        # The full download went on for the cache, and what it stored is the verified blob.
+        assert wait_for(lambda: len(visible_blob_files(proxy)) == 1)
+        cached_parts = client.get(reader.url, headers={"Range": "bytes=0-9,-10"})
+        assert parts_of(cached_parts) == [
+            (f"bytes 0-9/{len(layer)}", layer[:10]),
+            (f"bytes {len(layer) - 10}-{len(layer) - 1}/{len(layer)}", layer[-10:]),
+        ]
+        assert client.get(reader.url).content == layer
+
+
+@pytest.fixture
+def slow_upstream(layer: bytes) -> Iterator[tuple[FaultyRegistry, str]]:
+    with FaultyRegistry() as faulty:
+        digest = faulty.add_blob(layer)
+        faulty.slow(digest=digest, chunk_size=64 << 10, chunk_delay=0.3)  # the whole layer (8 MB): about 40 s
+        yield faulty, digest
+
+
+def test_lazy_pull_fetches_far_fewer_bytes_from_the_upstream_than_the_layer_holds(
+    slow_upstream: tuple[FaultyRegistry, str], layer: bytes
+) -> None:
+    faulty, digest = slow_upstream
+    with Proxy(upstream_url=faulty.url) as proxy, httpx.Client(timeout=30) as client:
+        reader = estargz.LazyReader(client, f"{proxy.url}/v2/lazy/app/blobs/{digest}")
+        entries = reader.toc()
+        assert reader.files(entries, WANTED) == {name: FILES[name] for name in WANTED}
+        fetched = fetched_bytes(proxy)
+        asked = [r.headers.get("range") for r in faulty.requests() if digest in r.path and r.method == "GET"]
+        assert set(reader.statuses) == {206}
+        assert fetched < len(layer) / 3  # the ranges, and what the background download has so far
+        assert asked.count(None) == 1  # one full download, started by the first range
+        assert sum(1 for a in asked if a) >= 4  # the rest are ranges, one upstream request per range asked
+        assert not visible_blob_files(proxy)  # range bytes are never stored
+
+
+def test_a_cold_tail_range_is_one_upstream_range_request(faulty_slow_blob: tuple[FaultyRegistry, str, bytes]) -> None:
+    faulty, digest, data = faulty_slow_blob
+    with Proxy(upstream_url=faulty.url) as proxy, httpx.Client(timeout=30) as client:
+        tail = client.get(f"{proxy.url}/v2/acme/app/blobs/{digest}", headers={"Range": "bytes=-400"})
+        assert tail.status_code == 206
+        assert tail.content == data[-400:]
+        assert tail.headers["Content-Range"] == f"bytes {len(data) - 400}-{len(data) - 1}/{len(data)}"
+        asked = [r.headers.get("range") for r in faulty.requests() if digest in r.path and r.method == "GET"]
+        assert sorted(asked, key=str) == sorted([None, f"bytes={len(data) - 400}-{len(data) - 1}"], key=str)
+        assert fetched_bytes(proxy) < len(data) / 2
+
+
+@pytest.fixture
+def faulty_slow_blob() -> Iterator[tuple[FaultyRegistry, str, bytes]]:
+    with FaultyRegistry() as faulty:
+        _, (_, layer) = faulty.add_image("acme/app", "1", layer_sizes=[4 << 20])
+        faulty.slow(digest=layer, chunk_size=64 << 10, chunk_delay=0.2)  # 4 MiB: about 13 s
+        yield faulty, layer, faulty.blob(layer)
+
+
+def test_a_cold_range_under_a_repository_without_the_blob_is_refused_like_a_full_get(
+    registry: Registry, layer: bytes
+) -> None:
+    digest = sha256_digest(layer)
+    with Proxy(upstream_url=registry.url) as proxy, httpx.Client(base_url=proxy.url, timeout=30) as client:
+        for headers in ({}, {"Range": "bytes=-400"}, {"Range": "bytes=0-9,100-109"}):
+            refused = client.get(f"/v2/other/app/blobs/{digest}", headers=headers)
+            assert refused.status_code == 404
+            assert refused.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+        assert client.get(f"/v2/lazy/app/blobs/{digest}", headers={"Range": "bytes=-400"}).content == layer[-400:]
+        assert wait_for(lambda: len(visible_blob_files(proxy)) == 1)
+        refused = client.get(f"/v2/other/app/blobs/{digest}", headers={"Range": "bytes=0-9,100-109"})
+        assert refused.status_code == 404  # cached now, but not this repository's
+
+
+def test_overlapping_ranges_are_416_and_too_many_get_the_whole_blob(registry: Registry, layer: bytes) -> None:
+    digest = sha256_digest(layer)
+    with Proxy(upstream_url=registry.url) as proxy, httpx.Client(base_url=proxy.url, timeout=30) as client:
+        url = f"/v2/lazy/app/blobs/{digest}"
+        overlapping = client.get(url, headers={"Range": "bytes=0-99,50-149"})
+        assert overlapping.status_code == 416
+        assert overlapping.headers["Content-Range"] == f"bytes */{len(layer)}"
+        many = client.get(url, headers={"Range": "bytes=" + ",".join(f"{i * 10}-{i * 10}" for i in range(65))})
+        assert many.status_code == 200
+        assert many.content == layer
