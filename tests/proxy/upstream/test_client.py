@@ -560,3 +560,57 @@ def test_too_large_is_its_own_error() -> None:
             await upstream.aclose()
 
     run(work)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_range", "body", "expected"),
+    [
+        (206, "bytes 10-19/100", bytes(range(10, 20)), bytes(range(10, 20))),
+        (206, "bytes 10-19/100", bytes(range(10, 40)), bytes(range(10, 20))),  # more than asked: only the range
+        (200, None, bytes(range(100)), None),  # Range ignored: not passed on as the range
+        (206, "bytes 0-99/100", bytes(range(100)), None),  # another range than asked
+    ],
+)
+def test_a_blob_range_is_only_ever_the_bytes_asked_for(
+    status: int, content_range: str | None, body: bytes, expected: bytes | None
+) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Range": content_range} if content_range else {}
+        return httpx.Response(status, headers=headers, stream=Streamed(body))
+
+    recorded = Recorded(answer)
+
+    async def work() -> bytes | None:
+        upstream = recorded.upstream()
+        try:
+            source = await upstream.open_blob_range("acme/app", DIGEST, 10, 19)
+            if source is None:
+                return None
+            try:
+                return b"".join([chunk async for chunk in source.chunks])
+            finally:
+                await source.close()
+        finally:
+            await upstream.aclose()
+
+    assert asyncio.run(work()) == expected
+    assert [r.headers["Range"] for r in recorded.seen] == ["bytes=10-19"]
+
+
+def test_a_blob_range_that_comes_short_raises_unavailable() -> None:
+    recorded = Recorded(
+        lambda request: httpx.Response(206, headers={"Content-Range": "bytes 10-19/100"}, stream=Streamed(b"12345"))
+    )
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            source = await upstream.open_blob_range("acme/app", DIGEST, 10, 19)
+            assert source is not None
+            with pytest.raises(UpstreamUnavailable, match="5 of 10"):
+                _ = [chunk async for chunk in source.chunks]
+            await source.close()
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
