@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -41,7 +41,7 @@ class RangesResponse(Response):
         size: int,
         source: SpanSource,
         headers: dict[str, str],
-        close: Callable[[], None],
+        close: Callable[[], Awaitable[None]],
         send_body: bool = True,
     ) -> None:
         self.spans = spans
@@ -97,4 +97,4 @@ class RangesResponse(Response):
                     await send({"type": "http.response.body", "body": self._tail(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self.close()
+            await self.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import re
+from collections.abc import Callable
 
 MAX_RANGES = 64  # ranges in one request; stargz-snapshotter asks for far fewer at a time
 _SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits only; always fullmatch
@@ -61,3 +62,21 @@ def parse_ranges(header: str | None, size: int | None) -> list[Span] | Refusal |
     if any(b[0] <= a[1] for a, b in itertools.pairwise(ordered)):
         return Refusal.UNSATISFIABLE
     return spans
+
+
+def one_range(header: str | None) -> tuple[str, Callable[[int], Span | None]] | None:
+    """For a header of exactly one range: the Range to ask an upstream for (the same, in
+    plain digits) and what it means for a blob of a given size; None for any other header."""
+    if header is None:
+        return None
+    unit, _, specs = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in specs:
+        return None
+    match = _SPEC.fullmatch(specs.strip())
+    if match is None or match[0] == "-":
+        return None
+    first, last = match[1], match[2]
+    if _position(first) >= _BEYOND or _position(last) >= _BEYOND or (not first and _position(last) == 0):
+        return None  # no upstream needs to be asked what this means
+    asked = f"bytes={_position(first) if first else ''}-{_position(last) if last else ''}"
+    return asked, lambda size: _resolve(first, last, size)

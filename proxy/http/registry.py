@@ -20,7 +20,7 @@ from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
 from proxy.http.edge import API_VERSION
 from proxy.http.multipart import RangesResponse
-from proxy.http.ranges import Refusal, parse_ranges
+from proxy.http.ranges import Refusal, one_range, parse_ranges
 from proxy.http.responses import BlobResponse
 from proxy.mirror import Mirror, Outcome
 from proxy.record import record_of
@@ -95,6 +95,14 @@ async def blob(request: Request) -> Response:
         else:
             response.headers["Content-Length"] = str(size)
         return response
+    one = one_range(request.headers.get("range"))
+    cold = None if one is None else await mirror.blobs.cold_range(route, digest, *one)
+    if cold is not None:  # not cached: the upstream's range now, the full download in the background
+        _outcome(request, Outcome.MISS)
+        answer = cold
+        return RangesResponse(
+            [(cold.start, cold.end)], cold.size, lambda start, end: answer.chunks(), headers, cold.close
+        )
     found = await mirror.blobs.open(route, digest)  # the access checks of a full GET, for a range too
     _outcome(request, found.outcome)
     spans = parse_ranges(request.headers.get("range"), found.size)
@@ -110,7 +118,10 @@ async def blob(request: Request) -> Response:
     def source(start: int, end: int) -> AsyncGenerator[bytes, None]:
         return mirror.blobs.span(route, digest, found, start, end)
 
-    return RangesResponse(spans, found.size, source, headers, found.reader.close)
+    async def close() -> None:
+        found.reader.close()
+
+    return RangesResponse(spans, found.size, source, headers, close)
 
 
 async def referrers(request: Request) -> Response:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -29,7 +29,7 @@ from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.links import Links
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
-from proxy.upstream.client import UpstreamError
+from proxy.upstream.client import RangeSource, UpstreamError
 from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
@@ -38,6 +38,24 @@ log = structlog.get_logger("pullproxy")
 # so no client can make the mirror open connections to an upstream without bound.
 MAX_RANGE_FETCHES = 8  # in this process
 MAX_RANGE_FETCHES_PER_BLOB = 2
+
+
+class ColdRange:
+    """A range the upstream answers: its bytes in `chunks`; `close` it when done, read or not."""
+
+    def __init__(self, source: RangeSource, release: Callable[[], Awaitable[None]]) -> None:
+        self.start, self.end, self.size = source.start, source.end, source.size
+        self._source = source
+        self._release: Callable[[], Awaitable[None]] | None = release
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        async for chunk in self._source.chunks:
+            yield chunk
+
+    async def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            await release()
 
 
 @dataclass(slots=True)
@@ -101,32 +119,82 @@ class Blobs:
 
     async def _upstream_span(self, route: Route, digest: str, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """What an upstream range request delivers of `start`..`end`: maybe nothing, maybe a part."""
+        source = await self._open_range(route, digest, f"bytes={start}-{end}")
+        if source is None:
+            return
+        try:
+            if (source.start, source.end) != (start, end):
+                log.info("upstream answered another range; waiting for the download", digest=digest)
+                return
+            async for chunk in source.chunks:
+                yield chunk
+        except UpstreamError as exc:
+            log.info("upstream range broke off; the download serves the rest", digest=digest, why=str(exc))
+        finally:
+            await self._close_range(digest, source)
+
+    async def _open_range(self, route: Route, digest: str, asked: str) -> RangeSource | None:
+        """An upstream range request, counted against the limits until `_close_range`; None
+        when the limits leave no room, the upstream refused, or did not answer with a range."""
         if sum(self._range_fetches.values()) >= MAX_RANGE_FETCHES or (
             self._range_fetches[digest] >= MAX_RANGE_FETCHES_PER_BLOB
         ):
-            return
+            return None
         self._range_fetches[digest] += 1
-        source: Source | None = None
+        source: RangeSource | None = None
         try:
-            try:
-                source = await self.upstreams.of(route).open_blob_range(route.repo, digest, start, end)
-            except UpstreamError as exc:
-                log.info("upstream range refused; waiting for the download", digest=digest, why=str(exc))
-                return
-            if source is None:
-                log.info("upstream did not answer the range; waiting for the download", digest=digest)
-                return
-            try:
-                async for chunk in source.chunks:
-                    yield chunk
-            except UpstreamError as exc:
-                log.info("upstream range broke off; the download serves the rest", digest=digest, why=str(exc))
+            source = await self.upstreams.of(route).open_blob_range(route.repo, digest, asked)
+        except UpstreamError as exc:
+            log.info("upstream range refused; the whole blob serves it", digest=digest, why=str(exc))
         finally:
-            self._range_fetches[digest] -= 1
-            if self._range_fetches[digest] <= 0:
-                del self._range_fetches[digest]
-            if source is not None:
-                await source.close()
+            if source is None:
+                self._release_range(digest)
+        return source
+
+    async def _close_range(self, digest: str, source: RangeSource) -> None:
+        self._release_range(digest)
+        await source.close()
+
+    def _release_range(self, digest: str) -> None:
+        self._range_fetches[digest] -= 1
+        if self._range_fetches[digest] <= 0:
+            del self._range_fetches[digest]
+
+    async def cold_range(
+        self, route: Route, digest: str, asked: str, expected: Callable[[int], tuple[int, int] | None]
+    ) -> ColdRange | None:
+        """A one-range GET of a blob neither cached nor being downloaded here: the upstream's
+        range answer at once, and the full download started in the background for the cache.
+
+        `asked` is the Range header to send, `expected(size)` the range it means for a blob of
+        that size. The upstream's 206 vouches that the repository holds the blob, as a full
+        answer does. None when this does not apply or the upstream did not answer exactly
+        that range: then `open` serves it (and raises what a full GET would).
+        """
+        parsed(digest)
+        if self.store.cached_blob_path(digest) is not None or self.downloads.in_flight(digest) is not None:
+            return None
+        if await to_thread.run_sync(self.store.find_blob, digest) is not None:
+            return None
+        source = await self._open_range(route, digest, asked)
+        if source is None:
+            return None
+        if (source.start, source.end) != expected(source.size):
+            log.info("upstream answered another range than asked", digest=digest)
+            await self._close_range(digest, source)
+            return None
+        try:
+            await self.links.record(route, [digest])
+        except BaseException:
+            await self._close_range(digest, source)
+            raise
+        if self.downloads.in_flight(digest) is None:
+            # Started with no reader: one this process fetches runs on for the cache; following
+            # another worker's (which runs on there) is given up at once.
+            download = self.downloads.join(digest, lambda: self._open_upstream(route, digest))
+            download.acquire()
+            download.release()
+        return ColdRange(source, lambda: self._close_range(digest, source))
 
     async def size(self, route: Route, digest: str) -> tuple[int | None, Outcome]:
         """For HEAD: answered from the cache or a running download, else by a HEAD upstream."""

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.http.multipart import RangesResponse
-from proxy.http.ranges import MAX_RANGES, Refusal, parse_ranges
+from proxy.http.ranges import MAX_RANGES, Refusal, one_range, parse_ranges
 from tests.support.inprocess import MemoryRegistry, mirror_client
 
 
@@ -49,15 +49,40 @@ def test_range_headers_resolve_against_the_size(header: str | None, expected: ob
     assert parse_ranges(header, 1000) == expected
 
 
+@pytest.mark.parametrize(
+    ("header", "asked", "meaning"),
+    [
+        ("bytes=-400", "bytes=-400", (600, 999)),
+        ("bytes=0010-0019", "bytes=10-19", (10, 19)),
+        ("bytes=990-", "bytes=990-", (990, 999)),
+        ("bytes=900-5000", "bytes=900-5000", (900, 999)),
+        ("bytes=5000-", "bytes=5000-", None),
+    ],
+)
+def test_one_range_is_asked_upstream_as_it_was_asked(header: str, asked: str, meaning: tuple[int, int] | None) -> None:
+    found = one_range(header)
+    assert found is not None
+    assert found[0] == asked
+    assert found[1](1000) == meaning
+
+
+@pytest.mark.parametrize(
+    "header", [None, "bytes=0-1,5-6", "bytes=-", "bytes=-0", "items=0-1", "bytes=" + "9" * 30 + "-"]
+)
+def test_other_range_headers_are_not_asked_upstream_as_one_range(header: str | None) -> None:
+    assert one_range(header) is None
+
+
 def _app(data: bytes, spans: list[tuple[int, int]], closed: list[bool]) -> Starlette:
     async def source(start: int, end: int) -> AsyncGenerator[bytes, None]:
         for at in range(start, end + 1, 7):  # small pieces, as a network delivers them
             yield data[at : min(at + 7, end + 1)]
 
+    async def close() -> None:
+        closed.append(True)
+
     async def endpoint(request: Request) -> Response:
-        return RangesResponse(
-            spans, len(data), source, {"Content-Type": "application/octet-stream"}, lambda: closed.append(True)
-        )
+        return RangesResponse(spans, len(data), source, {"Content-Type": "application/octet-stream"}, close)
 
     return Starlette(routes=[Route("/", endpoint)])
 
@@ -125,7 +150,6 @@ def test_a_cold_range_on_an_upstream_that_ignores_range_is_still_only_the_range(
             (f"bytes 0-9/{len(data)}", data[:10]),
             (f"bytes {len(data) - 10}-{len(data) - 1}/{len(data)}", data[-10:]),
         ]
-    assert [r.headers.get("range") for r in upstream.requests if r.method == "GET"][:2] == [
-        None,
-        f"bytes={len(data) - 400}-{len(data) - 1}",
-    ]
+    asked = [r.headers.get("range") for r in upstream.requests if r.method == "GET"]
+    # The tail as asked, then (answered with 200) the full download and the range once more, as resolved.
+    assert asked[:3] == ["bytes=-400", None, f"bytes={len(data) - 400}-{len(data) - 1}"]

@@ -565,14 +565,16 @@ def test_too_large_is_its_own_error() -> None:
 @pytest.mark.parametrize(
     ("status", "content_range", "body", "expected"),
     [
-        (206, "bytes 10-19/100", bytes(range(10, 20)), bytes(range(10, 20))),
-        (206, "bytes 10-19/100", bytes(range(10, 40)), bytes(range(10, 20))),  # more than asked: only the range
-        (200, None, bytes(range(100)), None),  # Range ignored: not passed on as the range
-        (206, "bytes 0-99/100", bytes(range(100)), None),  # another range than asked
+        (206, "bytes 10-19/100", bytes(range(10, 20)), (10, 19, 100, bytes(range(10, 20)))),
+        (206, "bytes 10-19/100", bytes(range(10, 40)), (10, 19, 100, bytes(range(10, 20)))),  # only the range
+        (206, "bytes 0-99/100", bytes(range(100)), (0, 99, 100, bytes(range(100)))),  # the caller checks which
+        (200, None, bytes(range(100)), None),  # Range ignored: never passed on as a range
+        (206, "bytes 10-19/*", bytes(range(10, 20)), None),  # no size
+        (206, "bytes 10-200/100", bytes(range(10, 20)), None),  # past its own end
     ],
 )
-def test_a_blob_range_is_only_ever_the_bytes_asked_for(
-    status: int, content_range: str | None, body: bytes, expected: bytes | None
+def test_a_blob_range_is_only_ever_the_range_answered(
+    status: int, content_range: str | None, body: bytes, expected: tuple[int, int, int, bytes] | None
 ) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         headers = {"Content-Range": content_range} if content_range else {}
@@ -580,14 +582,14 @@ def test_a_blob_range_is_only_ever_the_bytes_asked_for(
 
     recorded = Recorded(answer)
 
-    async def work() -> bytes | None:
+    async def work() -> tuple[int, int, int, bytes] | None:
         upstream = recorded.upstream()
         try:
-            source = await upstream.open_blob_range("acme/app", DIGEST, 10, 19)
+            source = await upstream.open_blob_range("acme/app", DIGEST, "bytes=10-19")
             if source is None:
                 return None
             try:
-                return b"".join([chunk async for chunk in source.chunks])
+                return source.start, source.end, source.size, b"".join([chunk async for chunk in source.chunks])
             finally:
                 await source.close()
         finally:
@@ -605,7 +607,7 @@ def test_a_blob_range_that_comes_short_raises_unavailable() -> None:
     async def work() -> None:
         upstream = recorded.upstream()
         try:
-            source = await upstream.open_blob_range("acme/app", DIGEST, 10, 19)
+            source = await upstream.open_blob_range("acme/app", DIGEST, "bytes=10-19")
             assert source is not None
             with pytest.raises(UpstreamUnavailable, match="5 of 10"):
                 _ = [chunk async for chunk in source.chunks]
