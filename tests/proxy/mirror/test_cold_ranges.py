@@ -136,6 +136,7 @@ def test_a_cold_tail_range_is_one_upstream_range_request(faulty_slow_blob: tuple
         assert tail.status_code == 206
         assert tail.content == data[-400:]
         assert tail.headers["Content-Range"] == f"bytes {len(data) - 400}-{len(data) - 1}/{len(data)}"
+
         def asked() -> list[str | None]:
             return [r.headers.get("range") for r in faulty.requests() if digest in r.path and r.method == "GET"]
 
