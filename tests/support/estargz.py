@@ -6,7 +6,8 @@ in its own gzip member) and the 51-byte footer: an empty gzip member, stored unc
 extra field `SG` holds `%016x` of the TOC's offset and `STARGZ` (estargz/gzip.go,
 `gzipFooterBytes`). Decompressed whole, it is an ordinary tar.
 
-`LazyReader` sends what `fs/remote` sends (resolver.go, blob.go): `GET` with `Range: bytes=0-1`
+`ctr-remote images convert --estargz` (Debian's stargz-snapshotter) makes real ones; `LazyReader`
+reads both. It sends what `fs/remote` sends (resolver.go, blob.go): `GET` with `Range: bytes=0-1`
 (the redirect check), `HEAD` (the size), then reads aligned to the 50000-byte chunks of its cache
 (`defaultChunkSize`), each read's missing chunks merged into ranges and asked for in one `GET`
 (`bytes=a-b,c-d`: multi-range), and it reads the answer as `fetch` does: a 200 whole, a 206 single
@@ -182,15 +183,19 @@ class LazyReader:
             member = tar.extractfile(TOC_NAME)
             assert member is not None
             entries: list[dict[str, object]] = json.load(member)["entries"]
-        for entry, following in zip(entries, [*entries[1:], None], strict=True):
-            entry["end"] = following["offset"] if following is not None else toc_offset  # type: ignore[index]
+        # A file's bytes (or a chunk's) run from its offset to the next offset (stargz's own rule).
+        located = sorted((e for e in entries if int(str(e.get("offset", 0))) > 0), key=lambda e: int(str(e["offset"])))
+        for entry, following in zip(located, [*located[1:], None], strict=True):
+            entry["end"] = int(str(following["offset"])) if following is not None else toc_offset
         return entries
 
     def files(self, entries: list[dict[str, object]], names: list[str]) -> dict[str, bytes]:
-        """The named files' contents, their chunks fetched together."""
-        chosen = [e for e in entries if e["name"] in names]
+        """The named regular files' contents, the chunks of all of them fetched together."""
+        chosen = [e for e in entries if e["name"] in names and e["type"] in ("reg", "chunk") and "end" in e]
         spans = [(int(str(e["offset"])), int(str(e["end"])) - int(str(e["offset"]))) for e in chosen]
-        out = {}
+        out: dict[str, bytes] = {}
         for entry, data in zip(chosen, self.read_many(spans), strict=True):
-            out[str(entry["name"])] = gzip.decompress(data)[: int(str(entry["size"]))]
+            chunk = gzip.decompress(data)
+            size = int(str(entry.get("chunkSize") or entry.get("size") or 0))
+            out[str(entry["name"])] = out.get(str(entry["name"]), b"") + chunk[:size]
         return out

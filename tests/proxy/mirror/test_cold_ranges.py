@@ -1,9 +1,11 @@
 """Ranges of blobs the cache does not hold yet: answered at once from an upstream range request while
 the one full download goes on for the cache; several ranges as multipart/byteranges.
 
-The lazy-pull tests replay, against an eStargz layer (`tests.support.estargz`), the requests
-stargz-snapshotter's remote reader sends (its daemon is not packaged in Debian): the bytes=0-1
-probe, HEAD, the footer, the TOC, then the chunks of two files in one multi-range GET.
+The lazy-pull tests replay the requests stargz-snapshotter's remote reader sends (its daemon,
+containerd-stargz-grpc, is not packaged in Debian; `tests.support.estargz` has the sequence, read
+from its Go sources): the bytes=0-1 probe, HEAD, the footer, the TOC, then the chunks of two files
+in one multi-range GET. The layer is a real eStargz made by Debian's `ctr-remote images convert
+--estargz`, and one built in Python to the same format for the tests that need no containerd.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import estargz
+from tests.support.clients import Containerd
 from tests.support.faulty import FaultyRegistry
-from tests.support.images import Pusher, sha256_digest
+from tests.support.images import OCI_MANIFEST, Pusher, image_config, make_layer, sha256_digest
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 
@@ -102,6 +106,34 @@ def test_stargz_reader_pulls_lazily_through_the_mirror_from_distribution(registr
             (f"bytes {len(layer) - 10}-{len(layer) - 1}/{len(layer)}", layer[-10:]),
         ]
         assert client.get(reader.url).content == layer
+
+
+def test_a_real_estargz_image_made_by_ctr_remote_is_read_lazily_through_the_mirror(
+    registry_factory: Callable[..., Registry], containerd: Containerd
+) -> None:
+    registry = registry_factory()
+    files = {name: data for name, data in list(FILES.items())[:30]}
+    layer = make_layer(files)
+    with Pusher(registry.url) as pusher:
+        pusher.push_image("lazy/real", "plain", image_config([layer.diff_id]), [layer])
+    base = ["ctr-remote", "--address", containerd.socket, "--namespace", containerd.namespace, "images"]
+    source, target = f"{registry.host}/lazy/real:plain", f"{registry.host}/lazy/real:esgz"
+    for args in (["pull", "--plain-http", source], ["convert", "--estargz", "--oci", source, target]):
+        subprocess.run([*base, *args], check=True, capture_output=True, timeout=120)
+    subprocess.run([*base, "push", "--plain-http", target], check=True, capture_output=True, timeout=120)
+    manifest = httpx.get(f"{registry.url}/v2/lazy/real/manifests/esgz", headers={"Accept": OCI_MANIFEST}).json()
+    (converted,) = manifest["layers"]
+    assert "containerd.io/snapshot/stargz/toc.digest" in converted["annotations"]  # a real eStargz layer
+    wanted = ["usr/lib/file2", "usr/lib/file25"]
+    with Proxy(upstream_url=registry.url) as proxy, httpx.Client(timeout=30) as client:
+        reader = estargz.LazyReader(client, f"{proxy.url}/v2/lazy/real/blobs/{converted['digest']}")
+        entries = reader.toc()
+        assert {str(e["name"]) for e in entries} >= set(files)
+        assert reader.files(entries, wanted) == {name: files[name] for name in wanted}
+        assert any("," in sent for sent in reader.sent)  # a multi-range GET was sent, and answered
+        assert set(reader.statuses) == {206}
+        assert reader.received < converted["size"] / 4
+        assert wait_for(lambda: len(visible_blob_files(proxy)) == 1)  # the verified full download
 
 
 @pytest.fixture
