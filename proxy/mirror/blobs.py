@@ -191,9 +191,13 @@ class Blobs:
         if self.downloads.in_flight(digest) is None:
             # Started with no reader: one this process fetches runs on for the cache; following
             # another worker's (which runs on there) is given up at once.
-            download = self.downloads.join(digest, lambda: self._open_upstream(route, digest))
-            download.acquire()
-            download.release()
+            try:
+                download = self.downloads.join(digest, lambda: self._open_upstream(route, digest))
+            except (OSError, DownloadFailed) as exc:  # the range is served all the same; a later GET retries
+                log.warning("the download of a ranged blob could not start", digest=digest, why=str(exc))
+            else:
+                download.acquire()
+                download.release()
         return ColdRange(source, lambda: self._close_range(digest, source))
 
     async def size(self, route: Route, digest: str) -> tuple[int | None, Outcome]:
