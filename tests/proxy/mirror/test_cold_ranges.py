@@ -16,12 +16,14 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.mirror.blobs import MAX_RANGE_FETCHES_PER_BLOB
 from tests.support import estargz
 from tests.support.clients import Containerd
 from tests.support.faulty import FaultyRegistry
@@ -210,3 +212,27 @@ def test_overlapping_ranges_are_416_and_too_many_get_the_whole_blob(registry: Re
         many = client.get(url, headers={"Range": "bytes=" + ",".join(f"{i * 10}-{i * 10}" for i in range(65))})
         assert many.status_code == 200
         assert many.content == layer
+
+
+def test_upstream_range_requests_per_blob_are_bounded_and_the_rest_wait_for_the_download(
+    faulty_slow_blob: tuple[FaultyRegistry, str, bytes],
+) -> None:
+    faulty, digest, data = faulty_slow_blob
+    faulty.clear_faults()
+    faulty.slow(digest=digest, times=2, header_delay=3.0)  # the first two (ranges) stay open 3 s
+    faulty.slow(digest=digest, chunk_size=64 << 10, chunk_delay=0.1)  # the full download: about 6 s
+    offsets = [len(data) - 1000 * (i + 1) for i in range(6)]
+    with Proxy(upstream_url=faulty.url) as proxy, httpx.Client(base_url=proxy.url, timeout=60) as client:
+        with ThreadPoolExecutor(len(offsets)) as pool:
+            answers = list(
+                pool.map(
+                    lambda at: client.get(f"/v2/acme/app/blobs/{digest}", headers={"Range": f"bytes={at}-{at + 99}"}),
+                    offsets,
+                )
+            )
+        for at, answer in zip(offsets, answers, strict=True):
+            assert answer.status_code == 206
+            assert answer.content == data[at : at + 100]
+        asked = [r.headers.get("range") for r in faulty.requests() if digest in r.path and r.method == "GET"]
+        assert asked.count(None) == 1  # one full download, which served the others
+        assert len(asked) - 1 == MAX_RANGE_FETCHES_PER_BLOB  # no more upstream ranges of one blob at once
