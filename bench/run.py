@@ -1,6 +1,6 @@
 """pullproxy against CNCF distribution 2.8 in proxy mode (the anchor), on one seeded upstream.
 
-`python -m bench.run [--quick] [--scenarios cold-herd,cold-single,warm,rps] [--json FILE]`.
+`python -m bench.run [--quick] [--scenarios cold-herd,cold-single,cold-range,warm,rps] [--json FILE]`.
 See bench/README.md for what each scenario measures and how.
 """
 
@@ -28,6 +28,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
+
 from bench import client as blob_client
 from bench import loadgen, profile
 from bench.system import (
@@ -47,7 +49,7 @@ from tests.support.registry import REGISTRY_BIN, Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
-SCENARIOS = ("cold-herd", "cold-single", "warm", "rps")
+SCENARIOS = ("cold-herd", "cold-single", "cold-range", "warm", "rps")
 PP, ANCHOR, PP_W = "pullproxy", "anchor", "pullproxy_workers"
 ACCEPT = ", ".join(MANIFEST_ACCEPT)
 
@@ -566,6 +568,55 @@ class Bench:
             ),
         ]
 
+    def cold_range(self) -> None:
+        """What a lazy-pulling client (stargz-snapshotter, SOCI) asks first: the tail of a layer nobody pulled."""
+        o = self.opts
+        say(f"cold tail range: last 400 B of a fresh {o.blob_size // MiB} MiB blob, {o.repeats} repetition(s)")
+        direct = Target("upstream", "upstream direct", self.upstream.url, 0)
+        targets = [*self.proxies(), direct]
+        blobs = self._push_cold(o.repeats * len(targets))
+        runs: dict[str, list[dict[str, Any]]] = {t.key: [] for t in targets}
+        with httpx.Client(timeout=600) as client:
+            for rep in range(o.repeats):
+                for t in targets:
+                    blob = blobs.pop()
+                    url = f"{t.url}/v2/bench/cold/blobs/{blob.digest}"
+                    expected = client.get(
+                        f"{self.upstream.url}/v2/bench/cold/blobs/{blob.digest}", headers={"Range": "bytes=-400"}
+                    ).content  # distribution honours Range: the reference tail (not timed)
+                    started = time.perf_counter()
+                    with client.stream("GET", url, headers={"Range": "bytes=-400"}) as response:
+                        body = b"".join(response.iter_raw())
+                    elapsed = time.perf_counter() - started
+                    correct = response.status_code == 206 and body == expected and len(body) == 400
+                    runs[t.key].append(
+                        {"last_byte_s": elapsed, "status": response.status_code, "correct": int(correct)}
+                    )
+                    say(f"  rep {rep + 1} {t.label}: {response.status_code}, {len(body)} B, last byte {elapsed:.3f}s")
+        res = {k: {"runs": v, "median": self._medians(v)} for k, v in runs.items()}
+        self.results["cold_range"] = res
+        pp, an, up = res[PP]["median"], res[ANCHOR]["median"], res["upstream"]["median"]
+        sc = f"2 cold tail range (last 400 B of {o.blob_size // MiB} MiB)"
+        self.rows += [
+            Row(
+                sc,
+                "time to last byte",
+                "s",
+                "lower",
+                pp["last_byte_s"],
+                an["last_byte_s"],
+                note=f"straight from upstream: {up['last_byte_s']:.3f} s",
+            ),
+            Row(
+                sc,
+                "206 with the right 400 bytes, all runs",
+                "",
+                "higher",
+                f"{sum(r['correct'] for r in runs[PP])}/{o.repeats}",
+                f"{sum(r['correct'] for r in runs[ANCHOR])}/{o.repeats}",
+            ),
+        ]
+
     def _prime_blob(self, t: Target, repo: str, blob: Blob) -> None:
         """Fetch once through the proxy (verified) and wait until it is in its storage."""
         result = run_clients(self._blob_spec(t.url, repo, blob, 1))
@@ -925,6 +976,7 @@ def main(argv: list[str] | None = None) -> int:
             steps: dict[str, Callable[[], None]] = {
                 "cold-herd": bench.cold_herd,
                 "cold-single": bench.cold_single,
+                "cold-range": bench.cold_range,
                 "warm": bench.warm,
                 "rps": bench.rps,
             }

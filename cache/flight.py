@@ -135,6 +135,11 @@ class Download:
     async def _wait(self) -> None:
         raise NotImplementedError
 
+    def available(self) -> int:
+        """How many bytes from the start a read returns without waiting (the last is held back until verified)."""
+        written = self._written() if self._fd >= 0 else 0
+        return written if self.committed else max(0, written - 1)
+
     async def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset` (as many as are at hand), waiting for them; b"" at the verified end."""
         while True:
@@ -628,6 +633,10 @@ class DownloadReader:
     def size(self) -> int | None:
         """Known once the download has started."""
         return self._download.size
+
+    def available(self) -> int:
+        """Bytes from the start that can be read now, without waiting for the upstream."""
+        return self._download.available()
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self._download.read(offset, size)

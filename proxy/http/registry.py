@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncGenerator
 from urllib.parse import urlencode
 
 from starlette.requests import Request
@@ -18,7 +19,9 @@ from proxy import errors, references
 from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
 from proxy.http.edge import API_VERSION
-from proxy.http.responses import BlobResponse, parse_range
+from proxy.http.multipart import RangesResponse
+from proxy.http.ranges import Refusal, one_range, parse_ranges
+from proxy.http.responses import BlobResponse
 from proxy.mirror import Mirror, Outcome
 from proxy.record import record_of
 from proxy.routing import Route as UpstreamRoute
@@ -92,13 +95,33 @@ async def blob(request: Request) -> Response:
         else:
             response.headers["Content-Length"] = str(size)
         return response
-    found = await mirror.blobs.open(route, digest)
+    one = one_range(request.headers.get("range"))
+    cold = None if one is None else await mirror.blobs.cold_range(route, digest, *one)
+    if cold is not None:  # not cached: the upstream's range now, the full download in the background
+        _outcome(request, Outcome.MISS)
+        answer = cold
+        return RangesResponse(
+            [(cold.start, cold.end)], cold.size, lambda start, end: answer.chunks(), headers, cold.close
+        )
+    found = await mirror.blobs.open(route, digest)  # the access checks of a full GET, for a range too
     _outcome(request, found.outcome)
-    byte_range = parse_range(request.headers.get("range"), found.size)
-    if byte_range == "unsatisfiable":
+    spans = parse_ranges(request.headers.get("range"), found.size)
+    if spans is Refusal.UNSATISFIABLE:
         found.reader.close()
         raise errors.RangeUnsatisfiable(found.size)
-    return BlobResponse(found.reader, found.size, headers, byte_range if isinstance(byte_range, tuple) else None)
+    if spans is None:
+        return BlobResponse(found.reader, found.size, headers)
+    assert isinstance(spans, list) and found.size is not None  # parse_ranges needs a size to return spans
+    if len(spans) == 1 and mirror.blobs.at_hand(found, spans[0][1]):
+        return BlobResponse(found.reader, found.size, headers, spans[0])
+
+    def source(start: int, end: int) -> AsyncGenerator[bytes, None]:
+        return mirror.blobs.span(route, digest, found, start, end)
+
+    async def close() -> None:
+        found.reader.close()
+
+    return RangesResponse(spans, found.size, source, headers, close)
 
 
 async def referrers(request: Request) -> Response:

@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import parse_qs, urlsplit
@@ -130,6 +131,20 @@ class TagPage:
     name: str
     tags: list[str]
     next_query: dict[str, str] | None  # n/last of the next page, from the upstream's Link
+
+
+@dataclass(frozen=True, slots=True)
+class RangeSource:
+    """An upstream's 206 answer to a one-range blob GET, ready to stream."""
+
+    start: int
+    end: int  # inclusive
+    size: int  # the whole blob's, from Content-Range
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18})")
 
 
 def _mib(size: int) -> str:
@@ -417,6 +432,41 @@ class Upstream:
                 raise UpstreamUnavailable(self.name, f"blob transfer broke off ({type(exc).__name__})") from exc
 
         return Source(size=size, chunks=chunks(), close=response.aclose)
+
+    async def open_blob_range(self, repo: str, digest: str, ranges: str) -> RangeSource | None:
+        """One range of a blob (`ranges` as a Range header's value), streamed, never verified (a
+        range cannot be); None when the upstream answered with anything but one range and the
+        blob's size (a 200 carrying the whole blob, say), closed unread. The caller checks the
+        range answered is the one it asked for; at most that range's bytes are taken."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        response = await self._send("GET", path, Kind.BLOB, headers={"Range": ranges})
+        answered = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if response.status_code != 206 or answered is None:
+            await response.aclose()
+            return None
+        start, end, size = (int(answered[i]) for i in (1, 2, 3))
+        if not start <= end < size:
+            await response.aclose()
+            return None
+        count = end - start + 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            received = 0
+            try:
+                async for chunk in response.aiter_raw():
+                    self.metrics.fetched.inc(len(chunk))
+                    wanted = chunk[: count - received]
+                    received += len(chunk)
+                    if wanted:
+                        yield wanted
+                    if received >= count:
+                        return
+            except httpx.HTTPError as exc:
+                self._failed("GET", path, type(exc).__name__)
+                raise UpstreamUnavailable(self.name, f"blob range broke off ({type(exc).__name__})") from exc
+            raise UpstreamUnavailable(self.name, f"blob range ended after {received} of {count} bytes")
+
+        return RangeSource(start, end, size, chunks(), response.aclose)
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
         response = await self._send("HEAD", f"/v2/{repo}/blobs/{digest}", Kind.BLOB)

@@ -261,19 +261,24 @@ def test_first_client_leaving_does_not_stop_the_download(faulty: FaultyRegistry)
     assert faulty.gets(layer) == 1
 
 
-def test_range_request_on_a_blob_being_downloaded_joins_the_download(faulty: FaultyRegistry) -> None:
+def test_range_ahead_of_a_download_is_asked_of_the_upstream_while_the_one_download_goes_on(
+    faulty: FaultyRegistry,
+) -> None:
     _, (_, layer) = faulty.add_image("acme/app", "1", layer_sizes=[2 << 20])
-    faulty.slow(digest=layer, chunk_size=128 << 10, chunk_delay=0.05)
+    faulty.slow(digest=layer, chunk_size=64 << 10, chunk_delay=0.2)  # byte 1000000 comes after about 3 s
     expected = faulty.blob(layer)
     with mirror(faulty) as proxy, httpx.Client(timeout=30) as client:
         url = f"{proxy.url}/v2/acme/app/blobs/{layer}"
         with client.stream("GET", url) as whole:
             chunks = whole.iter_raw()
             first = next(chunks)
+            faulty.reset_log()
             ranged = client.get(url, headers={"Range": "bytes=1000000-1000099"})
+            asked = [r.headers.get("range") for r in faulty.requests() if layer in r.path and r.method == "GET"]
             rest = b"".join(chunks)
         assert first + rest == expected
         assert ranged.status_code == 206
         assert ranged.content == expected[1000000:1000100]
         assert ranged.headers["Content-Range"] == f"bytes 1000000-1000099/{len(expected)}"
-    assert faulty.gets(layer) == 1
+        assert asked == ["bytes=1000000-1000099"]  # one range request, no second full download
+        assert len(visible_blob_files(proxy)) == 1  # the full download was stored

@@ -560,3 +560,59 @@ def test_too_large_is_its_own_error() -> None:
             await upstream.aclose()
 
     run(work)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_range", "body", "expected"),
+    [
+        (206, "bytes 10-19/100", bytes(range(10, 20)), (10, 19, 100, bytes(range(10, 20)))),
+        (206, "bytes 10-19/100", bytes(range(10, 40)), (10, 19, 100, bytes(range(10, 20)))),  # only the range
+        (206, "bytes 0-99/100", bytes(range(100)), (0, 99, 100, bytes(range(100)))),  # the caller checks which
+        (200, None, bytes(range(100)), None),  # Range ignored: never passed on as a range
+        (206, "bytes 10-19/*", bytes(range(10, 20)), None),  # no size
+        (206, "bytes 10-200/100", bytes(range(10, 20)), None),  # past its own end
+    ],
+)
+def test_a_blob_range_is_only_ever_the_range_answered(
+    status: int, content_range: str | None, body: bytes, expected: tuple[int, int, int, bytes] | None
+) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Range": content_range} if content_range else {}
+        return httpx.Response(status, headers=headers, stream=Streamed(body))
+
+    recorded = Recorded(answer)
+
+    async def work() -> tuple[int, int, int, bytes] | None:
+        upstream = recorded.upstream()
+        try:
+            source = await upstream.open_blob_range("acme/app", DIGEST, "bytes=10-19")
+            if source is None:
+                return None
+            try:
+                return source.start, source.end, source.size, b"".join([chunk async for chunk in source.chunks])
+            finally:
+                await source.close()
+        finally:
+            await upstream.aclose()
+
+    assert asyncio.run(work()) == expected
+    assert [r.headers["Range"] for r in recorded.seen] == ["bytes=10-19"]
+
+
+def test_a_blob_range_that_comes_short_raises_unavailable() -> None:
+    recorded = Recorded(
+        lambda request: httpx.Response(206, headers={"Content-Range": "bytes 10-19/100"}, stream=Streamed(b"12345"))
+    )
+
+    async def work() -> None:
+        upstream = recorded.upstream()
+        try:
+            source = await upstream.open_blob_range("acme/app", DIGEST, "bytes=10-19")
+            assert source is not None
+            with pytest.raises(UpstreamUnavailable, match="5 of 10"):
+                _ = [chunk async for chunk in source.chunks]
+            await source.close()
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
