@@ -1,0 +1,125 @@
+"""Real clients pushing into hosted repositories, and pulling back out byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.test_clients import assert_same_image
+from tests.support.clients import skopeo_copy
+from tests.support.images import PushedImage
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+
+HOSTED = {"hosted": {"repositories": ["acme/**", "charts/*"], "upload_ttl": "1h"}}
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_skopeo_copies_into_hosted_repositories_and_back_out_byte_for_byte_across_kill_9(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    images: dict[str, PushedImage] = upstream.images  # type: ignore[attr-defined]
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    kinds = {"alpine": False, "multi": True, "docker": False, "helm": False}
+    for kind, all_platforms in kinds.items():
+        image = images[kind]
+        skopeo_copy(
+            f"docker://{upstream.host}/{image.repo}:{image.tag}",
+            f"docker://{proxy.host}/acme/{kind}:{image.tag}",
+            all=all_platforms,
+            timeout=300,
+        )
+    assert proxy.pid is not None
+    os.kill(proxy.pid, signal.SIGKILL)  # every acknowledged push must survive
+    proxy.stop()
+    proxy.start()
+    for kind, all_platforms in kinds.items():
+        image = images[kind]
+        folder = tmp_path / kind
+        skopeo_copy(f"docker://{proxy.host}/acme/{kind}:{image.tag}", f"dir:{folder}", all=all_platforms, timeout=300)
+        assert_same_image(folder, image, all_platforms)
+    catalog = httpx.get(f"{proxy.url}/v2/_catalog").json()["repositories"]
+    assert {f"acme/{kind}" for kind in kinds} <= set(catalog)
+    assert "PUT" in proxy.log_text() and "/v2/acme/multi/manifests/" in proxy.log_text()
+
+
+def _chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_docker_daemon_push_sequence_as_raw_http(proxy_factory: Callable[..., Proxy], upstream: Registry) -> None:
+    """dockerd 20.10: ping, HEAD, POST, one chunked PATCH without Content-Type, empty PUT ?digest=, HEAD;
+    the manifest as Docker schema 2 by tag; in another repository a mount from the first."""
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    layer = os.urandom(3 << 20)
+    headers = {"User-Agent": "docker/20.10.24 go/go1.19.7", "Connection": "close"}
+    with httpx.Client(base_url=proxy.url, headers=headers, timeout=60) as client:
+        assert client.get("/v2/").status_code == 200
+        for blob in (layer, config):
+            assert client.head(f"/v2/acme/docker/blobs/{sha(blob)}").status_code == 404
+            started = client.post("/v2/acme/docker/blobs/uploads/")
+            assert started.status_code == 202
+            patched = client.patch(started.headers["Location"], content=_chunks(blob, 65536))
+            assert patched.status_code == 202
+            assert patched.headers["Range"] == f"0-{len(blob) - 1}"
+            location = patched.headers["Location"]
+            done = client.put(location, params={"digest": sha(blob)})
+            assert done.status_code == 201
+            assert done.headers["Docker-Content-Digest"] == sha(blob)
+            assert client.head(f"/v2/acme/docker/blobs/{sha(blob)}").headers["Content-Length"] == str(len(blob))
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": DOCKER_V2,
+                "config": {
+                    "mediaType": "application/vnd.docker.container.image.v1+json",
+                    "size": len(config),
+                    "digest": sha(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                        "size": len(layer),
+                        "digest": sha(layer),
+                    }
+                ],
+            }
+        ).encode()
+        pushed = client.put("/v2/acme/docker/manifests/latest", content=manifest, headers={"Content-Type": DOCKER_V2})
+        assert pushed.status_code == 201
+        assert pushed.headers["Docker-Content-Digest"] == sha(manifest)
+        for blob in (layer, config):
+            mounted = client.post("/v2/acme/copy/blobs/uploads/", params={"from": "acme/docker", "mount": sha(blob)})
+            assert mounted.status_code == 201
+        copied = client.put("/v2/acme/copy/manifests/latest", content=manifest, headers={"Content-Type": DOCKER_V2})
+        assert copied.status_code == 201
+        pulled = client.get("/v2/acme/copy/manifests/latest", headers={"Accept": DOCKER_V2})
+        assert (pulled.content, pulled.headers["Content-Type"]) == (manifest, DOCKER_V2)
+        assert client.get(f"/v2/acme/copy/blobs/{sha(layer)}").content == layer
+
+
+def test_oras_style_chunked_upload_with_content_range(proxy_factory: Callable[..., Proxy], upstream: Registry) -> None:
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    data = os.urandom(1000)
+    with httpx.Client(base_url=proxy.url, timeout=60) as client:
+        location = client.post("/v2/charts/app/blobs/uploads/", headers={"Content-Type": "application/octet-stream"})
+        url = location.headers["Location"]
+        for start in range(0, len(data), 64):
+            piece = data[start : start + 64]
+            answer = client.patch(url, content=piece, headers={"Content-Range": f"{start}-{start + len(piece) - 1}"})
+            assert answer.status_code == 202, answer.text
+            url = answer.headers["Location"]
+        assert client.put(url, params={"digest": sha(data)}).status_code == 201
+        assert client.get(f"/v2/charts/app/blobs/{sha(data)}").content == data
