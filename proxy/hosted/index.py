@@ -158,6 +158,11 @@ class Index:
         row = self._one("SELECT COUNT(*) FROM manifests WHERE repo = ?", repo)
         return int(row[0]) if row else 0  # type: ignore[call-overload]
 
+    def blob_volume(self) -> int:
+        """Bytes of the distinct blobs some repository links."""
+        row = self._one("SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT digest, size FROM blobs)")
+        return int(row[0]) if row else 0  # type: ignore[call-overload]
+
     def manifest_volume(self) -> int:
         row = self._one("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM manifests")
         return int(row[0]) if row else 0  # type: ignore[call-overload]

@@ -93,14 +93,14 @@ class HostedRepositories:
     # -- quotas ------------------------------------------------------------------------
 
     def in_use(self) -> int:
-        """Bytes of hosted blobs, manifests and uploads in progress."""
+        """Bytes of hosted blobs, manifests and uploads in progress (not the index's own pages)."""
         uploading = 0
         for entry in os.scandir(self.uploads_dir):
             try:
                 uploading += entry.stat().st_size
             except OSError:
                 continue
-        return self.content.volume() + self.index.manifest_volume() + uploading
+        return self.index.blob_volume() + self.index.manifest_volume() + uploading
 
     def check_room(self, more: int, in_use: int | None = None) -> None:
         use = self.in_use() if in_use is None else in_use
@@ -168,20 +168,22 @@ class HostedRepositories:
             self.index.remove_upload(upload)
         return size
 
-    def sweep_uploads(self) -> int:
-        """Drop uploads older than `upload_ttl` (and files a crash left without a record)."""
+    def sweep_uploads(self, dry_run: bool = False) -> int:
+        """Drop uploads older than `upload_ttl` (and files a crash left without a record); how many."""
         cutoff = time.time() - self.config.upload_ttl
         dropped = 0
         known = set()
         for upload, started in self.index.uploads():
             known.add(upload)
             if started < cutoff:
-                self._drop_upload(upload, self.uploads_dir / upload)
+                if not dry_run:
+                    self._drop_upload(upload, self.uploads_dir / upload)
                 dropped += 1
         for entry in os.scandir(self.uploads_dir):
             try:
                 if entry.name not in known and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
+                    if not dry_run:
+                        os.unlink(entry.path)
                     dropped += 1
             except OSError:
                 continue
@@ -295,7 +297,7 @@ class HostedRepositories:
         Online and safe: it holds the index's write lock, so no upload is linked and no
         manifest checked against its blobs meanwhile.
         """
-        uploads = 0 if dry_run else self.sweep_uploads()
+        uploads = self.sweep_uploads(dry_run)
         with self.index.write():
             stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl)
             if not dry_run:
