@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.e2e.test_clients import assert_same_image
-from tests.support.clients import skopeo_copy
+from tests.support.clients import Containerd, skopeo_copy
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
@@ -123,3 +123,21 @@ def test_oras_style_chunked_upload_with_content_range(proxy_factory: Callable[..
             url = answer.headers["Location"]
         assert client.put(url, params={"digest": sha(data)}).status_code == 201
         assert client.get(f"/v2/charts/app/blobs/{sha(data)}").content == data
+
+
+def test_containerd_ctr_pushes_a_pulled_image_into_a_hosted_repository(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], containerd: Containerd
+) -> None:
+    image: PushedImage = upstream.images["alpine"]  # type: ignore[attr-defined]
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    source = f"{upstream.host}/{image.repo}:{image.tag}"
+    containerd.pull(source, plain_http=True, unpack=False)
+    containerd.ctr("images", "push", "--plain-http", f"{proxy.host}/acme/ctr:{image.tag}", source, timeout=120)
+    pulled = httpx.get(f"{proxy.url}/v2/acme/ctr/manifests/{image.tag}", headers={"Accept": image.media_type})
+    assert pulled.status_code == 200
+    assert pulled.content == image.manifest
+    for blob in image.blobs:
+        assert (
+            hashlib.sha256(httpx.get(f"{proxy.url}/v2/acme/ctr/blobs/{blob.digest}").content).hexdigest()
+            == (blob.digest.split(":")[1])
+        )
