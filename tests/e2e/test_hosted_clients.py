@@ -141,3 +141,30 @@ def test_containerd_ctr_pushes_a_pulled_image_into_a_hosted_repository(
             hashlib.sha256(httpx.get(f"{proxy.url}/v2/acme/ctr/blobs/{blob.digest}").content).hexdigest()
             == (blob.digest.split(":")[1])
         )
+
+
+def test_oras_pushes_and_pulls_an_artifact_whole_and_chunked(
+    proxy_factory: Callable[..., Proxy], upstream: Registry, tmp_path: Path
+) -> None:
+    """Python `oras` (PyPI): a file artifact by tag, once in one PUT and once in 64-byte PATCHes."""
+    from oras.provider import Registry as OrasRegistry
+
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    artifact = tmp_path / "chart.tgz"
+    artifact.write_bytes(os.urandom(1000))
+    client = OrasRegistry(hostname=proxy.host, insecure=True, auth_backend="basic")
+    for repo, chunked in (("charts/whole", False), ("charts/chunked", True)):
+        cwd = os.getcwd()
+        os.chdir(tmp_path)  # oras names files by their path relative to where it runs
+        try:
+            pushed = client.push(
+                target=f"{proxy.host}/{repo}:0.1.0", files=["chart.tgz"], do_chunked=chunked, chunk_size=64
+            )
+        finally:
+            os.chdir(cwd)
+        assert pushed.status_code == 201
+        out = tmp_path / repo.replace("/", "-")
+        files = client.pull(target=f"{proxy.host}/{repo}:0.1.0", outdir=str(out))
+        assert [Path(f).read_bytes() for f in files] == [artifact.read_bytes()]
+    log = proxy.log_text()
+    assert "PATCH" in log and "/v2/charts/chunked/blobs/uploads/" in log
