@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
 from tests.e2e.test_clients import assert_same_image
-from tests.support.clients import Containerd, skopeo_copy
+from tests.support.clients import Containerd, read_dir_image, run, skopeo_copy
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
@@ -168,3 +170,44 @@ def test_oras_pushes_and_pulls_an_artifact_whole_and_chunked(
         assert [Path(f).read_bytes() for f in files] == [artifact.read_bytes()]
     log = proxy.log_text()
     assert "PATCH" in log and "/v2/charts/chunked/blobs/uploads/" in log
+
+
+def test_podman_pushes_into_a_hosted_repository(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """podman (containers/image) with its own storage: pull from the upstream, push to the mirror, read back."""
+    image: PushedImage = upstream.images["alpine"]  # type: ignore[attr-defined]
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    runroot = Path(tempfile.mkdtemp(prefix="pp-podman-"))  # podman wants a runroot under 50 characters
+    podman = [
+        "podman",
+        "--root",
+        str(tmp_path / "root"),
+        "--runroot",
+        str(runroot),
+        "--storage-driver",
+        "vfs",
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
+    ]
+    source = f"{upstream.host}/{image.repo}:{image.tag}"
+    try:
+        _podman_push(podman, source, proxy, image, tmp_path)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def _podman_push(podman: list[str], source: str, proxy: Proxy, image: PushedImage, tmp_path: Path) -> None:
+    run([*podman, "pull", "--tls-verify=false", f"docker://{source}"], timeout=120)
+    run([*podman, "push", "--tls-verify=false", source, f"docker://{proxy.host}/acme/podman:{image.tag}"], timeout=120)
+    folder = tmp_path / "out"
+    skopeo_copy(f"docker://{proxy.host}/acme/podman:{image.tag}", f"dir:{folder}")
+    files = read_dir_image(folder)
+    manifest = json.loads(files["manifest.json"])
+    assert image.config is not None
+    assert files[manifest["config"]["digest"].split(":")[1]] == image.config  # the same config; layers recompressed
+    for name, data in files.items():
+        if name not in ("manifest.json", "version"):
+            assert hashlib.sha256(data).hexdigest() == name
