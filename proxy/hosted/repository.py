@@ -6,6 +6,9 @@ but its pins are replaced wholesale by `[[pin]]` refreshes and count against `[c
 max_size`, while hosted content has its own limit (`[hosted] max_size`). Manifests, tags and
 links are rows of the `Index`. Every method blocks (disk, SQLite, hashing): call it in a thread.
 
+A blob pushed while the cache holds it is stored once: the hosted store takes a hard link to
+the cache's verified file instead of the uploaded copy, so the bytes survive the cache's eviction.
+
 A blob becomes visible only after it was uploaded whole, its digest verified, flushed and
 renamed into the store and linked in one transaction; a crash before the link leaves a file
 nothing names, which `gc` removes.
@@ -18,6 +21,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -73,8 +77,11 @@ def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
 
 
 class HostedRepositories:
-    def __init__(self, config: Hosted, directory: Path) -> None:
+    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once."""
+
+    def __init__(self, config: Hosted, directory: Path, cached: Callable[[str], BlobFile | None] | None = None) -> None:
         self.config = config
+        self._cached = cached
         self.names = HostedNames(config.repositories)
         directory.mkdir(parents=True, exist_ok=True)
         self.uploads_dir = directory / "uploads"
@@ -163,10 +170,23 @@ class HostedRepositories:
             if self.content.has_blob(digest):
                 path.unlink()  # stored once
             else:
-                self.content.put_blob(digest, path, size)
+                self.content.put_blob(digest, self._shared(digest, size, path), size)
             self.index.link_blob(repo, digest, size)
             self.index.remove_upload(upload)
         return size
+
+    def _shared(self, digest: str, size: int, uploaded: Path) -> Path:
+        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`."""
+        found = self._cached(digest) if self._cached is not None else None
+        if found is None or found.size != size:
+            return uploaded
+        link = uploaded.with_name(uploaded.name + ".cached")
+        try:
+            os.link(found.path, link)
+        except OSError:  # evicted meanwhile, or another filesystem
+            return uploaded
+        uploaded.unlink()
+        return link
 
     def sweep_uploads(self, dry_run: bool = False) -> int:
         """Drop uploads older than `upload_ttl` (and files a crash left without a record); how many."""
@@ -181,7 +201,8 @@ class HostedRepositories:
                 dropped += 1
         for entry in os.scandir(self.uploads_dir):
             try:
-                if entry.name not in known and entry.stat().st_mtime < cutoff:
+                # ctime: a hard link just made to an old cached file has an old mtime but a new ctime
+                if entry.name not in known and entry.stat().st_ctime < cutoff:
                     if not dry_run:
                         os.unlink(entry.path)
                     dropped += 1

@@ -89,7 +89,7 @@ def create_app(
             app.state.activity = activity
             app.state.probe = health.CacheProbe(store.partial_dir)
             app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
-            hosted = await _open_hosted(config)
+            hosted = await _open_hosted(config, store)
             app.state.hosted = hosted
             app.state.gate = await _gate(config, hosted)
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
@@ -127,11 +127,11 @@ def create_app(
     )
 
 
-async def _open_hosted(config: configuration.Config) -> HostedRepositories | None:
+async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
     """`[hosted]`'s repositories in `<cache dir>/hosted`; None without `[hosted]` (the mirror stays read-only)."""
     if config.hosted is None:
         return None
-    return await to_thread.run_sync(HostedRepositories, config.hosted, config.cache_dir / "hosted")
+    return await to_thread.run_sync(HostedRepositories, config.hosted, config.cache_dir / "hosted", store.find_blob)
 
 
 async def _collect_garbage(hosted: HostedRepositories) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from cache.mediatypes import OCI_MANIFEST
+from cache.store import DiskContentStore
 from proxy.config import Hosted
 from tests.support.inprocess import MemoryRegistry, mirror_client
 
@@ -301,3 +303,23 @@ def test_uploads_in_progress_count_against_max_size(tmp_path: Path, upstream: Me
         assert client.get(location).headers["Range"] == f"0-{(40 << 10) - 1}"  # as it was before the chunk
         assert client.delete(location).status_code == 204
         assert push_blob(client, "acme/app", b"b" * (40 << 10)).status_code == 201
+
+
+def test_a_blob_both_cached_and_hosted_is_stored_once_and_outlives_eviction(
+    client: httpx.Client, upstream: MemoryRegistry, tmp_path: Path
+) -> None:
+    data = b"cached and pushed" * 1000
+    digest = upstream.add_blob("team/base", data)
+    assert client.get(f"/v2/team/base/blobs/{digest}").content == data  # now in the cache
+    assert push_blob(client, "acme/app", data).status_code == 201
+    cache = DiskContentStore(tmp_path, 1 << 40)
+    hosted = DiskContentStore(tmp_path / "hosted", 1 << 40)
+    try:
+        cached, kept = cache.find_blob(digest), hosted.find_blob(digest)
+        assert cached is not None and kept is not None
+        assert os.stat(cached.path).st_ino == os.stat(kept.path).st_ino  # one file, two names
+        assert cache.remove(digest)  # as the LRU would evict it
+    finally:
+        cache.close()
+        hosted.close()
+    assert client.get(f"/v2/acme/app/blobs/{digest}").content == data
