@@ -211,3 +211,63 @@ def _podman_push(podman: list[str], source: str, proxy: Proxy, image: PushedImag
     for name, data in files.items():
         if name not in ("manifest.json", "version"):
             assert hashlib.sha256(data).hexdigest() == name
+
+
+def _peak_rss(pid: int) -> int:
+    """Bytes: the process's peak resident set (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_upload_streams_to_disk_with_flat_memory(
+    proxy_factory: Callable[..., Proxy], upstream: Registry
+) -> None:
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    assert proxy.pid is not None
+    size = 256 << 20
+    piece = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(size // len(piece)):
+        digest.update(piece)
+    with httpx.Client(base_url=proxy.url, timeout=120) as client:
+        client.get("/v2/")
+        before = _peak_rss(proxy.pid)
+        location = client.post("/v2/acme/big/blobs/uploads/").headers["Location"]
+        patched = client.patch(location, content=(piece for _ in range(size // len(piece))))
+        assert patched.headers["Range"] == f"0-{size - 1}"
+        done = client.put(patched.headers["Location"], params={"digest": f"sha256:{digest.hexdigest()}"})
+        assert done.status_code == 201
+        assert client.head(f"/v2/acme/big/blobs/sha256:{digest.hexdigest()}").headers["Content-Length"] == str(size)
+    assert _peak_rss(proxy.pid) - before < 48 << 20  # a 256 MiB layer, never held in memory
+
+
+def test_an_upload_cut_by_kill_9_leaves_nothing_visible(
+    proxy_factory: Callable[..., Proxy], upstream: Registry
+) -> None:
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    data = os.urandom(8 << 20)
+
+    def body() -> Iterator[bytes]:
+        yield data[: 4 << 20]
+        assert proxy.pid is not None
+        os.kill(proxy.pid, signal.SIGKILL)
+        yield data[4 << 20 :]
+
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        location = client.post("/v2/acme/cut/blobs/uploads/").headers["Location"]
+        try:
+            client.put(location, params={"digest": sha(data)}, content=body())
+        except httpx.HTTPError:
+            pass
+        else:
+            raise AssertionError("the push was answered although the server was killed")
+    proxy.stop()
+    proxy.start()
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        assert client.head(f"/v2/acme/cut/blobs/{sha(data)}").status_code == 404
+        assert client.get("/v2/acme/cut/tags/list").status_code == 404
+        again = client.post("/v2/acme/cut/blobs/uploads/", params={"digest": sha(data)}, content=data)
+        assert again.status_code == 201
+        assert client.get(f"/v2/acme/cut/blobs/{sha(data)}").content == data
