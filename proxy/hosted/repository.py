@@ -167,6 +167,11 @@ class HostedRepositories:
                 f"the uploaded bytes have digest {check.actual}, not {digest}", {"digest": digest}
             )
         with self.index.write():  # no garbage collection between storing and linking
+            try:
+                self.check_repository(repo)  # again: another upload may have made the last repository meanwhile
+            except errors.Denied:
+                self._drop_upload(upload, path)
+                raise
             if self.content.has_blob(digest):
                 path.unlink()  # stored once
             else:
