@@ -227,6 +227,28 @@ class HostedRepositories:
             self.index.link_blob(repo, digest, size)
             return size
 
+    def adopt(self, repo: str, digest: str) -> int | None:
+        """Link the cache's verified blob into `repo` (a mount from a cached repository); None if not cached."""
+        with self.index.write():
+            if not self.content.has_blob(digest):
+                found = self._cached(digest) if self._cached is not None else None
+                if found is None:
+                    return None
+                self.check_repository(repo)
+                self.check_room(found.size)
+                link = self.uploads_dir / f"{uuid.uuid4().hex}.cached"
+                try:
+                    os.link(found.path, link)
+                except OSError:
+                    return None
+                self.content.put_blob(digest, link, found.size)
+            stored = self.content.find_blob(digest)
+            if stored is None:
+                return None
+            self.check_repository(repo)
+            self.index.link_blob(repo, digest, stored.size)
+            return stored.size
+
     def blob_size(self, repo: str, digest: str) -> int | None:
         return self.index.blob_size(repo, digest)
 

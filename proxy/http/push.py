@@ -28,7 +28,8 @@ from proxy.access.policy import Action, Address, User
 from proxy.hosted.repository import MAX_MANIFEST, HostedRepositories, Quota, quota_exceeded
 from proxy.http.edge import API_VERSION
 from proxy.http.responses import BlobResponse, parse_range
-from proxy.routing import valid_name
+from proxy.mirror import Mirror
+from proxy.routing import Router, valid_name
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_PAGE = 10000
@@ -250,6 +251,21 @@ async def _may_pull(request: Request, name: str) -> bool:
     return True
 
 
+async def _cached_in(request: Request, source: str, digest: str) -> bool:
+    """Whether the caller may pull the mirrored repository `source` and the cache knows it holds `digest`.
+
+    Asks no upstream: a mount is a shortcut, and without it the client simply uploads.
+    """
+    router: Router = request.app.state.router
+    mirror: Mirror = request.app.state.mirror
+    try:
+        route = router.route(source, request.query_params.get("ns"))
+        await _gate(request).authorize(request, route)
+    except errors.RegistryError:
+        return False
+    return await mirror.links.holds(route, digest)
+
+
 async def start_upload(request: Request) -> Response:
     """`POST .../blobs/uploads/`: a mount, a monolithic upload (`?digest=`), or a session for PATCH/PUT."""
     hosted, name = await _allowed(request, Action.PUSH)
@@ -257,8 +273,13 @@ async def start_upload(request: Request) -> Response:
     mount, source = query.get("mount"), query.get("from")
     if mount is not None and source is not None:
         mount = _digest(mount)
-        readable = valid_name(source) and hosted.names.matches(source) and await _may_pull(request, source)
-        if readable and await to_thread.run_sync(hosted.mount, name, source, mount) is not None:
+        mounted: int | None = None
+        if valid_name(source) and hosted.names.matches(source):
+            if await _may_pull(request, source):
+                mounted = await to_thread.run_sync(hosted.mount, name, source, mount)
+        elif await _cached_in(request, source, mount):
+            mounted = await to_thread.run_sync(hosted.adopt, name, mount)
+        if mounted is not None:
             return _stored(name, mount)
     digest = query.get("digest")
     if digest is not None:

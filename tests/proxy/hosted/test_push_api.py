@@ -323,3 +323,18 @@ def test_a_blob_both_cached_and_hosted_is_stored_once_and_outlives_eviction(
         cache.close()
         hosted.close()
     assert client.get(f"/v2/acme/app/blobs/{digest}").content == data
+
+
+def test_mount_from_a_cached_repository_the_caller_may_pull(client: httpx.Client, upstream: MemoryRegistry) -> None:
+    data = b"base layer" * 1000
+    digest = upstream.add_blob("team/base", data)
+    params = {"mount": digest, "from": "team/base"}
+    assert client.post("/v2/acme/app/blobs/uploads/", params=params).status_code == 202  # not cached yet
+    asked = len(upstream.requests)
+    assert client.get(f"/v2/team/base/blobs/{digest}").content == data
+    mounted = client.post("/v2/acme/app/blobs/uploads/", params=params)
+    assert mounted.status_code == 201
+    assert client.get(f"/v2/acme/app/blobs/{digest}").content == data
+    other = client.post("/v2/acme/app/blobs/uploads/", params={"mount": digest, "from": "team/other"})
+    assert other.status_code == 202  # that repository is not known to hold it
+    assert len(upstream.requests) == asked + 1  # the pull only: mounts ask no upstream
