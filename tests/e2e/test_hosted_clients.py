@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.test_clients import assert_same_image
-from tests.support.clients import Containerd, read_dir_image, run, skopeo_copy
+from tests.support.auth import user_entry
+from tests.support.clients import CommandError, Containerd, read_dir_image, run, skopeo_copy
 from tests.support.images import PushedImage
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
@@ -271,3 +273,30 @@ def test_an_upload_cut_by_kill_9_leaves_nothing_visible(
         again = client.post("/v2/acme/cut/blobs/uploads/", params={"digest": sha(data)}, content=data)
         assert again.status_code == 201
         assert client.get(f"/v2/acme/cut/blobs/{sha(data)}").content == data
+
+
+def test_skopeo_push_needs_the_push_right_through_the_token_flow(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    alice, bob = ("alice", "alice-pw"), ("bob", "bob-pw")
+    proxy = proxy_factory(
+        {
+            **HOSTED,
+            "auth": {"user": [user_entry(alice, "dev"), user_entry(bob)], "default": "anyone"},
+            "access": [{"repository": "acme/**", "pull": "authenticated", "push": ["group:dev"]}],
+        },
+        upstream_url=upstream.url,
+    )
+    image: PushedImage = upstream.images["alpine"]  # type: ignore[attr-defined]
+    source = f"docker://{upstream.host}/{image.repo}:{image.tag}"
+    target = f"docker://{proxy.host}/acme/private:{image.tag}"
+    with pytest.raises(CommandError) as anonymous:
+        skopeo_copy(source, target)
+    assert "401" in anonymous.value.stderr
+    with pytest.raises(CommandError) as refused:
+        skopeo_copy(source, target, extra=["--dest-creds", "bob:bob-pw"])
+    assert "denied" in refused.value.stderr.lower()
+    skopeo_copy(source, target, extra=["--dest-creds", "alice:alice-pw"])
+    folder = tmp_path / "out"
+    skopeo_copy(target, f"dir:{folder}", creds="bob:bob-pw")  # any user may pull
+    assert_same_image(folder, image)
