@@ -132,3 +132,18 @@ def test_gc_command_dry_run_then_real(tmp_path: Path) -> None:
     assert "would remove 1 blobs" in gc(config, "--dry-run")
     assert "removed 1 blobs" in gc(config)
     assert "removed 0 blobs" in gc(config)
+
+
+def test_cache_du_shows_hosted_content(tmp_path: Path) -> None:
+    config = tmp_path / "pullproxy.toml"
+    config.write_text(
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n[hosted]\nrepositories = ["acme/**"]\nmax_size = "1GiB"\n'
+    )
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "cache" / "hosted")
+    upload(store, "acme/app", b"x" * 100_000)
+    store.close()
+    argv = [sys.executable, "-m", "proxy", "cache", "du", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("hosted"))
+    assert "of 1.0 GiB" in line or "of 1 GiB" in line or "1GiB" in line.replace(" ", ""), line
