@@ -146,4 +146,5 @@ def test_cache_du_shows_hosted_content(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("hosted"))
-    assert "of 1.0 GiB" in line or "of 1 GiB" in line or "1GiB" in line.replace(" ", ""), line
+    assert line.endswith("of 1.0 GiB (pushed, never evicted)"), line
+    assert not line.startswith("hosted      0 B"), line
