@@ -438,11 +438,30 @@ def _glob(value: object) -> str:
 
 
 class AccessRule(Table):
-    """One `[[access]]`: who may pull the repositories a glob matches (see proxy.access)."""
+    """One `[[access]]`: who may pull (push, delete) the repositories a glob matches (see proxy.access)."""
 
-    repository: Annotated[str, BeforeValidator(_glob)]  # on "<upstream>/<repository>"
+    repository: Annotated[str, BeforeValidator(_glob)]  # on "<upstream>/<repository>", or a hosted name
     pull: PullRule
     networks: Networks = ()
+    push: PullRule | None = None  # hosted repositories only; None: nobody with [auth], anyone without
+    delete: PullRule | None = None
+
+
+def _hosted_glob(value: object) -> str:
+    pattern = _text(value)
+    if not _PATTERN.fullmatch(pattern) or ":" in pattern or any("**" in c and c != "**" for c in pattern.split("/")):
+        raise Problem(f"{pattern!r} is not a repository pattern such as 'acme/**' or 'charts/*'")
+    return pattern
+
+
+class Hosted(Table):
+    """`[hosted]`: repositories clients push to, kept in the cache directory and never evicted (proxy.hosted)."""
+
+    repositories: tuple[Annotated[str, BeforeValidator(_hosted_glob)], ...] = ()
+    max_repositories: Count = 500
+    max_size: Size = 500 << 30  # all hosted content and uploads in progress, apart from [cache] max_size
+    max_manifests_per_repository: Count = 100000
+    upload_ttl: Annotated[float, BeforeValidator(units.parse_duration)] = 3600.0
 
 
 # -- the whole file ------------------------------------------------------------------------
@@ -563,6 +582,7 @@ class Config(BaseSettings, Cache, Server):
     pins: Tables[PinConfig] = Field(default=(), alias="pin")
     auth: AuthConfig | None = None
     access: Tables[AccessRule] = ()
+    hosted: Hosted | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -625,13 +645,19 @@ class Config(BaseSettings, Cache, Server):
                     raise Problem(f"{prefix!r} is used by another upstream", "upstream", index, "prefix")
                 prefixes.add(prefix)
         known = sorted({DOCKER_HUB if u.is_docker_hub else u.name for u in self.upstreams})
+        hosted_firsts = {p.partition("/")[0] for p in self.hosted.repositories} if self.hosted else set()
         for index, rule in enumerate(self.access):
             first = rule.repository.partition("/")[0]
-            if "*" not in first and first not in DOCKER_HUB_ALIASES and first not in known:
+            hosted = first in hosted_firsts or "*" in "".join(hosted_firsts)
+            if "*" not in first and first not in DOCKER_HUB_ALIASES and first not in known and not hosted:
                 raise Problem(
                     f"{first!r} is not a configured upstream (known: {', '.join(known)})", "access", index, "repository"
                 )
             _check_pull(rule.pull, self.auth, self.tls_client_ca is not None, "access", index, "pull")
+            for action in ("push", "delete"):
+                who = getattr(rule, action)
+                if who is not None:
+                    _check_pull(who, self.auth, self.tls_client_ca is not None, "access", index, action)
         if self.auth is not None:
             _check_pull(self.auth.default, self.auth, self.tls_client_ca is not None, "auth", "default")
         return self

@@ -15,8 +15,12 @@ class Code(StrEnum):
     """The OCI distribution-spec error codes pullproxy answers with."""
 
     BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
+    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
     DENIED = "DENIED"
     DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
     MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
     NAME_INVALID = "NAME_INVALID"
     NAME_UNKNOWN = "NAME_UNKNOWN"
@@ -64,6 +68,40 @@ class ManifestUnknown(NotFound):
 
 class BlobUnknown(NotFound):
     code = Code.BLOB_UNKNOWN
+
+
+class BlobUploadUnknown(NotFound):
+    code = Code.BLOB_UPLOAD_UNKNOWN
+
+
+class BlobUploadInvalid(RegistryError):
+    code = Code.BLOB_UPLOAD_INVALID
+
+
+class ManifestBlobUnknown(RegistryError):
+    """A pushed manifest names a blob or child manifest its repository does not hold."""
+
+    code = Code.MANIFEST_BLOB_UNKNOWN
+
+
+class ManifestInvalid(RegistryError):
+    code = Code.MANIFEST_INVALID
+
+
+class TooLarge(RegistryError):
+    """A pushed body larger than this registry takes (a manifest over 4 MiB)."""
+
+    code = Code.SIZE_INVALID
+
+
+class UploadOutOfOrder(RegistryError):
+    """A chunk whose `Content-Range` does not start where the upload stands; `size`: where it stands."""
+
+    code = Code.BLOB_UPLOAD_INVALID
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class RangeUnsatisfiable(RegistryError):

@@ -16,6 +16,7 @@ class Endpoint(StrEnum):
 
     MANIFEST = "manifest"
     BLOB = "blob"
+    UPLOAD = "upload"  # a blob upload to a hosted repository
     TAGS = "tags"
     REFERRERS = "referrers"
     CATALOG = "catalog"
@@ -56,6 +57,8 @@ def classify(path: str) -> Classified:
         endpoint = _SEGMENTS.get(segment)
         if endpoint is not None and len(name) > 4:
             return Classified(endpoint, name[4:], reference)
+        if segment == "uploads" and name.endswith("/blobs") and len(name) > 10:
+            return Classified(Endpoint.UPLOAD, name[4:-6], reference)
         if path == "/v2/":
             return _BASE
         if path == "/v2/_catalog":

@@ -15,7 +15,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import tls
-from proxy.access.policy import Address, Network, Policy, User
+from proxy.access.policy import Action, Address, Network, Policy, User
 from proxy.access.tokens import SERVICE, Grant, InvalidToken, Tokens
 from proxy.access.users import Users
 from proxy.errors import BadRequest, Denied, RegistryError, Unauthorized
@@ -68,24 +68,41 @@ def client_address(peer: str | None, forwarded: Sequence[str], trusted: Sequence
     return address
 
 
-def denied(name: str) -> Denied:
-    return Denied("requested access to the resource is denied", _access_detail(name))
+def denied(name: str, action: Action = Action.PULL) -> Denied:
+    return Denied("requested access to the resource is denied", _access_detail(name, action))
 
 
 def _log_user(request: Request, user: User) -> None:
     record_of(request.scope).user = user.name  # for the access log
 
 
-def _access_detail(name: str | None) -> list[dict[str, str]] | None:
-    return [{"Type": "repository", "Name": name, "Action": "pull"}] if name else None
+def _access_detail(name: str | None, action: Action = Action.PULL) -> list[dict[str, str]] | None:
+    return [{"Type": "repository", "Name": name, "Action": str(action)}] if name else None
+
+
+def _scope_actions(action: Action) -> str:
+    """What a challenge asks a token for: pushing needs pull too (clients check what exists first)."""
+    return "pull,push" if action is Action.PUSH else str(action)
+
+
+def _never_hosted(name: str) -> bool:
+    return False
 
 
 class Gate:
-    def __init__(self, policy: Policy, users: Users, tokens: Tokens, trusted_proxies: Sequence[Network]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        users: Users,
+        tokens: Tokens,
+        trusted_proxies: Sequence[Network],
+        hosted: Callable[[str], bool] = _never_hosted,
+    ) -> None:
         self.policy = policy
         self.users = users
         self.tokens = tokens
         self.trusted_proxies = tuple(trusted_proxies)
+        self.hosted = hosted  # whether a name is a hosted repository's (`[hosted] repositories`)
 
     def address(self, request: Request) -> Address | None:
         peer = request.client.host if request.client else None
@@ -95,7 +112,14 @@ class Gate:
         peer = parse_address(request.client.host) if request.client else None
         return peer is not None and any(peer in network for network in self.trusted_proxies)
 
-    def challenge(self, request: Request, name: str | None, message: str, error: str | None = None) -> Unauthorized:
+    def challenge(
+        self,
+        request: Request,
+        name: str | None,
+        message: str,
+        error: str | None = None,
+        action: Action = Action.PULL,
+    ) -> Unauthorized:
         """401 with the `WWW-Authenticate: Bearer` header that starts a client's token flow."""
         scheme = request.url.scheme
         if self._trusted_peer(request) and request.headers.get("x-forwarded-proto") in ("http", "https"):
@@ -110,10 +134,10 @@ class Gate:
             realm += "?" + urlencode({"ns": ns})
         header = f'Bearer realm="{realm}",service="{SERVICE}"'
         if name:
-            header += f',scope="repository:{name}:pull"'
+            header += f',scope="repository:{name}:{_scope_actions(action)}"'
         if error:
             header += f',error="{error}"'
-        return Unauthorized(message, _access_detail(name), header)
+        return Unauthorized(message, _access_detail(name, action), header)
 
     async def basic_user(self, request: Request, value: str) -> User | None:
         try:
@@ -138,7 +162,7 @@ class Gate:
         _log_user(request, user)
         return user
 
-    async def caller(self, request: Request, name: str | None = None) -> Caller:
+    async def caller(self, request: Request, name: str | None = None, action: Action = Action.PULL) -> Caller:
         """Who presented what; 401 when the credentials are wrong (`name` goes into the challenge).
 
         Credentials in the request win over a client certificate, which stands for its holder otherwise.
@@ -152,19 +176,19 @@ class Gate:
         if scheme == "basic":
             user = await self.basic_user(request, value.strip())
             if user is None:
-                raise self.challenge(request, name, "incorrect username or password")
+                raise self.challenge(request, name, "incorrect username or password", action=action)
             return Caller(user)
         if scheme == "bearer":
             try:
                 grant = self.tokens.verify(value.strip())
             except InvalidToken:
-                raise self.challenge(request, name, "invalid or expired token", "invalid_token") from None
+                raise self.challenge(request, name, "invalid or expired token", "invalid_token", action) from None
             if grant.subject is None:
                 return Caller(None, grant)
             user = self.users.user(grant.subject)
             _log_user(request, user)
             return Caller(user, grant)
-        raise self.challenge(request, name, f"unsupported authorization scheme {scheme!r}")
+        raise self.challenge(request, name, f"unsupported authorization scheme {scheme!r}", action=action)
 
     async def authorize(self, request: Request, route: Route) -> None:
         """Raise 401 or 403 unless the caller may pull from `route`'s repository."""
@@ -186,6 +210,27 @@ class Gate:
             raise self.challenge(request, name, "authentication required")
         if not rule.admits(caller.user):
             raise denied(name)
+
+    async def authorize_hosted(self, request: Request, name: str, action: Action) -> None:
+        """Raise 401 or 403 unless the caller may do `action` on the hosted repository `name`.
+
+        A hosted repository's full name is its name as pushed; a rule's networks admit pulls only.
+        """
+        rule = self.policy.rule_for(name)
+        if rule.admits(None, action) or (action is Action.PULL and rule.trusts(self.address(request))):
+            return
+        caller = await self.caller(request, name, action)
+        if caller.grant is not None:
+            if caller.grant.allows(name, str(action)):
+                return
+            if caller.user is None or rule.admits(caller.user, action):
+                message = f"the token does not grant {action} on {name}"
+                raise self.challenge(request, name, message, "insufficient_scope", action)
+            raise denied(name, action)
+        if caller.user is None:
+            raise self.challenge(request, name, "authentication required", action=action)
+        if not rule.admits(caller.user, action):
+            raise denied(name, action)
 
     async def check_base(self, request: Request) -> None:
         """`/v2/`: registries answer 401 to a caller without credentials, which starts the token flow."""
@@ -218,17 +263,27 @@ async def token(request: Request) -> Response:
     account = request.query_params.get("account")
     if user is not None and account and account != user.name:
         raise Unauthorized("account does not match the credentials")
-    granted: set[str] = set()
+    granted: dict[str, set[str]] = {}
     ns = request.query_params.get("ns")
     for scope in (s for value in request.query_params.getlist("scope") for s in value.split()):
         kind, _, rest = scope.partition(":")
         name, _, actions = rest.rpartition(":")
-        if kind != "repository" or not {"pull", "*"} & set(actions.split(",")):
+        wanted = set(actions.split(","))
+        if kind != "repository":
             continue
-        try:
-            full = route_name(router.route(name, ns))
-        except RegistryError:  # not a name this mirror serves
-            continue
-        if gate.policy.rule_for(full).admits(user):
-            granted.add(full)
+        if gate.hosted(name):  # pushed as named: push and delete too
+            full = name
+            asked = [a for a in Action if str(a) in wanted or "*" in wanted]
+        else:
+            if not {"pull", "*"} & wanted:
+                continue
+            try:
+                full = route_name(router.route(name, ns))
+            except RegistryError:  # not a name this mirror serves
+                continue
+            asked = [Action.PULL]
+        rule = gate.policy.rule_for(full)
+        allowed = {str(action) for action in asked if rule.admits(user, action)}
+        if allowed:
+            granted.setdefault(full, set()).update(allowed)
     return JSONResponse(gate.tokens.issue(user.name if user else None, granted))

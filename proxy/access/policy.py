@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from typing import Protocol
 
@@ -24,6 +25,14 @@ AUTHENTICATED = "authenticated"
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Pull = str | tuple[str, ...]  # ANYONE, AUTHENTICATED, or user names and "group:<name>"
+
+
+class Action(StrEnum):
+    """What a caller asks to do with a repository, as token scopes name it."""
+
+    PULL = "pull"
+    PUSH = "push"
+    DELETE = "delete"
 
 
 class RuleConfig(Protocol):
@@ -37,6 +46,12 @@ class RuleConfig(Protocol):
 
     @property
     def networks(self) -> tuple[Network, ...]: ...
+
+    @property
+    def push(self) -> Pull | None: ...
+
+    @property
+    def delete(self) -> Pull | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +84,26 @@ class Rule:
     regex: re.Pattern[str]
     pull: Pull
     networks: tuple[Network, ...] = ()
+    push: Pull = ()
+    delete: Pull = ()
 
     @property
     def public(self) -> bool:
         return self.pull == ANYONE
 
-    def admits(self, user: User | None) -> bool:
-        """Whether `user` (None: anonymous) may pull, credentials being what counts."""
-        if self.pull == ANYONE:
+    def who(self, action: Action) -> Pull:
+        return self.pull if action is Action.PULL else self.push if action is Action.PUSH else self.delete
+
+    def admits(self, user: User | None, action: Action = Action.PULL) -> bool:
+        """Whether `user` (None: anonymous) may do `action`, credentials being what counts."""
+        who = self.who(action)
+        if who == ANYONE:
             return True
         if user is None:
             return False
-        if self.pull == AUTHENTICATED:
+        if who == AUTHENTICATED:
             return True
-        return user.name in self.pull or any(f"group:{group}" in self.pull for group in user.groups)
+        return user.name in who or any(f"group:{group}" in who for group in user.groups)
 
     def trusts(self, address: Address | None) -> bool:
         """Whether a client at `address` gets this rule's access without credentials."""
@@ -90,9 +111,21 @@ class Rule:
 
 
 class Policy:
-    def __init__(self, rules: Sequence[RuleConfig], default: Pull) -> None:
-        self.rules = [Rule(r.repository, compile_glob(r.repository), r.pull, r.networks) for r in rules]
-        self.default = Rule("(default)", compile_glob("**"), default)
+    """`writers`: who may push and delete where a rule does not say (anyone without `[auth]`, else nobody)."""
+
+    def __init__(self, rules: Sequence[RuleConfig], default: Pull, writers: Pull = ()) -> None:
+        self.rules = [
+            Rule(
+                r.repository,
+                compile_glob(r.repository),
+                r.pull,
+                r.networks,
+                writers if writers == ANYONE or r.push is None else r.push,
+                writers if writers == ANYONE or r.delete is None else r.delete,
+            )
+            for r in rules
+        ]
+        self.default = Rule("(default)", compile_glob("**"), default, (), writers, writers)
         self.open = self.default.public and all(rule.public for rule in self.rules)
         self.rule_for = lru_cache(maxsize=8192)(self._first_match)
 

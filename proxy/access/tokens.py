@@ -12,8 +12,8 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,7 +31,11 @@ class InvalidToken(Exception):
 @dataclass(frozen=True, slots=True)
 class Grant:
     subject: str | None  # the user's name; None for a token handed out anonymously
-    repositories: frozenset[str]
+    repositories: frozenset[str]  # those it may pull
+    actions: Mapping[str, frozenset[str]] = field(default_factory=dict)  # every action, by repository
+
+    def allows(self, name: str, action: str) -> bool:
+        return action in self.actions.get(name, ()) or (action == "pull" and name in self.repositories)
 
 
 class Tokens:
@@ -39,9 +43,18 @@ class Tokens:
         self._key = key
         self.ttl = int(ttl)
 
-    def issue(self, subject: str | None, repositories: Iterable[str]) -> dict[str, object]:
-        """The `/token` answer: the token (twice, as clients read either field), its lifetime."""
+    def issue(
+        self, subject: str | None, repositories: Iterable[str] | Mapping[str, Iterable[str]]
+    ) -> dict[str, object]:
+        """The `/token` answer: the token (twice, as clients read either field), its lifetime.
+
+        `repositories`: names to pull, or the actions granted by name (pull, push, delete).
+        """
         now = int(time.time())
+        if isinstance(repositories, Mapping):
+            granted = {name: sorted(set(actions)) for name, actions in repositories.items()}
+        else:
+            granted = {name: ["pull"] for name in repositories}
         claims = {
             "iss": SERVICE,
             "aud": SERVICE,
@@ -49,7 +62,9 @@ class Tokens:
             "iat": now,
             "exp": now + self.ttl,
             "jti": secrets.token_hex(8),
-            "access": [{"type": "repository", "name": name, "actions": ["pull"]} for name in sorted(repositories)],
+            "access": [
+                {"type": "repository", "name": name, "actions": actions} for name, actions in sorted(granted.items())
+            ],
         }
         token = jwt.encode(claims, self._key, algorithm=_ALGORITHM)
         issued = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
@@ -65,14 +80,15 @@ class Tokens:
                 issuer=SERVICE,
                 options={"require": ["exp", "iat", "aud", "iss", "sub"]},
             )
-            repositories = frozenset(
-                entry["name"]
+            actions = {
+                str(entry["name"]): frozenset(str(a) for a in entry.get("actions", []))
                 for entry in claims.get("access", [])
-                if entry.get("type") == "repository" and "pull" in entry.get("actions", [])
-            )
+                if entry.get("type") == "repository"
+            }
         except (jwt.InvalidTokenError, AttributeError, KeyError, TypeError) as exc:
             raise InvalidToken(str(exc)) from None
-        return Grant(claims["sub"] or None, repositories)
+        repositories = frozenset(name for name, granted in actions.items() if "pull" in granted)
+        return Grant(claims["sub"] or None, repositories, actions)
 
 
 def load_or_create_key(directory: Path) -> bytes:

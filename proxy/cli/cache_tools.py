@@ -72,6 +72,10 @@ def du(config: Config) -> int:
     print(f"pinned      {format_size(sum(e.size for e in pinned))} in {len(pinned)}")
     print(f"downloads   {format_size(inventory.directory_size(config.cache_dir / 'partial'))} in progress")
     print(f"metadata    {format_size(inventory.directory_size(config.cache_dir / 'meta'))} (tags)")
+    if config.hosted is not None:
+        hosted = config.cache_dir / "hosted"
+        used = inventory.directory_size(hosted) if hosted.exists() else 0
+        print(f"hosted      {format_size(used)} of {format_size(config.hosted.max_size)} (pushed, never evicted)")
     return 0
 
 

@@ -15,6 +15,7 @@ from proxy import config as configuration
 from proxy import errors, references, tls
 from proxy.cli import cache_tools as cli_cache
 from proxy.cli import images as cli_images
+from proxy.hosted import gc as hosted_gc
 from proxy.http import server
 from proxy.http.app import CONFIG_ENV, create_app
 from proxy.ops import logs, metrics
@@ -105,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_parser(
         "verify", parents=[common], help="re-hash everything, remove what is corrupt (exit 1 if any)"
     ).set_defaults(run=lambda a, c: cli_cache.verify(c))
+
+    gc = commands.add_parser("gc", parents=[common], help="remove hosted blobs no repository references")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.set_defaults(run=lambda a, c: hosted_gc.command(c, a.dry_run))
     return parser
 
 

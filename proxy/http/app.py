@@ -23,10 +23,11 @@ from cache.storage import ContentStore
 from proxy import config as configuration
 from proxy import errors
 from proxy.access.gate import Gate
-from proxy.access.policy import Policy
+from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
+from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
 from proxy.http.registry import routes
 from proxy.images import pinning
@@ -88,12 +89,16 @@ def create_app(
             app.state.activity = activity
             app.state.probe = health.CacheProbe(store.partial_dir)
             app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
-            app.state.gate = await _gate(config)
+            hosted = await _open_hosted(config, store)
+            app.state.hosted = hosted
+            app.state.gate = await _gate(config, hosted)
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()
             tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
             if config.pins and config.pin_refresh > 0:
                 tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
+            if hosted is not None:
+                tasks.append(asyncio.create_task(_collect_garbage(hosted)))
             log.info(
                 "serving",
                 cache=str(config.cache_dir),
@@ -105,6 +110,8 @@ def create_app(
             finally:
                 for task in tasks:
                     task.cancel()
+                if hosted is not None:
+                    await to_thread.run_sync(hosted.close)
                 metrics.worker_stopped()
 
     return Starlette(
@@ -120,15 +127,42 @@ def create_app(
     )
 
 
-async def _gate(config: configuration.Config) -> Gate:
+async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
+    """`[hosted]`'s repositories in `<cache dir>/hosted`; None without `[hosted]` (the mirror stays read-only)."""
+    if config.hosted is None:
+        return None
+    return await to_thread.run_sync(HostedRepositories, config.hosted, config.cache_dir / "hosted", store.find_blob)
+
+
+async def _collect_garbage(hosted: HostedRepositories) -> None:
+    """Every `upload_ttl` (at least a minute): drop expired uploads and blobs nothing references."""
+    while True:
+        await asyncio.sleep(max(hosted.config.upload_ttl, 60.0))
+        try:
+            collected = await to_thread.run_sync(hosted.collect)
+            if collected.blobs or collected.unlinked or collected.uploads:
+                log.info(
+                    "hosted garbage collected",
+                    unlinked=collected.unlinked,
+                    blobs=collected.blobs,
+                    bytes=collected.bytes,
+                    uploads=collected.uploads,
+                )
+        except Exception:
+            log.exception("hosted garbage collection failed")
+
+
+async def _gate(config: configuration.Config, hosted: HostedRepositories | None = None) -> Gate:
     auth = config.auth or configuration.AuthConfig()
     users = Users(auth.users, auth.htpasswd, LoginThrottle())
     await users.load()
     key = auth.token_key
     if key is None:
         key = await to_thread.run_sync(load_or_create_key, config.cache_dir)
-    policy = Policy(config.access, config.default_pull)
-    return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
+    policy = Policy(config.access, config.default_pull, ANYONE if config.auth is None else ())
+    if hosted is None:
+        return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies)
+    return Gate(policy, users, Tokens(key, auth.token_ttl), config.trusted_proxies, hosted.names.matches)
 
 
 def _remove_stale_partials(directory: Path) -> None:

@@ -15,6 +15,11 @@ _STATUS: dict[type[errors.RegistryError], int] = {
     errors.DigestInvalid: 400,
     errors.PaginationInvalid: 400,
     errors.BadRequest: 400,
+    errors.BlobUploadInvalid: 400,
+    errors.ManifestBlobUnknown: 400,
+    errors.ManifestInvalid: 400,
+    errors.TooLarge: 413,
+    errors.UploadOutOfOrder: 416,
     errors.Unauthorized: 401,
     errors.Denied: 403,
     errors.NotFound: 404,
@@ -46,6 +51,8 @@ def error_response(error: errors.RegistryError) -> Response:
         headers["WWW-Authenticate"] = error.challenge
     if isinstance(error, errors.Unavailable) and error.retry_after:
         headers["Retry-After"] = error.retry_after
+    if isinstance(error, errors.UploadOutOfOrder):
+        headers["Range"] = f"0-{max(error.size - 1, 0)}"
     if isinstance(error, errors.RangeUnsatisfiable) and error.size is not None:
         headers["Content-Range"] = f"bytes */{error.size}"
     return Response(json.dumps(body).encode(), status_of(error), headers, media_type="application/json")

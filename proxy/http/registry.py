@@ -18,6 +18,7 @@ from cache.mediatypes import OCI_INDEX
 from proxy import errors, references
 from proxy.access.gate import Gate, token
 from proxy.access.policy import full_name
+from proxy.http import push
 from proxy.http.edge import API_VERSION
 from proxy.http.multipart import RangesResponse
 from proxy.http.ranges import Refusal, one_range, parse_ranges
@@ -192,6 +193,7 @@ async def catalog(request: Request) -> Response:
         for upstream, repo in await _mirror(request).tags.repositories()
         if gate.policy.allows(full_name(upstream, repo), caller.user, address)
     )
+    names = sorted({*names, *await push.catalog_names(request, caller.user, address)})
     if last is not None:
         names = [name for name in names if name > last]
     headers = dict(API_VERSION)
@@ -214,9 +216,13 @@ routes = [
     Route("/token", token, methods=["GET"]),
     Route("/v2/", base, methods=READ),
     Route("/v2/_catalog", catalog, methods=READ),
-    Route("/v2/{name:path}/manifests/{reference}", manifest, methods=READ),
-    Route("/v2/{name:path}/blobs/{digest}", blob, methods=READ),
-    Route("/v2/{name:path}/tags/list", tags, methods=READ),
-    Route("/v2/{name:path}/referrers/{digest}", referrers, methods=READ),
+    Route("/v2/{name:path}/blobs/uploads/", push.start_upload, methods=["POST"]),
+    Route("/v2/{name:path}/blobs/uploads/{upload}", push.upload, methods=[*READ, "PATCH", "PUT", "DELETE"]),
+    Route("/v2/{name:path}/manifests/{reference}", push.hosted_or(manifest, push.manifest), methods=READ),
+    Route("/v2/{name:path}/blobs/{digest}", push.hosted_or(blob, push.blob), methods=READ),
+    Route("/v2/{name:path}/tags/list", push.hosted_or(tags, push.tags), methods=READ),
+    Route("/v2/{name:path}/referrers/{digest}", push.hosted_or(referrers, push.referrers), methods=READ),
+    Route("/v2/{name:path}/manifests/{reference}", push.write_manifest, methods=["PUT", "DELETE"]),
+    Route("/v2/{name:path}/blobs/{digest}", push.delete_blob, methods=["DELETE"]),
     Route("/v2/{rest:path}", read_only, methods=WRITE),
 ]

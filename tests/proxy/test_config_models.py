@@ -257,7 +257,10 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("listen = '1:2'\n", "(top level).listen: unknown key (known: access, auth, cache, pin, server, upstream)"),
+        (
+            "listen = '1:2'\n",
+            "(top level).listen: unknown key (known: access, auth, cache, hosted, pin, server, upstream)",
+        ),
         (
             "[server]\nport = 1\n",
             "server.port: unknown key (known: header_timeout, listen, log_format, max_connections,"

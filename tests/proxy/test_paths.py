@@ -24,6 +24,9 @@ DIGEST = "sha256:" + "a" * 64
         ("/", (Endpoint.OTHER, "", "")),
         ("/metrics", (Endpoint.OTHER, "", "")),
         ("/v2/acme/app/uploads/1", (Endpoint.OTHER, "", "")),
+        ("/v2/acme/app/blobs/uploads/", (Endpoint.UPLOAD, "acme/app", "")),
+        ("/v2/acme/app/blobs/uploads/" + "0" * 32, (Endpoint.UPLOAD, "acme/app", "0" * 32)),
+        ("/v2/blobs/uploads/x", (Endpoint.OTHER, "", "")),  # no repository before the segment
         ("/v2/manifests/1", (Endpoint.OTHER, "", "")),  # no repository before the segment
     ],
 )
@@ -37,7 +40,7 @@ def test_a_repository_named_like_a_segment_is_taken_apart_from_the_right() -> No
 
 
 def test_endpoints_are_the_route_labels_of_the_request_metrics() -> None:
-    labels = {"manifest", "blob", "tags", "referrers", "catalog", "base", "token", "other"}
+    labels = {"manifest", "blob", "upload", "tags", "referrers", "catalog", "base", "token", "other"}
     assert {str(endpoint) for endpoint in Endpoint} == labels
     classified = classify("/v2/acme/app/manifests/1")
     assert classified.endpoint is Endpoint.MANIFEST and str(classified.endpoint) == "manifest"

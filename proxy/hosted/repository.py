@@ -1,0 +1,389 @@
+"""`HostedRepositories`: what clients push, kept in a content store of its own and an `Index`.
+
+The blobs live in a `DiskContentStore` of their own (`<cache dir>/hosted/content`) whose size
+limit is never reached, so nothing hosted is ever evicted: the cache's store could pin them,
+but its pins are replaced wholesale by `[[pin]]` refreshes and count against `[cache]
+max_size`, while hosted content has its own limit (`[hosted] max_size`). Manifests, tags and
+links are rows of the `Index`. Every method blocks (disk, SQLite, hashing): call it in a thread.
+
+A blob pushed while the cache holds it is stored once: the hosted store takes a hard link to
+the cache's verified file instead of the uploaded copy, so the bytes survive the cache's eviction.
+
+A blob becomes visible only after it was uploaded whole, its digest verified, flushed and
+renamed into the store and linked in one transaction; a crash before the link leaves a file
+nothing names, which `gc` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cache import digests
+from cache import manifests as walker
+from cache.mediatypes import OCI_INDEX
+from cache.storage import BlobFile
+from cache.store import DiskContentStore
+from proxy import errors, references
+from proxy.config import Hosted
+from proxy.hosted.index import Index, StoredManifest
+from proxy.hosted.names import HostedNames
+
+MAX_MANIFEST = 4 << 20
+_UNBOUNDED = 1 << 62  # the content store's limit: hosted content is bounded by the quota, never evicted
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch
+_HASH_READ = 1 << 20
+
+
+class Quota(StrEnum):
+    REPOSITORIES = "max_repositories"
+    SIZE = "max_size"
+    MANIFESTS = "max_manifests_per_repository"
+
+
+def quota_exceeded(quota: Quota, limit: int, use: int) -> errors.Denied:
+    return errors.Denied(
+        f"[hosted] {quota} exceeded: the limit is {limit}, {use} in use",
+        {"quota": str(quota), "limit": limit, "use": use},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    digest: str
+    subject: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What a garbage collection removed (or, dry, would remove)."""
+
+    unlinked: int  # links of blobs no manifest of their repository names, older than `upload_ttl`
+    blobs: int  # blobs no repository links
+    bytes: int
+    uploads: int  # abandoned uploads
+
+
+def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
+    return errors.BlobUploadUnknown(f"blob upload {upload[:64]!r} is unknown (finished, cancelled or expired)")
+
+
+class HostedRepositories:
+    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once."""
+
+    def __init__(self, config: Hosted, directory: Path, cached: Callable[[str], BlobFile | None] | None = None) -> None:
+        self.config = config
+        self._cached = cached
+        self.names = HostedNames(config.repositories)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir = directory / "uploads"
+        self.uploads_dir.mkdir(exist_ok=True)
+        self.content = DiskContentStore(directory, _UNBOUNDED)
+        try:
+            self.index = Index(directory / "index.sqlite")
+        except BaseException:
+            self.content.close()
+            raise
+
+    def close(self) -> None:
+        self.index.close()
+        self.content.close()
+
+    # -- quotas ------------------------------------------------------------------------
+
+    def in_use(self) -> int:
+        """Bytes of hosted blobs, manifests and uploads in progress (not the index's own pages)."""
+        uploading = 0
+        for entry in os.scandir(self.uploads_dir):
+            try:
+                uploading += entry.stat().st_size
+            except OSError:
+                continue
+        return self.index.blob_volume() + self.index.manifest_volume() + uploading
+
+    def check_room(self, more: int, in_use: int | None = None) -> None:
+        use = self.in_use() if in_use is None else in_use
+        if use + more > self.config.max_size:
+            raise quota_exceeded(Quota.SIZE, self.config.max_size, use)
+
+    def check_repository(self, repo: str) -> None:
+        if self.index.has_repository(repo):
+            return
+        count = self.index.repository_count()
+        if count >= self.config.max_repositories:
+            raise quota_exceeded(Quota.REPOSITORIES, self.config.max_repositories, count)
+
+    # -- uploads -----------------------------------------------------------------------
+
+    def start_upload(self, repo: str) -> str:
+        self.sweep_uploads()
+        self.check_repository(repo)
+        upload = uuid.uuid4().hex
+        (self.uploads_dir / upload).touch()
+        self.index.add_upload(upload, repo)
+        return upload
+
+    def upload_path(self, repo: str, upload: str) -> Path:
+        """The file of an upload to `repo` in progress; BLOB_UPLOAD_UNKNOWN otherwise."""
+        if not _UPLOAD_ID.fullmatch(upload) or self.index.upload_repository(upload) != repo:
+            raise upload_unknown(upload)
+        path = self.uploads_dir / upload
+        if not path.exists():
+            raise upload_unknown(upload)
+        return path
+
+    def cancel_upload(self, repo: str, upload: str) -> None:
+        path = self.upload_path(repo, upload)
+        self._drop_upload(upload, path)
+
+    def _drop_upload(self, upload: str, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.index.remove_upload(upload)
+
+    def complete_upload(self, repo: str, upload: str, digest: str) -> int:
+        """Verify the upload's bytes against `digest` and store and link them; DIGEST_INVALID keeps nothing."""
+        path = self.upload_path(repo, upload)
+        try:
+            check = digests.Check(digest)
+        except digests.InvalidDigest:
+            self._drop_upload(upload, path)
+            raise errors.digest_invalid(digest) from None
+        size = 0
+        with open(path, "rb") as staged:
+            while chunk := staged.read(_HASH_READ):
+                check.update(chunk)
+                size += len(chunk)
+        if not check.matches():
+            self._drop_upload(upload, path)
+            raise errors.DigestInvalid(
+                f"the uploaded bytes have digest {check.actual}, not {digest}", {"digest": digest}
+            )
+        with self.index.write():  # no garbage collection between storing and linking
+            try:
+                self.check_repository(repo)  # again: another upload may have made the last repository meanwhile
+            except errors.Denied:
+                self._drop_upload(upload, path)
+                raise
+            if self.content.has_blob(digest):
+                path.unlink()  # stored once
+            else:
+                self.content.put_blob(digest, self._shared(digest, size, path), size)
+            self.index.link_blob(repo, digest, size)
+            self.index.remove_upload(upload)
+        return size
+
+    def _shared(self, digest: str, size: int, uploaded: Path) -> Path:
+        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`."""
+        found = self._cached(digest) if self._cached is not None else None
+        if found is None or found.size != size:
+            return uploaded
+        link = uploaded.with_name(uploaded.name + ".cached")
+        try:
+            os.link(found.path, link)
+        except OSError:  # evicted meanwhile, or another filesystem
+            return uploaded
+        uploaded.unlink()
+        return link
+
+    def sweep_uploads(self, dry_run: bool = False) -> int:
+        """Drop uploads older than `upload_ttl` (and files a crash left without a record); how many."""
+        cutoff = time.time() - self.config.upload_ttl
+        dropped = 0
+        known = set()
+        for upload, started in self.index.uploads():
+            known.add(upload)
+            if started < cutoff:
+                if not dry_run:
+                    self._drop_upload(upload, self.uploads_dir / upload)
+                dropped += 1
+        for entry in os.scandir(self.uploads_dir):
+            try:
+                # ctime: a hard link just made to an old cached file has an old mtime but a new ctime
+                if entry.name not in known and entry.stat().st_ctime < cutoff:
+                    if not dry_run:
+                        os.unlink(entry.path)
+                    dropped += 1
+            except OSError:
+                continue
+        return dropped
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def mount(self, repo: str, source: str, digest: str) -> int | None:
+        """Link `source`'s blob into `repo`; None if `source` does not hold it."""
+        with self.index.write():
+            size = self.index.blob_size(source, digest)
+            if size is None or not self.content.has_blob(digest):
+                return None
+            self.check_repository(repo)
+            self.index.link_blob(repo, digest, size)
+            return size
+
+    def adopt(self, repo: str, digest: str) -> int | None:
+        """Link the cache's verified blob into `repo` (a mount from a cached repository); None if not cached."""
+        with self.index.write():
+            if not self.content.has_blob(digest):
+                found = self._cached(digest) if self._cached is not None else None
+                if found is None:
+                    return None
+                self.check_repository(repo)
+                self.check_room(found.size)
+                link = self.uploads_dir / f"{uuid.uuid4().hex}.cached"
+                try:
+                    os.link(found.path, link)
+                except OSError:
+                    return None
+                self.content.put_blob(digest, link, found.size)
+            stored = self.content.find_blob(digest)
+            if stored is None:
+                return None
+            self.check_repository(repo)
+            self.index.link_blob(repo, digest, stored.size)
+            return stored.size
+
+    def blob_size(self, repo: str, digest: str) -> int | None:
+        return self.index.blob_size(repo, digest)
+
+    def blob_file(self, repo: str, digest: str) -> BlobFile | None:
+        if self.index.blob_size(repo, digest) is None:
+            return None
+        return self.content.find_blob(digest)
+
+    def delete_blob(self, repo: str, digest: str) -> bool:
+        return self.index.unlink_blob(repo, digest)
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def put_manifest(self, repo: str, reference: str, content_type: str | None, body: bytes) -> Pushed:
+        if len(body) > MAX_MANIFEST:
+            raise errors.TooLarge(f"a manifest may be at most {MAX_MANIFEST} bytes")
+        tag = None if digests.is_digest(reference) else reference
+        if tag is not None and not references.valid_tag(tag):
+            raise errors.ManifestInvalid(f"{tag[:200]!r} is not a valid tag", {"tag": tag[:200]})
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise errors.ManifestInvalid("the manifest is not a JSON object")
+        media_type = (content_type or "").split(";")[0].strip() or parsed.get("mediaType")
+        if not isinstance(media_type, str) or not media_type:
+            raise errors.ManifestInvalid("the manifest's media type is unknown: send it as Content-Type")
+        if tag is None:
+            try:
+                digests.parse(reference)
+            except digests.InvalidDigest:
+                raise errors.digest_invalid(reference) from None
+            if not digests.matches(reference, body):
+                raise errors.DigestInvalid(f"the manifest's digest is not {reference}", {"digest": reference})
+            digest = reference
+        else:
+            digest = digests.of(body)
+        subject = _subject(parsed)
+        refs = walker.refs(body)
+        stored = StoredManifest(digest, media_type, body, _artifact_type(parsed))
+        with self.index.write():
+            for blob in refs.blobs:
+                if self.index.blob_size(repo, blob.digest) is None:
+                    raise _blob_unknown(blob.digest)
+            for child in refs.manifests:
+                if not self.index.has_manifest(repo, child.digest):
+                    raise _blob_unknown(child.digest)
+            if not self.index.has_manifest(repo, digest):
+                self.check_repository(repo)
+                count = self.index.manifest_count(repo)
+                if count >= self.config.max_manifests_per_repository:
+                    raise quota_exceeded(Quota.MANIFESTS, self.config.max_manifests_per_repository, count)
+                self.check_room(len(body))
+            named = [d.digest for d in refs.blobs] + [d.digest for d in refs.manifests]
+            self.index.put_manifest(repo, stored, subject, named, tag)
+        return Pushed(digest, subject)
+
+    def manifest(self, repo: str, reference: str) -> StoredManifest | None:
+        return self.index.manifest(repo, reference)
+
+    def delete_manifest(self, repo: str, reference: str) -> bool:
+        """By digest: the manifest and its tags; by tag: the tag only."""
+        if digests.is_digest(reference):
+            return self.index.delete_manifest(repo, reference)
+        return self.index.delete_tag(repo, reference)
+
+    def tags(self, repo: str) -> list[str] | None:
+        """None: no such hosted repository."""
+        if not self.index.has_repository(repo):
+            return None
+        return self.index.tags(repo)
+
+    def referrers(self, repo: str, digest: str) -> bytes:
+        entries = []
+        for found in self.index.referrers(repo, digest):
+            entry: dict[str, Any] = {"mediaType": found.media_type, "digest": found.digest, "size": len(found.body)}
+            if found.artifact_type:
+                entry["artifactType"] = found.artifact_type
+            annotations = json.loads(found.body).get("annotations")
+            if isinstance(annotations, dict) and annotations:
+                entry["annotations"] = annotations
+            entries.append(entry)
+        return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+
+    def repositories(self) -> list[str]:
+        return self.index.repositories()
+
+    # -- garbage collection ------------------------------------------------------------
+
+    def collect(self, dry_run: bool = False) -> Collected:
+        """Drop abandoned uploads, links no manifest needs (older than `upload_ttl`), and unlinked blobs.
+
+        Online and safe: it holds the index's write lock, so no upload is linked and no
+        manifest checked against its blobs meanwhile.
+        """
+        uploads = self.sweep_uploads(dry_run)
+        with self.index.write():
+            stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl)
+            if not dry_run:
+                for repo, digest in stale:
+                    self.index.unlink_blob(repo, digest)
+                linked = self.index.linked_digests()
+            else:
+                still = {(r, d) for r, d in stale}
+                linked = {d for r, d in self._all_links() if (r, d) not in still}
+            removed = freed = 0
+            for entry in self.content.entries():
+                if entry.is_manifest or entry.digest in linked:
+                    continue
+                if dry_run or self.content.remove(entry.key):
+                    removed += 1
+                    freed += entry.size
+        return Collected(len(stale), removed, freed, uploads)
+
+    def _all_links(self) -> list[tuple[str, str]]:
+        return self.index.unreferenced_links(float("inf")) + self.index.referenced_links()
+
+
+def _blob_unknown(digest: str) -> errors.ManifestBlobUnknown:
+    return errors.ManifestBlobUnknown(f"blob {digest} is not in the repository", {"digest": digest})
+
+
+def _subject(parsed: dict[str, Any]) -> str | None:
+    subject = parsed.get("subject")
+    if isinstance(subject, dict) and isinstance(subject.get("digest"), str) and walker.valid_digest(subject["digest"]):
+        return str(subject["digest"])
+    return None
+
+
+def _artifact_type(parsed: dict[str, Any]) -> str | None:
+    value = parsed.get("artifactType")
+    if isinstance(value, str) and value:
+        return value
+    config = parsed.get("config")
+    if isinstance(config, dict) and isinstance(config.get("mediaType"), str):
+        return str(config["mediaType"])
+    return None

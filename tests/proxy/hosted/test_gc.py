@@ -1,0 +1,150 @@
+"""Garbage collection and expiry of hosted content, on `HostedRepositories` itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cache.mediatypes import OCI_MANIFEST
+from proxy.config import Hosted
+from proxy.hosted import repository
+from proxy.hosted.repository import HostedRepositories
+from tests.support.proxy import REPO_ROOT
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def hosted(tmp_path: Path) -> Iterator[HostedRepositories]:
+    store = HostedRepositories(Hosted(repositories=("acme/**",), upload_ttl="1h"), tmp_path / "hosted")
+    yield store
+    store.close()
+
+
+def upload(hosted: HostedRepositories, repo: str, data: bytes) -> str:
+    upload = hosted.start_upload(repo)
+    hosted.upload_path(repo, upload).write_bytes(data)
+    hosted.complete_upload(repo, upload, sha(data))
+    return sha(data)
+
+
+def manifest_of(layer: bytes) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": sha(layer), "size": len(layer)}],
+        }
+    ).encode()
+
+
+def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    now = time.time() + seconds
+    monkeypatch.setattr(repository.time, "time", lambda: now)
+
+
+def test_gc_removes_only_blobs_no_manifest_references_once_older_than_upload_ttl(
+    hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(hosted, "acme/app", b"{}")
+    used = upload(hosted, "acme/app", b"used")
+    unused = upload(hosted, "acme/app", b"unused")
+    hosted.put_manifest("acme/app", "v1", OCI_MANIFEST, manifest_of(b"used"))
+    fresh = hosted.collect()
+    assert (fresh.unlinked, fresh.blobs) == (0, 0)  # a blob pushed before its manifest is not collected
+    later(monkeypatch, 7200)
+    dry = hosted.collect(dry_run=True)
+    assert (dry.unlinked, dry.blobs, dry.bytes) == (1, 1, len(b"unused"))
+    assert hosted.blob_file("acme/app", unused) is not None
+    done = hosted.collect()
+    assert (done.unlinked, done.blobs) == (1, 1)
+    assert hosted.blob_file("acme/app", unused) is None
+    assert hosted.content.find_blob(unused) is None
+    assert hosted.blob_file("acme/app", used) is not None
+    manifest = hosted.manifest("acme/app", "v1")
+    assert manifest is not None
+    hosted.delete_manifest("acme/app", manifest.digest)
+    assert hosted.collect().blobs == 2  # its layer and config
+    assert hosted.content.find_blob(used) is None
+
+
+def test_a_blob_another_repository_references_is_kept(
+    hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for repo in ("acme/a", "acme/b"):
+        upload(hosted, repo, b"{}")
+        upload(hosted, repo, b"shared")
+    hosted.put_manifest("acme/b", "v1", OCI_MANIFEST, manifest_of(b"shared"))
+    later(monkeypatch, 7200)
+    collected = hosted.collect()
+    assert (collected.unlinked, collected.blobs) == (2, 0)  # acme/a's links; the bytes stay for acme/b
+    assert hosted.blob_file("acme/b", sha(b"shared")) is not None
+    assert hosted.blob_file("acme/a", sha(b"shared")) is None
+
+
+def test_a_stored_blob_nothing_links_is_removed(hosted: HostedRepositories, tmp_path: Path) -> None:
+    """What a crash between storing and linking would leave."""
+    staged = hosted.uploads_dir / "orphan"
+    staged.write_bytes(b"orphan")
+    hosted.content.put_blob(sha(b"orphan"), staged, 6)
+    assert hosted.collect().blobs == 1
+    assert hosted.content.find_blob(sha(b"orphan")) is None
+
+
+def test_uploads_older_than_upload_ttl_are_dropped(hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch) -> None:
+    started = hosted.start_upload("acme/app")
+    hosted.upload_path("acme/app", started).write_bytes(b"partial")
+    assert hosted.in_use() >= 7  # uploads in progress count against max_size
+    later(monkeypatch, 3599)
+    assert hosted.sweep_uploads() == 0
+    later(monkeypatch, 3601)
+    assert hosted.collect(dry_run=True).uploads == 1
+    assert hosted.collect().uploads == 1
+    with pytest.raises(repository.errors.BlobUploadUnknown):
+        hosted.upload_path("acme/app", started)
+
+
+def gc(config: Path, *args: str) -> str:
+    argv = [sys.executable, "-m", "proxy", "gc", *args, "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+
+
+def test_gc_command_dry_run_then_real(tmp_path: Path) -> None:
+    config = tmp_path / "pullproxy.toml"
+    config.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n[hosted]\nrepositories = ["acme/**"]\n')
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "cache" / "hosted")
+    staged = store.uploads_dir / "orphan"
+    staged.write_bytes(b"orphan")
+    store.content.put_blob(sha(b"orphan"), staged, 6)
+    store.close()
+    assert "would remove 1 blobs" in gc(config, "--dry-run")
+    assert "removed 1 blobs" in gc(config)
+    assert "removed 0 blobs" in gc(config)
+
+
+def test_cache_du_shows_hosted_content(tmp_path: Path) -> None:
+    config = tmp_path / "pullproxy.toml"
+    config.write_text(
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n[hosted]\nrepositories = ["acme/**"]\nmax_size = "1GiB"\n'
+    )
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "cache" / "hosted")
+    upload(store, "acme/app", b"x" * 100_000)
+    store.close()
+    argv = [sys.executable, "-m", "proxy", "cache", "du", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("hosted"))
+    assert line.endswith("of 1.0 GiB (pushed, never evicted)"), line
+    assert not line.startswith("hosted      0 B"), line
