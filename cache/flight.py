@@ -155,6 +155,20 @@ class Download:
                 return b""
             await self._wait()
 
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        """(fd, count): like `read`, but says where the bytes are in the partial file instead of reading them;
+        the bytes counted are written (in the page cache, for `os.sendfile`)."""
+        while True:
+            written = self._written()
+            available = written if self.committed else max(0, written - 1)
+            if offset < available:
+                return self._fd, min(size, available - offset)
+            if self.error is not None:
+                raise DownloadFailed(str(self.error)) from self.error
+            if self.committed:
+                return self._fd, 0
+            await self._wait()
+
     def acquire(self) -> None:
         self._readers += 1
 
@@ -631,6 +645,9 @@ class DownloadReader:
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self._download.read(offset, size)
+
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        return await self._download.extent(offset, size)
 
     def close(self) -> None:
         if self._open:

@@ -3,7 +3,9 @@ end of a short body.
 
 In-process: the bounded protocol of `proxy.http.server` serves small ASGI apps on a real loopback
 socket, under asyncio's loop and under uvloop (which uvicorn picks, and which has no
-`loop.sendfile`); `os.sendfile` is wrapped to count the bytes that went through it.
+`loop.sendfile`); `os.sendfile` is wrapped to count the bytes that went through it. Then
+`python -m proxy serve` against the fault-injecting upstream: cold followers, warm clients and
+ranges get the exact bytes, and a failed download never ends cleanly.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 import uvloop
@@ -24,6 +28,8 @@ from cache.readers import FileReader
 from proxy.http import sendfile, server
 from proxy.http.responses import BlobResponse
 from proxy.http.sendfile import ZEROCOPY
+from tests.support.faulty import FaultyRegistry
+from tests.support.proxy import Proxy
 
 MIB = 1 << 20
 LOOPS = ("asyncio", "uvloop")
@@ -329,3 +335,62 @@ def test_a_cached_blob_and_its_ranges_are_sent_from_the_file_where_the_server_of
     assert part_clean and part == data[MIB + 1 : 2 * MIB + 3]
     assert headers["content-range"] == f"bytes {MIB + 1}-{2 * MIB + 2}/{len(data)}"
     assert sum(sent_by_sendfile) == (len(whole) + len(part) if protocol == "httptools" else 0)
+
+
+# -- the mirror: cached blobs, and followers of a download in flight --------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[FaultyRegistry]:
+    with FaultyRegistry(tags_page_size=None) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def proxy(faulty: FaultyRegistry) -> Iterator[Proxy]:
+    with Proxy(upstream_url=faulty.url) as running:
+        yield running
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, str | None]:
+    """Status, body, and why the body ended early (None: it ended cleanly)."""
+    body = bytearray()
+    try:
+        with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+            for chunk in response.iter_raw():
+                body += chunk
+            return response.status_code, bytes(body), None
+    except httpx.HTTPError as exc:
+        return 0, bytes(body), repr(exc)
+
+
+def test_followers_of_a_download_in_flight_and_later_clients_get_the_exact_bytes(
+    proxy: Proxy, faulty: FaultyRegistry
+) -> None:
+    _, (_, layer) = faulty.add_image("acme/zerocopy", "v1", layer_sizes=[3 * MIB + 3])
+    data = faulty.blob(layer)
+    faulty.slow(digest=layer, times=1, chunk_size=64 << 10, bytes_per_sec=6 * MIB)  # about half a second
+    url = f"{proxy.url}/v2/acme/zerocopy/blobs/{layer}"
+    ranged = {"Range": f"bytes={MIB}-{2 * MIB}"}
+    with ThreadPoolExecutor(6) as pool:
+        cold = list(pool.map(lambda headers: fetch(url, headers), [None] * 5 + [ranged]))
+    assert cold[:5] == [(200, data, None)] * 5
+    assert cold[5] == (206, data[MIB : 2 * MIB + 1], None)
+    assert faulty.gets(layer) == 1
+    assert fetch(url) == (200, data, None)
+    assert fetch(url, ranged) == (206, data[MIB : 2 * MIB + 1], None)
+    assert fetch(url, {"Range": "bytes=-1"}) == (206, data[-1:], None)
+
+
+def test_followers_of_a_download_that_fails_see_a_broken_body_not_a_clean_end(
+    proxy: Proxy, faulty: FaultyRegistry
+) -> None:
+    _, (_, layer) = faulty.add_image("acme/zerocopy-bad", "v1", layer_sizes=[2 * MIB])
+    faulty.slow(digest=layer, times=1, chunk_size=64 << 10, bytes_per_sec=8 * MIB)
+    faulty.truncate(layer, keep=MIB, times=1)
+    url = f"{proxy.url}/v2/acme/zerocopy-bad/blobs/{layer}"
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: fetch(url), range(3)))
+    for _, body, broken in results:
+        assert broken is not None, f"a clean end after {len(body)} bytes"
+        assert len(body) < 2 * MIB
