@@ -64,11 +64,11 @@ def sent_by_sendfile(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: App, protocol: type[Any] | None = None) -> AsyncIterator[int]:
+async def serving(app: App, protocol: type[Any] | None = None, state: ServerState | None = None) -> AsyncIterator[int]:
     config = uvicorn.Config(app, log_level="error", proxy_headers=False, lifespan="off")
     config.load()
     protocols = server.Protocols(limits(), protocol or server.BoundedHttpToolsProtocol)
-    state = ServerState()
+    state = state or ServerState()
     listener = await asyncio.get_running_loop().create_server(lambda: protocols(config, state, {}), "127.0.0.1", 0)
     try:
         yield listener.sockets[0].getsockname()[1]
@@ -291,6 +291,49 @@ def test_a_client_that_leaves_mid_sendfile_ends_the_send_and_leaves_no_descripto
 
     run(loop, main())
     assert isinstance(ended[0], OSError) or ended[0] is None
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_closed_by_the_server_ends_a_sendfile_waiting_for_a_client_that_reads_no_more(
+    loop: str, tmp_path: Path
+) -> None:
+    """The sendfile writes to a duplicate of the socket, which keeps it open: the wait must end
+    when the transport closes, not when the client someday reads again."""
+    path = tmp_path / "big"
+    with path.open("wb") as file:
+        file.truncate(256 * MIB)
+    ended: list[BaseException | None] = []
+    state = ServerState()
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await start(send, 256 * MIB)
+        try:
+            with path.open("rb") as file:
+                await send({"type": ZEROCOPY, "file": file, "offset": 0, "count": 256 * MIB, "more_body": False})
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    async def main() -> None:
+        async with serving(app, state=state) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: mirror\r\n\r\n")
+                await reader.readexactly(MIB)
+                await asyncio.sleep(0.3)  # the socket buffers fill up; the sendfile waits
+                assert not ended
+                for connection in list(state.connections):
+                    connection.transport.close()
+                for _ in range(300):
+                    if ended:
+                        break
+                    await asyncio.sleep(0.01)
+                assert ended and isinstance(ended[0], ConnectionError)
+            finally:
+                writer.close()
+
+    run(loop, main())
 
 
 @pytest.mark.parametrize("loop", LOOPS)
