@@ -595,3 +595,33 @@ def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_c
         await _finished(owner)
 
     asyncio.run(main())
+
+
+def test_a_download_read_only_through_extents_keeps_no_written_bytes_in_memory(tmp_path: Path) -> None:
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+    data = os.urandom(4 * MIB)
+
+    async def main() -> None:
+        async def opener() -> Source:
+            return _source(data, len(data), [])
+
+        download = Downloads(store).join(digests.of(data), opener)
+        assert isinstance(download, flight._Fetch)
+        reader = DownloadReader(download)
+        kept = 0
+        try:
+            await download.started
+            offset = 0
+            while True:
+                _, count = await reader.extent(offset, 1 << 30)
+                kept = max(kept, download._batched)
+                if not count:
+                    break
+                offset += count
+        finally:
+            reader.close()
+        await _finished(download)
+        assert kept == 0
+
+    asyncio.run(main())
+    store.close()
