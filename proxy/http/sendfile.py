@@ -89,8 +89,8 @@ class ZeroCopyCycle(RequestResponseCycle):
     async def _sendfile(self, fd: int, offset: int, count: int) -> None:
         """Exactly `count` bytes of `fd` from `offset` to the socket, or raise."""
         socket = self.transport.get_extra_info("socket")
-        if socket is None:
-            raise ConnectionResetError("the connection has no socket any more")
+        if socket is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed or closing")
         await self._flushed()
         out = os.dup(socket.fileno())
         try:
