@@ -41,7 +41,7 @@ from cache.readers import READ_SIZE
 from cache.storage import ContentStore
 
 MAX_PENDING = 1 << 20  # received bytes waiting for the disk before the upstream is read more slowly
-RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up
+RECENT = 4 << 20  # the last bytes written, kept in memory for readers that keep up (once one reads bytes)
 FOLLOW_POLL = 0.01  # how often a follower in another process looks for progress
 HEADERS_WAIT = 60.0  # how long a follower waits for the owner's upstream to answer
 WRITEBACK_STEP = 8 << 20  # written bytes handed to the disk as the download goes, so the flush at the end is short
@@ -114,6 +114,7 @@ class Download:
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._fd = -1
         self._readers = 0
+        self._copying = False  # a reader took bytes with `read` (not `extent`): recent bytes are worth keeping
         self._task: asyncio.Task[None] | None = None
         self._on_done = on_done  # told once, when the download committed or failed
 
@@ -142,6 +143,7 @@ class Download:
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset` (as many as are at hand), waiting for them; b"" at the verified end."""
+        self._copying = True
         while True:
             written = self._written()
             available = written if self.committed else max(0, written - 1)
@@ -158,6 +160,20 @@ class Download:
                 raise DownloadFailed(str(self.error)) from self.error
             if self.committed:
                 return b""
+            await self._wait()
+
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        """(fd, count): like `read`, but says where the bytes are in the partial file instead of reading them;
+        the bytes counted are written (in the page cache, for `os.sendfile`)."""
+        while True:
+            written = self._written()
+            available = written if self.committed else max(0, written - 1)
+            if offset < available:
+                return self._fd, min(size, available - offset)
+            if self.error is not None:
+                raise DownloadFailed(str(self.error)) from self.error
+            if self.committed:
+                return self._fd, 0
             await self._wait()
 
     def acquire(self) -> None:
@@ -216,10 +232,11 @@ class _Fetch(Download):
         return None
 
     def _wrote(self, batch: bytes) -> None:
-        self._batches.append((self.written, batch))
-        self._batched += len(batch)
-        while self._batched > RECENT and len(self._batches) > 1:
-            self._batched -= len(self._batches.popleft()[1])
+        if self._copying:  # readers served with sendfile (`extent`) need no copy in memory
+            self._batches.append((self.written, batch))
+            self._batched += len(batch)
+            while self._batched > RECENT and len(self._batches) > 1:
+                self._batched -= len(self._batches.popleft()[1])
         self.written += len(batch)
         self._notify()
 
@@ -640,6 +657,9 @@ class DownloadReader:
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self._download.read(offset, size)
+
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        return await self._download.extent(offset, size)
 
     def close(self) -> None:
         if self._open:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cache import threads
 
@@ -26,6 +26,19 @@ class BlobReader(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class FileExtents(Protocol):
+    """A reader whose bytes are in a file, so that a server can send them with `os.sendfile`."""
+
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        """(fd, count): the next `count` bytes (at most `size`, as many as are on disk) at `offset`
+        are in the open file `fd` at that same offset; count 0 at the end.
+
+        Waits, and raises, as `read` does. `fd` stays open until the reader is closed.
+        """
+        ...
+
+
 class FileReader:
     """A verified blob on disk. The open descriptor survives eviction of the file."""
 
@@ -39,6 +52,9 @@ class FileReader:
 
     async def read(self, offset: int, size: int) -> bytes:
         return await threads.run(os.pread, self._fd, min(size, READ_SIZE), offset)
+
+    async def extent(self, offset: int, size: int) -> tuple[int, int]:
+        return self._fd, max(0, min(size, self._size - offset))
 
     def close(self) -> None:
         if self._fd >= 0:

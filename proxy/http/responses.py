@@ -3,6 +3,10 @@
 One response class serves a cached file and a download in flight alike. If the reader
 fails midway the exception propagates, and the server breaks the connection: with a
 Content-Length announced, the client sees a short body, never a clean wrong end.
+
+When the server offers the ASGI zero-copy send (`http.sendfile`) and the reader's bytes are
+in a file (`FileExtents`: a cached blob, or the written part of a download in flight), the
+bytes go from the file to the socket with `os.sendfile`; otherwise they are read and sent.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import re
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from cache.readers import BlobReader
+from cache.readers import BlobReader, FileExtents
+from proxy.http.sendfile import ZEROCOPY
 
 _UNBOUNDED = 1 << 62  # readers return what they have at hand, up to their own chunk size
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # ASCII digits only; always fullmatch
@@ -70,7 +75,9 @@ class BlobResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            if self.send_body:
+            if self.send_body and ZEROCOPY in scope.get("extensions", ()) and isinstance(self.reader, FileExtents):
+                await self._send_from_file(self.reader, send)
+            elif self.send_body:
                 offset, end = self.start, self.end
                 while end is None or offset <= end:
                     chunk = await self.reader.read(offset, _UNBOUNDED if end is None else end - offset + 1)
@@ -81,3 +88,12 @@ class BlobResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.reader.close()
+
+    async def _send_from_file(self, reader: FileExtents, send: Send) -> None:
+        offset, end = self.start, self.end
+        while end is None or offset <= end:
+            fd, count = await reader.extent(offset, _UNBOUNDED if end is None else end - offset + 1)
+            if not count:
+                break
+            await send({"type": ZEROCOPY, "file": fd, "offset": offset, "count": count, "more_body": True})
+            offset += count

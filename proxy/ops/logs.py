@@ -63,6 +63,8 @@ class AccessLog:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":  # the file bytes of proxy.http.sendfile
+                sent += message["count"]
             await send(message)
 
         failure: BaseException | None = None

@@ -490,3 +490,138 @@ def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
         await _finished(owner)
 
     asyncio.run(main())
+
+
+# -- extents: where a reader's bytes are on disk, for sendfile -----------------------------------
+
+
+def test_extents_of_a_download_in_flight_name_written_bytes_and_hold_back_the_last_until_commit(
+    tmp_path: Path,
+) -> None:
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+    data = os.urandom(4 * MIB)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def opener() -> Source:
+            return _source(data, len(data), [], gate.wait)
+
+        download = Downloads(store).join(digests.of(data), opener)
+        reader = DownloadReader(download)
+        try:
+            await download.started
+            fd, count = await reader.extent(0, 1 << 30)
+            assert 0 < count < len(data), "an extent past what was written, or the unverified end"
+            assert os.pread(fd, count, 0) == data[:count]
+            offset = count
+            gate.set()
+            while True:
+                fd, count = await reader.extent(offset, 1 << 30)
+                if not count:
+                    break
+                assert download.committed or offset + count < len(data)
+                assert os.pread(fd, count, offset) == data[offset : offset + count]
+                offset += count
+            assert offset == len(data) and download.committed
+            assert await reader.extent(2, 5) == (fd, 5)
+        finally:
+            reader.close()
+        await _finished(download)
+
+    asyncio.run(main())
+    assert store.has_blob(digests.of(data))
+    store.close()
+
+
+def test_extents_of_a_failed_download_raise_instead_of_ending(tmp_path: Path) -> None:
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+    data = os.urandom(2 * MIB)
+
+    async def main() -> None:
+        async def opener() -> Source:
+            return _source(data[:-1] + b"x", len(data), [])  # the wrong last byte
+
+        download = Downloads(store).join(digests.of(data), opener)
+        reader = DownloadReader(download)
+        offset = 0
+        try:
+            await download.started
+            with pytest.raises(DownloadFailed):
+                while True:
+                    _, count = await reader.extent(offset, 1 << 30)
+                    assert count, "a clean end of bytes that do not match the digest"
+                    offset += count
+        finally:
+            reader.close()
+        await _finished(download)
+        assert offset <= len(data) - 1
+
+    asyncio.run(main())
+    store.close()
+
+
+def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_committed(tmp_path: Path) -> None:
+    data = os.urandom(2 * MIB)
+    digest = digests.of(data)
+    owner_store, follower_store = DiskContentStore(tmp_path, 64 * MIB), DiskContentStore(tmp_path, 64 * MIB)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow_opener() -> Source:
+            return _source(data, len(data), [], gate.wait)
+
+        async def unused_opener() -> Source:
+            raise AssertionError("a follower does not fetch")
+
+        owner = Downloads(owner_store).join(digest, slow_opener)
+        await owner.started
+        followed = Downloads(follower_store).join(digest, unused_opener)
+        reader = DownloadReader(followed)
+        try:
+            await followed.started
+            gate.set()
+            offset, body = 0, b""
+            while True:
+                fd, count = await reader.extent(offset, 1 << 30)
+                if not count:
+                    break
+                body += os.pread(fd, count, offset)
+                offset += count
+            assert body == data
+        finally:
+            reader.close()
+        await _finished(owner)
+
+    asyncio.run(main())
+
+
+def test_a_download_read_only_through_extents_keeps_no_written_bytes_in_memory(tmp_path: Path) -> None:
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+    data = os.urandom(4 * MIB)
+
+    async def main() -> None:
+        async def opener() -> Source:
+            return _source(data, len(data), [])
+
+        download = Downloads(store).join(digests.of(data), opener)
+        assert isinstance(download, flight._Fetch)
+        reader = DownloadReader(download)
+        kept = 0
+        try:
+            await download.started
+            offset = 0
+            while True:
+                _, count = await reader.extent(offset, 1 << 30)
+                kept = max(kept, download._batched)
+                if not count:
+                    break
+                offset += count
+        finally:
+            reader.close()
+        await _finished(download)
+        assert kept == 0
+
+    asyncio.run(main())
+    store.close()
