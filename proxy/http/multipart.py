@@ -16,7 +16,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from proxy.http.ranges import Span
+from cache.readers import BlobReader
+from proxy import errors
+from proxy.http.ranges import Refusal, Span, parse_ranges
+from proxy.http.responses import BlobResponse
 
 PART_TYPE = "application/octet-stream"
 
@@ -98,3 +101,30 @@ class RangesResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self.close()
+
+
+def file_answer(reader: BlobReader, size: int, headers: dict[str, str], header: str | None) -> Response:
+    """The answer for a blob whose bytes are all at hand (a verified file): whole, one range, or several."""
+    spans = parse_ranges(header, size)
+    if spans is Refusal.UNSATISFIABLE:
+        reader.close()
+        raise errors.RangeUnsatisfiable(size)
+    if spans is None:
+        return BlobResponse(reader, size, headers)
+    assert isinstance(spans, list)
+    if len(spans) == 1:
+        return BlobResponse(reader, size, headers, spans[0])
+
+    async def source(start: int, end: int) -> AsyncGenerator[bytes, None]:
+        offset = start
+        while offset <= end:
+            chunk = await reader.read(offset, end - offset + 1)
+            if not chunk:
+                raise ShortRange(f"the file ended at {offset}, before byte {end}")
+            offset += len(chunk)
+            yield chunk
+
+    async def close() -> None:
+        reader.close()
+
+    return RangesResponse(spans, size, source, headers, close)

@@ -27,7 +27,7 @@ from proxy.access.gate import Gate
 from proxy.access.policy import Action, Address, User
 from proxy.hosted.repository import MAX_MANIFEST, HostedRepositories, Quota, quota_exceeded
 from proxy.http.edge import API_VERSION
-from proxy.http.responses import BlobResponse, parse_range
+from proxy.http.multipart import file_answer
 from proxy.mirror import Mirror
 from proxy.routing import Router, valid_name
 
@@ -122,12 +122,7 @@ async def blob(request: Request) -> Response:
         fd = await to_thread.run_sync(os.open, found.path, os.O_RDONLY)
     except FileNotFoundError:
         raise errors.blob_unknown(digest) from None
-    reader = FileReader(fd, found.size)
-    byte_range = parse_range(request.headers.get("range"), found.size)
-    if byte_range == "unsatisfiable":
-        reader.close()
-        raise errors.RangeUnsatisfiable(found.size)
-    return BlobResponse(reader, found.size, headers, byte_range if isinstance(byte_range, tuple) else None)
+    return file_answer(FileReader(fd, found.size), found.size, headers, request.headers.get("range"))
 
 
 def _page(request: Request) -> tuple[int | None, str | None]:

@@ -11,8 +11,6 @@ bytes go from the file to the socket with `os.sendfile`; otherwise they are read
 
 from __future__ import annotations
 
-import re
-
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -20,36 +18,6 @@ from cache.readers import BlobReader, FileExtents
 from proxy.http.sendfile import ZEROCOPY
 
 _UNBOUNDED = 1 << 62  # readers return what they have at hand, up to their own chunk size
-_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # ASCII digits only; always fullmatch
-_BEYOND = 1 << 62  # stands for any position past every blob, so no number is parsed beyond 18 digits
-
-
-def _position(digits: str) -> int:
-    """A byte position or count; every longer number is past the end of any blob alike."""
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else _BEYOND
-
-
-def parse_range(header: str | None, size: int | None) -> tuple[int, int] | str | None:
-    """(start, end inclusive) for one satisfiable range; None to send it all; "unsatisfiable"."""
-    if header is None or size is None:
-        return None
-    match = _RANGE.fullmatch(header.strip())
-    if match is None:  # several ranges, or another unit: the whole blob is a valid answer
-        return None
-    first, last = match.groups()
-    if not first and not last:
-        return None
-    if not first:  # suffix: the last N bytes
-        count = _position(last)
-        if count == 0:
-            return "unsatisfiable"
-        return max(0, size - count), size - 1
-    start = _position(first)
-    end = min(_position(last), size - 1) if last else size - 1
-    if start >= size or end < start:
-        return "unsatisfiable"
-    return start, end
 
 
 class BlobResponse(Response):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email
 import hashlib
 import json
 import os
@@ -90,6 +91,27 @@ def test_monolithic_push_then_pull_serves_the_same_bytes_locally(
     assert head.headers["Content-Length"] == "5000"
     assert client.get("/v2/acme/app/tags/list").json() == {"name": "acme/app", "tags": ["v1"]}
     assert upstream.requests == []  # hosted names are never proxied
+
+
+def test_a_hosted_blob_answers_several_ranges_as_multipart_byteranges(client: httpx.Client) -> None:
+    """Lazy pullers (stargz-snapshotter) ask for several ranges at once, of hosted images too."""
+    layer = bytes(range(256)) * 40
+    push_image(client, "acme/lazy", "v1", layer)
+    answer = client.get(f"/v2/acme/lazy/blobs/{sha(layer)}", headers={"Range": "bytes=0-9,100-109,-5"})
+    assert answer.status_code == 206
+    message = email.message_from_bytes(
+        b"Content-Type: " + answer.headers["Content-Type"].encode() + b"\r\n\r\n" + answer.content
+    )
+    parts = [(part["Content-Range"], part.get_payload(decode=True)) for part in message.get_payload()]
+    size = len(layer)
+    assert parts == [
+        (f"bytes 0-9/{size}", layer[0:10]),
+        (f"bytes 100-109/{size}", layer[100:110]),
+        (f"bytes {size - 5}-{size - 1}/{size}", layer[-5:]),
+    ]
+    assert int(answer.headers["Content-Length"]) == len(answer.content)
+    refused = client.get(f"/v2/acme/lazy/blobs/{sha(layer)}", headers={"Range": f"bytes={size}-"})
+    assert refused.status_code == 416
 
 
 def test_a_hosted_name_that_was_never_pushed_is_not_asked_upstream(
