@@ -28,7 +28,7 @@ def test_workers_share_one_download_per_blob() -> None:
             for thread in threads:
                 thread.join(60)
             lines = [json.loads(line) for line in proxy.log_text().splitlines() if line.startswith("{")]
-        served_by = {line["pid"] for line in lines if line.get("path", "").endswith(layer)}
+        served_by = {line["pid"] for line in lines if line.get("event") == "request" and line["path"].endswith(layer)}
         assert len(bodies) == 16
         assert all(body == upstream.blob(layer) for body in bodies)
         assert upstream.gets(layer) == 1
