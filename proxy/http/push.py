@@ -28,6 +28,7 @@ from proxy.access.policy import Action, Address, User
 from proxy.hosted.repository import MAX_MANIFEST, HostedRepositories, Quota, quota_exceeded
 from proxy.http.edge import API_VERSION
 from proxy.http.multipart import file_answer
+from proxy.http.responses import blob_headers, manifest_response
 from proxy.mirror import Mirror
 from proxy.routing import Router, valid_name
 
@@ -91,14 +92,7 @@ async def manifest(request: Request) -> Response:
     found = await to_thread.run_sync(hosted.manifest, name, reference)
     if found is None:
         raise errors.manifest_unknown(name, reference)
-    headers = {
-        **API_VERSION,
-        "Docker-Content-Digest": found.digest,
-        "Content-Length": str(len(found.body)),
-        "Content-Type": found.media_type,
-        "ETag": f'"{found.digest}"',
-    }
-    return Response(b"" if request.method == "HEAD" else found.body, headers=headers)
+    return manifest_response(found, request.method == "HEAD")
 
 
 async def blob(request: Request) -> Response:
@@ -107,13 +101,8 @@ async def blob(request: Request) -> Response:
     found = await to_thread.run_sync(hosted.blob_file, name, digest)
     if found is None:
         raise errors.blob_unknown(digest)
-    headers = {
-        **API_VERSION,
-        "Docker-Content-Digest": digest,
-        "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes",
-        "ETag": f'"{digest}"',
-    }
+    headers = blob_headers(digest)
+    del headers["Cache-Control"]  # a hosted blob may be deleted
     if request.method == "HEAD":
         response = Response(b"", headers=headers)
         response.headers["Content-Length"] = str(found.size)

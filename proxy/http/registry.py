@@ -22,7 +22,7 @@ from proxy.http import push
 from proxy.http.edge import API_VERSION
 from proxy.http.multipart import RangesResponse
 from proxy.http.ranges import Refusal, one_range, parse_ranges
-from proxy.http.responses import BlobResponse
+from proxy.http.responses import BlobResponse, blob_headers, manifest_response
 from proxy.mirror import Mirror, Outcome
 from proxy.record import record_of
 from proxy.routing import Route as UpstreamRoute
@@ -65,28 +65,14 @@ async def manifest(request: Request) -> Response:
         raise errors.manifest_unknown(request.path_params["name"], reference)
     found, outcome = await _mirror(request).manifests.get(route, reference)
     _outcome(request, outcome)
-    headers = {
-        **API_VERSION,
-        "Docker-Content-Digest": found.digest,
-        "Content-Length": str(len(found.body)),
-        "Content-Type": found.media_type,
-        "ETag": f'"{found.digest}"',
-    }
-    return Response(b"" if request.method == "HEAD" else found.body, headers=headers)
+    return manifest_response(found, request.method == "HEAD")
 
 
 async def blob(request: Request) -> Response:
     route = await _route(request)
     digest = request.path_params["digest"]
     mirror = _mirror(request)
-    headers = {
-        **API_VERSION,
-        "Docker-Content-Digest": digest,
-        "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes",
-        "ETag": f'"{digest}"',
-        "Cache-Control": "max-age=31536000",
-    }
+    headers = blob_headers(digest)
     if request.method == "HEAD":
         size, outcome = await mirror.blobs.size(route, digest)
         _outcome(request, outcome)

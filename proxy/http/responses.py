@@ -11,13 +11,51 @@ bytes go from the file to the socket with `os.sendfile`; otherwise they are read
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from cache.readers import BlobReader, FileExtents
+from proxy.http.edge import API_VERSION
 from proxy.http.sendfile import ZEROCOPY
 
 _UNBOUNDED = 1 << 62  # readers return what they have at hand, up to their own chunk size
+
+
+class AnyManifest(Protocol):
+    """A cached (`cache.storage.Manifest`) or hosted manifest."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def media_type(self) -> str: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+def manifest_response(manifest: AnyManifest, head: bool) -> Response:
+    """A manifest as registries answer it, for GET and HEAD alike (containerd needs the headers on HEAD)."""
+    headers = {
+        **API_VERSION,
+        "Docker-Content-Digest": manifest.digest,
+        "Content-Length": str(len(manifest.body)),
+        "Content-Type": manifest.media_type,
+        "ETag": f'"{manifest.digest}"',
+    }
+    return Response(b"" if head else manifest.body, headers=headers)
+
+
+def blob_headers(digest: str) -> dict[str, str]:
+    """What every blob answer carries; content by digest never changes, so it may be cached for good."""
+    return {
+        **API_VERSION,
+        "Docker-Content-Digest": digest,
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "Cache-Control": "max-age=31536000",
+    }
 
 
 class BlobResponse(Response):
