@@ -41,6 +41,7 @@ MAX_MANIFEST = 4 << 20
 _UNBOUNDED = 1 << 62  # the content store's limit: hosted content is bounded by the quota, never evicted
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch
 _HASH_READ = 1 << 20
+NEEDED_SLACK = 60.0  # a blob's link is refreshed at most this often; gc waits this much longer
 
 
 class Quota(StrEnum):
@@ -253,7 +254,8 @@ class HostedRepositories:
         return self.index.blob_size(repo, digest)
 
     def blob_file(self, repo: str, digest: str) -> BlobFile | None:
-        if self.index.blob_size(repo, digest) is None:
+        """The blob `repo` holds, kept by gc for `upload_ttl` more: a client that found it may name it next."""
+        if self.index.needed_blob(repo, digest, time.time() - NEEDED_SLACK) is None:
             return None
         return self.content.find_blob(digest)
 
@@ -347,7 +349,8 @@ class HostedRepositories:
         """
         uploads = self.sweep_uploads(dry_run)
         with self.index.write():
-            stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl)
+            # NEEDED_SLACK more: a link found fresh is not refreshed, and must last `upload_ttl` still
+            stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl - NEEDED_SLACK)
             if not dry_run:
                 for repo, digest in stale:
                     self.index.unlink_blob(repo, digest)
