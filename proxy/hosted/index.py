@@ -100,6 +100,18 @@ class Index:
     def add_repository(self, repo: str) -> None:
         self._run("INSERT OR IGNORE INTO repos VALUES (?, ?)", repo, time.time())
 
+    def repository_sizes(self) -> list[tuple[str, int, int, int]]:
+        """(name, bytes of its blobs and manifests, tags, manifests) of every repository, by name."""
+        rows = self._all(
+            "SELECT name,"
+            " (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE repo = name)"
+            " + (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM manifests WHERE repo = name),"
+            " (SELECT COUNT(*) FROM tags WHERE repo = name),"
+            " (SELECT COUNT(*) FROM manifests WHERE repo = name)"
+            " FROM repos ORDER BY name"
+        )
+        return [(str(n), int(b), int(t), int(m)) for n, b, t, m in rows]  # type: ignore[call-overload]
+
     # -- blobs -------------------------------------------------------------------------
 
     def blob_size(self, repo: str, digest: str) -> int | None:

@@ -73,6 +73,34 @@ class Collected:
     uploads: int  # abandoned uploads
 
 
+@dataclass(frozen=True, slots=True)
+class RepositoryUse:
+    name: str
+    bytes: int  # its blobs and manifests (a blob several repositories link counts in each)
+    tags: int
+    manifests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What hosted content holds, for metrics, the status page and `cache ls`."""
+
+    bytes: int  # as `max_size` counts it: distinct blobs, manifests, uploads in progress
+    repositories: tuple[RepositoryUse, ...]
+
+    @property
+    def manifests(self) -> int:
+        return sum(repo.manifests for repo in self.repositories)
+
+    def quota_use(self) -> dict[Quota, int]:
+        """Each quota's use; a per-repository one's is its fullest repository's."""
+        return {
+            Quota.SIZE: self.bytes,
+            Quota.REPOSITORIES: len(self.repositories),
+            Quota.MANIFESTS: max((repo.manifests for repo in self.repositories), default=0),
+        }
+
+
 def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
     return errors.BlobUploadUnknown(f"blob upload {upload[:64]!r} is unknown (finished, cancelled or expired)")
 
@@ -109,6 +137,13 @@ class HostedRepositories:
             except OSError:
                 continue
         return self.index.blob_volume() + self.index.manifest_volume() + uploading
+
+    def usage(self) -> Usage:
+        repos = tuple(RepositoryUse(*row) for row in self.index.repository_sizes())
+        return Usage(self.in_use(), repos)
+
+    def quota_limits(self) -> dict[Quota, int]:
+        return {quota: int(getattr(self.config, quota)) for quota in Quota}
 
     def check_room(self, more: int, in_use: int | None = None) -> None:
         use = self.in_use() if in_use is None else in_use
