@@ -232,6 +232,11 @@ class Index:
             self._run("DELETE FROM tags WHERE repo = ? AND digest = ?", repo, digest)
             return True
 
+    def tagged(self) -> list[tuple[str, str, str]]:
+        """(repo, tag, manifest digest) of every tag, by repository and tag."""
+        rows = self._all("SELECT repo, tag, digest FROM tags ORDER BY repo, tag")
+        return [(str(repo), str(tag), str(digest)) for repo, tag, digest in rows]
+
     def delete_tag(self, repo: str, tag: str) -> bool:
         return self._run("DELETE FROM tags WHERE repo = ? AND tag = ?", repo, tag) > 0
 

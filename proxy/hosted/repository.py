@@ -101,6 +101,15 @@ class Usage:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class TaggedImage:
+    repo: str
+    tag: str
+    digest: str
+    size: int  # the manifest and what it names (an index: its children and theirs), as far as stored
+    platforms: int  # an index's entries; 0 for an image
+
+
 def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
     return errors.BlobUploadUnknown(f"blob upload {upload[:64]!r} is unknown (finished, cancelled or expired)")
 
@@ -373,6 +382,26 @@ class HostedRepositories:
 
     def repositories(self) -> list[str]:
         return self.index.repositories()
+
+    def images(self) -> list[TaggedImage]:
+        """Every tag, with the size of what it names, for `pullproxy cache ls`."""
+        found = []
+        for repo, tag, digest in self.index.tagged():
+            top = self.index.manifest(repo, digest)
+            if top is None:
+                continue
+            children = walker.refs(top.body).manifests
+            size = len(top.body) + self._blobs_size(top.body)
+            for child in children:
+                stored = self.index.manifest(repo, child.digest)
+                if stored is not None:
+                    size += len(stored.body) + self._blobs_size(stored.body)
+            found.append(TaggedImage(repo, tag, digest, size, len(children)))
+        return found
+
+    @staticmethod
+    def _blobs_size(body: bytes) -> int:
+        return sum(blob.size or 0 for blob in walker.refs(body).blobs)
 
     # -- garbage collection ------------------------------------------------------------
 

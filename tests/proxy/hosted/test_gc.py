@@ -17,6 +17,7 @@ from cache.mediatypes import OCI_MANIFEST
 from proxy.config import Hosted
 from proxy.hosted import repository
 from proxy.hosted.repository import HostedRepositories
+from proxy.units import format_size
 from tests.support.proxy import REPO_ROOT
 
 
@@ -189,3 +190,20 @@ def test_a_mount_or_an_upload_of_an_old_blob_keeps_it_for_upload_ttl(
     later(monkeypatch, 3590)
     hosted.collect()
     hosted.put_manifest("acme/app", "v1", OCI_MANIFEST, manifest_of(b"base layer"))
+
+
+def test_cache_ls_lists_hosted_tags_marked_hosted(tmp_path: Path) -> None:
+    config = tmp_path / "pullproxy.toml"
+    config.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n[hosted]\nrepositories = ["acme/**"]\n')
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "cache" / "hosted")
+    upload(store, "acme/app", b"{}")
+    upload(store, "acme/app", b"x" * 5000)
+    pushed = store.put_manifest("acme/app", "1", OCI_MANIFEST, manifest_of(b"x" * 5000))
+    store.close()
+    argv = [sys.executable, "-m", "proxy", "cache", "ls", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("acme/app:1 "))
+    assert pushed.digest[:19] in line
+    assert format_size(5000 + 2 + len(manifest_of(b"x" * 5000))) in line, line  # layer, config, manifest
+    assert line.endswith("hosted"), line
