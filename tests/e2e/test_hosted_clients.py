@@ -245,6 +245,40 @@ def test_a_large_upload_streams_to_disk_with_flat_memory(
     assert _peak_rss(proxy.pid) - before < 48 << 20  # a 256 MiB layer, never held in memory
 
 
+def test_a_1_gib_layer_pushed_and_pulled_back_keeps_memory_flat(
+    proxy_factory: Callable[..., Proxy], upstream: Registry
+) -> None:
+    """1 GiB up in one streamed PATCH and back down in one GET: the server's peak memory barely moves."""
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    assert proxy.pid is not None
+    size = 1 << 30
+    piece = os.urandom(4 << 20)
+    pieces = size // len(piece)
+    digest = hashlib.sha256()
+    for _ in range(pieces):
+        digest.update(piece)
+    name = f"sha256:{digest.hexdigest()}"
+    with httpx.Client(base_url=proxy.url, timeout=300) as client:
+        client.get("/v2/")
+        before = _peak_rss(proxy.pid)
+        location = client.post("/v2/acme/huge/blobs/uploads/").headers["Location"]
+        patched = client.patch(location, content=(piece for _ in range(pieces)))
+        assert patched.headers["Range"] == f"0-{size - 1}"
+        assert client.put(patched.headers["Location"], params={"digest": name}).status_code == 201
+        pushed = _peak_rss(proxy.pid) - before
+        back = hashlib.sha256()
+        received = 0
+        with client.stream("GET", f"/v2/acme/huge/blobs/{name}") as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes(1 << 20):
+                back.update(chunk)
+                received += len(chunk)
+        assert (received, f"sha256:{back.hexdigest()}") == (size, name)
+    pulled = _peak_rss(proxy.pid) - before
+    print(f"1 GiB: peak RSS +{pushed >> 20} MiB after the push, +{pulled >> 20} MiB after the pull")
+    assert pulled < 64 << 20  # the layer is never held in memory, either way
+
+
 def test_an_upload_cut_by_kill_9_leaves_nothing_visible(
     proxy_factory: Callable[..., Proxy], upstream: Registry
 ) -> None:
