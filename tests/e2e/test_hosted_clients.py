@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,6 +216,47 @@ def _podman_push(podman: list[str], source: str, proxy: Proxy, image: PushedImag
     for name, data in files.items():
         if name not in ("manifest.json", "version"):
             assert hashlib.sha256(data).hexdigest() == name
+
+
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed")
+def test_buildah_pushes_an_image_it_built_from_scratch(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """buildah 1.28 (containers/image): `from scratch`, copy a file, commit, push; read back byte for byte."""
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    runroot = Path(tempfile.mkdtemp(prefix="pp-buildah-"))
+    buildah = ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    content = os.urandom(1 << 20)
+    (tmp_path / "data.bin").write_bytes(content)
+    try:
+        container = run([*buildah, "from", "scratch"], timeout=120).stdout.decode().strip()
+        run([*buildah, "copy", container, str(tmp_path / "data.bin"), "/data.bin"], timeout=120)
+        run([*buildah, "config", "--cmd", "/data.bin", container], timeout=60)
+        run([*buildah, "commit", "-q", container, "localhost/acme-built:1"], timeout=120)
+        digestfile = tmp_path / "digest"
+        target = f"docker://{proxy.host}/acme/built:1"
+        push = [*buildah, "push", "--tls-verify=false", "--digestfile", str(digestfile), "localhost/acme-built:1"]
+        run([*push, target], timeout=120)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    digest = digestfile.read_text().strip()
+    with httpx.Client(base_url=proxy.url, timeout=60) as client:
+        by_tag = client.get(
+            "/v2/acme/built/manifests/1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        )
+        assert by_tag.status_code == 200
+        assert by_tag.headers["Docker-Content-Digest"] == digest == sha(by_tag.content)
+    folder = tmp_path / "out"
+    skopeo_copy(f"docker://{proxy.host}/acme/built@{digest}", f"dir:{folder}")
+    files = read_dir_image(folder)
+    manifest = json.loads(files["manifest.json"])
+    (layer,) = manifest["layers"]
+    data = files[layer["digest"].split(":")[1]]
+    assert hashlib.sha256(data).hexdigest() == layer["digest"].split(":")[1]
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        member = tar.extractfile("data.bin")
+        assert member is not None and member.read() == content
 
 
 def _peak_rss(pid: int) -> int:
