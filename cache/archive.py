@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from cache import digests
 from cache.manifests import MAX_LEVELS, Descriptor, InvalidIndex, index_entries, refs, valid_digest
@@ -295,6 +295,15 @@ class ArchiveReader:
                 f"blob {descriptor.digest} in the archive: size {member.size}, expected {descriptor.size}"
             )
         return member
+
+    def copy_blob(self, descriptor: Descriptor, out: BinaryIO, advance: Callable[[int], None]) -> None:
+        """A blob's bytes as the archive holds them, unverified (the caller verifies, e.g. on upload)."""
+        source = self._tar.extractfile(self._blob(descriptor))
+        assert source is not None
+        with source:
+            while chunk := source.read(COPY_SIZE):
+                out.write(chunk)
+                advance(len(chunk))
 
     def import_blob(self, store: ContentStore, descriptor: Descriptor, advance: Callable[[int], None]) -> bool:
         """Copy one blob into the store, verified; False if the store had it already."""

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Real registry and clients the integration tests drive, and a browser for the status page
 # (Debian packages).
-DEBS=(docker-registry skopeo containerd chromium podman stargz-snapshotter)
+DEBS=(docker-registry skopeo containerd chromium podman buildah stargz-snapshotter)
 # A virtual environment keeps the tests off the system Python (Debian refuses pip there).
 python3 -m venv --help >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()

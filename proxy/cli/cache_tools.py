@@ -17,6 +17,7 @@ from cache.storage import ContentStore, Metadata
 from proxy import references
 from proxy.cli.progress import Progress
 from proxy.config import Config
+from proxy.hosted.repository import HostedRepositories
 from proxy.mirror.mirror import open_storage
 from proxy.routing import Router, canonical
 from proxy.units import format_ago, format_size
@@ -53,10 +54,28 @@ def ls(config: Config) -> int:
                 ", ".join(notes),
             )
         )
+    rows.extend(_hosted_rows(config))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _hosted_rows(config: Config) -> list[tuple[str, str, str, str, str]]:
+    """The tags of hosted repositories, named as pushed and marked `hosted`."""
+    directory = config.cache_dir / "hosted"
+    if config.hosted is None or not directory.is_dir():
+        return []
+    hosted = HostedRepositories(config.hosted, directory)
+    try:
+        images = hosted.images()
+    finally:
+        hosted.close()
+    rows = []
+    for image in images:
+        notes = ["hosted"] + ([f"{image.platforms} platforms"] if image.platforms else [])
+        rows.append((f"{image.repo}:{image.tag}", image.digest[:19], format_size(image.size), "-", ", ".join(notes)))
+    return rows
 
 
 def du(config: Config) -> int:

@@ -19,6 +19,9 @@ from cache.readers import READ_SIZE, BlobReader
 from proxy import errors, references
 from proxy.cli.progress import Progress
 from proxy.config import Config
+from proxy.hosted import transfer
+from proxy.hosted.names import HostedNames
+from proxy.hosted.repository import HostedRepositories
 from proxy.images import pinning, pull
 from proxy.mirror import Blob, Mirror, open_mirror
 from proxy.routing import Router, canonical
@@ -69,6 +72,41 @@ async def _prefetch(
     return [f"{name}: {problem}" for problem in image.problems]
 
 
+# -- hosted repositories -----------------------------------------------------------------
+
+
+class _Hosted:
+    """`[hosted]`'s repositories, opened on first use by a command that names one."""
+
+    def __init__(self, config: Config, mirror: Mirror) -> None:
+        self._config, self._mirror = config, mirror
+        self._names = HostedNames(config.hosted.repositories) if config.hosted else None
+        self._opened: HostedRepositories | None = None
+
+    def name(self, ref: references.ImageRef) -> str | None:
+        """The hosted repository `ref` names (as pushed, no registry in front), if any."""
+        if self._names is None or ref.registry is not None or not self._names.matches(ref.repository):
+            return None
+        return ref.repository
+
+    async def open(self) -> HostedRepositories:
+        if self._opened is None:
+            assert self._config.hosted is not None
+            directory = self._config.cache_dir / "hosted"
+            self._opened = await to_thread.run_sync(
+                HostedRepositories, self._config.hosted, directory, self._mirror.store.find_blob
+            )
+        return self._opened
+
+    async def close(self) -> None:
+        if self._opened is not None:
+            await to_thread.run_sync(self._opened.close)
+
+
+def _hosted_ref(repo: str, ref: references.ImageRef) -> str:
+    return f"{repo}@{ref.digest}" if ref.digest else f"{repo}:{ref.reference}"
+
+
 # -- export ------------------------------------------------------------------------------
 
 
@@ -82,13 +120,25 @@ async def export(
         raise SystemExit(_export_error(exc)) from None
     try:
         async with open_mirror(config) as (router, mirror):
-            with Progress() as progress:
-                for text in images:
-                    await _export(router, mirror, archive, text, platforms, progress)
+            hosted = _Hosted(config, mirror)
+            try:
+                with Progress() as progress:
+                    for text in images:
+                        ref = references.parse(text)
+                        repo = hosted.name(ref)
+                        if repo is not None:
+                            await _export_hosted(await hosted.open(), archive, repo, ref, progress)
+                        else:
+                            await _export(router, mirror, archive, text, platforms, progress)
+            finally:
+                await hosted.close()
             await to_thread.run_sync(archive.commit)
     except ArchiveError as exc:
         archive.abort()
         raise SystemExit(_export_error(exc)) from None
+    except (ValueError, errors.RegistryError) as exc:
+        archive.abort()
+        raise SystemExit(f"pullproxy: export failed: {getattr(exc, 'message', exc)}") from None
     except BaseException:
         archive.abort()
         raise
@@ -97,6 +147,16 @@ async def export(
 
 def _export_error(exc: ArchiveError) -> str:
     return f"pullproxy: {exc}; --force replaces it" if isinstance(exc, OutputExists) else f"pullproxy: {exc}"
+
+
+async def _export_hosted(
+    hosted: HostedRepositories, archive: ArchiveWriter, repo: str, ref: references.ImageRef, progress: Progress
+) -> None:
+    """A hosted image, every platform of it (hosted content has no upstream to fetch a subset from)."""
+    name = _hosted_ref(repo, ref)
+    task = progress.task(name, None)
+    moved = await to_thread.run_sync(transfer.export_image, hosted, archive, repo, ref.reference, name)
+    task.finish(f"{name}: {moved.manifests} manifests, {moved.blobs} blobs, {format_size(moved.size)} (hosted)")
 
 
 class _BlockingReader:
@@ -153,6 +213,7 @@ async def _export(
 async def import_archive(config: Config, path: Path, image: str | None) -> int:
     """Load an OCI layout archive into the cache, verified, with its images' tags."""
     async with open_mirror(config) as (router, mirror):
+        hosted = _Hosted(config, mirror)
         try:
             reader = await to_thread.run_sync(ArchiveReader, path)
         except ArchiveError as exc:
@@ -161,11 +222,18 @@ async def import_archive(config: Config, path: Path, image: str | None) -> int:
             named = [(entry, _name(router, entry, image, path)) for entry in reader.images()]
             with Progress() as progress:
                 for entry, ref in named:
-                    await _import(reader, mirror, router, entry, ref, progress)
+                    repo = hosted.name(ref)
+                    if repo is not None:
+                        await _import_hosted(reader, await hosted.open(), entry, repo, ref, progress)
+                    else:
+                        await _import(reader, mirror, router, entry, ref, progress)
         except ArchiveError as exc:
             raise SystemExit(f"pullproxy: {path}: {exc}") from None
+        except errors.RegistryError as exc:
+            raise SystemExit(f"pullproxy: {path}: {exc.message}") from None
         finally:
             reader.close()
+            await hosted.close()
     return 0
 
 
@@ -208,3 +276,18 @@ async def _import(
         await to_thread.run_sync(mirror.meta.set_tag, route.upstream.name, route.repo, ref.tag, entry.digest)
     absent = f", {image.absent_children} platforms not in the archive" if image.absent_children else ""
     task.finish(f"{name}: {len(image.blobs)} blobs ({added} new), {format_size(image.size)}{absent}")
+
+
+async def _import_hosted(
+    reader: ArchiveReader,
+    hosted: HostedRepositories,
+    entry: Descriptor,
+    repo: str,
+    ref: references.ImageRef,
+    progress: Progress,
+) -> None:
+    """Into a hosted repository, pushed as a client would: verified, within the quotas."""
+    name = _hosted_ref(repo, ref)
+    task = progress.task(name, None)
+    moved = await to_thread.run_sync(transfer.import_image, hosted, reader, entry, repo, ref.tag, task.advance)
+    task.finish(f"{name}: {moved.blobs} blobs ({moved.added} new), {format_size(moved.size)} (hosted)")

@@ -6,6 +6,9 @@ power loss loses nothing acknowledged, and what was not committed is not visible
 must not interleave with garbage collection (a blob moved into the store and linked, a
 manifest checked against the blobs it names) run inside `write()`, which takes SQLite's write
 lock (`BEGIN IMMEDIATE`) across processes. Every method blocks: call it in a thread.
+
+A blob link's `linked` is when the repository last needed the blob (linked, found by a `HEAD`
+or `GET`, mounted), so gc keeps a blob a client just saw until its manifest arrives.
 """
 
 from __future__ import annotations
@@ -97,6 +100,18 @@ class Index:
     def add_repository(self, repo: str) -> None:
         self._run("INSERT OR IGNORE INTO repos VALUES (?, ?)", repo, time.time())
 
+    def repository_sizes(self) -> list[tuple[str, int, int, int]]:
+        """(name, bytes of its blobs and manifests, tags, manifests) of every repository, by name."""
+        rows = self._all(
+            "SELECT name,"
+            " (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE repo = name)"
+            " + (SELECT COALESCE(SUM(LENGTH(body)), 0) FROM manifests WHERE repo = name),"
+            " (SELECT COUNT(*) FROM tags WHERE repo = name),"
+            " (SELECT COUNT(*) FROM manifests WHERE repo = name)"
+            " FROM repos ORDER BY name"
+        )
+        return [(str(n), int(b), int(t), int(m)) for n, b, t, m in rows]  # type: ignore[call-overload]
+
     # -- blobs -------------------------------------------------------------------------
 
     def blob_size(self, repo: str, digest: str) -> int | None:
@@ -108,6 +123,22 @@ class Index:
         with self.write():
             self.add_repository(repo)
             self._run("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", repo, digest, size, time.time())
+
+    def needed_blob(self, repo: str, digest: str, fresh: float) -> int | None:
+        """The size of `digest` if `repo` holds it, its link refreshed unless it was needed since `fresh`.
+
+        Reads only while the link is fresh (a `GET` or `HEAD` of a blob pulled often writes
+        nothing); the refresh rechecks under the write lock, so a gc that ran meanwhile wins.
+        """
+        row = self._one("SELECT size, linked FROM blobs WHERE repo = ? AND digest = ?", repo, digest)
+        if row is None:
+            return None
+        size: int = int(row[0])  # type: ignore[call-overload]
+        linked: float = float(row[1])  # type: ignore[arg-type]
+        if linked >= fresh:
+            return size
+        updated = self._run("UPDATE blobs SET linked = ? WHERE repo = ? AND digest = ?", time.time(), repo, digest)
+        return size if updated else None
 
     def unlink_blob(self, repo: str, digest: str) -> bool:
         return self._run("DELETE FROM blobs WHERE repo = ? AND digest = ?", repo, digest) > 0
@@ -200,6 +231,11 @@ class Index:
             self._run("DELETE FROM refs WHERE repo = ? AND manifest = ?", repo, digest)
             self._run("DELETE FROM tags WHERE repo = ? AND digest = ?", repo, digest)
             return True
+
+    def tagged(self) -> list[tuple[str, str, str]]:
+        """(repo, tag, manifest digest) of every tag, by repository and tag."""
+        rows = self._all("SELECT repo, tag, digest FROM tags ORDER BY repo, tag")
+        return [(str(repo), str(tag), str(digest)) for repo, tag, digest in rows]
 
     def delete_tag(self, repo: str, tag: str) -> bool:
         return self._run("DELETE FROM tags WHERE repo = ? AND tag = ?", repo, tag) > 0

@@ -41,6 +41,7 @@ MAX_MANIFEST = 4 << 20
 _UNBOUNDED = 1 << 62  # the content store's limit: hosted content is bounded by the quota, never evicted
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch
 _HASH_READ = 1 << 20
+NEEDED_SLACK = 60.0  # a blob's link is refreshed at most this often; gc waits this much longer
 
 
 class Quota(StrEnum):
@@ -70,6 +71,43 @@ class Collected:
     blobs: int  # blobs no repository links
     bytes: int
     uploads: int  # abandoned uploads
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryUse:
+    name: str
+    bytes: int  # its blobs and manifests (a blob several repositories link counts in each)
+    tags: int
+    manifests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What hosted content holds, for metrics, the status page and `cache ls`."""
+
+    bytes: int  # as `max_size` counts it: distinct blobs, manifests, uploads in progress
+    repositories: tuple[RepositoryUse, ...]
+
+    @property
+    def manifests(self) -> int:
+        return sum(repo.manifests for repo in self.repositories)
+
+    def quota_use(self) -> dict[Quota, int]:
+        """Each quota's use; a per-repository one's is its fullest repository's."""
+        return {
+            Quota.SIZE: self.bytes,
+            Quota.REPOSITORIES: len(self.repositories),
+            Quota.MANIFESTS: max((repo.manifests for repo in self.repositories), default=0),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedImage:
+    repo: str
+    tag: str
+    digest: str
+    size: int  # the manifest and what it names (an index: its children and theirs), as far as stored
+    platforms: int  # an index's entries; 0 for an image
 
 
 def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
@@ -108,6 +146,13 @@ class HostedRepositories:
             except OSError:
                 continue
         return self.index.blob_volume() + self.index.manifest_volume() + uploading
+
+    def usage(self) -> Usage:
+        repos = tuple(RepositoryUse(*row) for row in self.index.repository_sizes())
+        return Usage(self.in_use(), repos)
+
+    def quota_limits(self) -> dict[Quota, int]:
+        return {quota: int(getattr(self.config, quota)) for quota in Quota}
 
     def check_room(self, more: int, in_use: int | None = None) -> None:
         use = self.in_use() if in_use is None else in_use
@@ -253,7 +298,8 @@ class HostedRepositories:
         return self.index.blob_size(repo, digest)
 
     def blob_file(self, repo: str, digest: str) -> BlobFile | None:
-        if self.index.blob_size(repo, digest) is None:
+        """The blob `repo` holds, kept by gc for `upload_ttl` more: a client that found it may name it next."""
+        if self.index.needed_blob(repo, digest, time.time() - NEEDED_SLACK) is None:
             return None
         return self.content.find_blob(digest)
 
@@ -337,6 +383,26 @@ class HostedRepositories:
     def repositories(self) -> list[str]:
         return self.index.repositories()
 
+    def images(self) -> list[TaggedImage]:
+        """Every tag, with the size of what it names, for `pullproxy cache ls`."""
+        found = []
+        for repo, tag, digest in self.index.tagged():
+            top = self.index.manifest(repo, digest)
+            if top is None:
+                continue
+            children = walker.refs(top.body).manifests
+            size = len(top.body) + self._blobs_size(top.body)
+            for child in children:
+                stored = self.index.manifest(repo, child.digest)
+                if stored is not None:
+                    size += len(stored.body) + self._blobs_size(stored.body)
+            found.append(TaggedImage(repo, tag, digest, size, len(children)))
+        return found
+
+    @staticmethod
+    def _blobs_size(body: bytes) -> int:
+        return sum(blob.size or 0 for blob in walker.refs(body).blobs)
+
     # -- garbage collection ------------------------------------------------------------
 
     def collect(self, dry_run: bool = False) -> Collected:
@@ -347,7 +413,8 @@ class HostedRepositories:
         """
         uploads = self.sweep_uploads(dry_run)
         with self.index.write():
-            stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl)
+            # NEEDED_SLACK more: a link found fresh is not refreshed, and must last `upload_ttl` still
+            stale = self.index.unreferenced_links(time.time() - self.config.upload_ttl - NEEDED_SLACK)
             if not dry_run:
                 for repo, digest in stale:
                     self.index.unlink_blob(repo, digest)

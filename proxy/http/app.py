@@ -91,6 +91,7 @@ def create_app(
             app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
             hosted = await _open_hosted(config, store)
             app.state.hosted = hosted
+            app.state.sampler.hosted = hosted
             app.state.gate = await _gate(config, hosted)
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()

@@ -30,6 +30,7 @@ from proxy.http.edge import API_VERSION
 from proxy.http.multipart import file_answer
 from proxy.http.responses import blob_headers, manifest_response
 from proxy.mirror import Mirror
+from proxy.ops import metrics
 from proxy.routing import Router, valid_name
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -183,6 +184,7 @@ def _upload_headers(name: str, upload: str, size: int) -> dict[str, str]:
 
 
 def _stored(name: str, digest: str) -> Response:
+    metrics.pushed(metrics.PushKind.BLOB)
     headers = {**API_VERSION, "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest}
     return Response(b"", 201, headers)
 
@@ -342,6 +344,7 @@ async def write_manifest(request: Request) -> Response:
     }
     if pushed.subject:
         headers["OCI-Subject"] = pushed.subject
+    metrics.pushed(metrics.PushKind.MANIFEST)
     return Response(b"", 201, headers)
 
 

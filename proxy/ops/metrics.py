@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from cache.storage import ContentStore
 from proxy.paths import Endpoint
 
 if TYPE_CHECKING:  # at run time the import would cycle back here through the upstream client
+    from proxy.hosted.repository import HostedRepositories
     from proxy.mirror.outcome import Outcome
 
 log = structlog.get_logger("pullproxy")
@@ -106,6 +108,52 @@ UPSTREAM_ERRORS = Counter(
 UPSTREAM_BYTES = Counter(
     "pullproxy_upstream_fetched_bytes", "Body bytes received from an upstream.", ["upstream"], registry=REGISTRY
 )
+HOSTED_BYTES = Gauge(
+    "pullproxy_hosted_bytes",
+    "Disk used by hosted repositories as [hosted] max_size counts it (blobs once, manifests, uploads in progress).",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+HOSTED_REPOSITORIES = Gauge(
+    "pullproxy_hosted_repositories", "Hosted repositories.", multiprocess_mode="mostrecent", registry=REGISTRY
+)
+HOSTED_MANIFESTS = Gauge(
+    "pullproxy_hosted_manifests",
+    "Manifests in all hosted repositories.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+HOSTED_QUOTA_USE = Gauge(
+    "pullproxy_hosted_quota_use",
+    "Use of each [hosted] quota (max_size, max_repositories, max_manifests_per_repository: the fullest repository).",
+    ["quota"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+HOSTED_QUOTA_LIMIT = Gauge(
+    "pullproxy_hosted_quota_limit",
+    "Each [hosted] quota's limit.",
+    ["quota"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+HOSTED_PUSHES = Counter(
+    "pullproxy_hosted_pushes",
+    "Pushes to hosted repositories that landed, by kind: blob (uploaded or mounted) or manifest.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+
+class PushKind(StrEnum):
+    BLOB = "blob"
+    MANIFEST = "manifest"
+
+
+def pushed(kind: PushKind) -> None:
+    HOSTED_PUSHES.labels(kind).inc()
+
+
 _TLS_EXPIRY: list[Gauge] = []  # made on first use: without TLS the metric is absent, not 0
 
 
@@ -159,6 +207,7 @@ class Sampler:
     def __init__(self, store: ContentStore, downloads: Downloads, max_size: int) -> None:
         self.store = store
         self.downloads = downloads
+        self.hosted: HostedRepositories | None = None  # set once opened: its gauges are sampled too
         self._evictions = 0
         CACHE_LIMIT.set(max_size)
 
@@ -173,6 +222,8 @@ class Sampler:
         size, entries = await to_thread.run_sync(lambda: (self.store.volume(), self.store.count()))
         CACHE_SIZE.set(size)
         CACHE_ENTRIES.set(entries)
+        if self.hosted is not None:
+            await to_thread.run_sync(_sample_hosted, self.hosted)
 
     async def run(self) -> None:
         while True:
@@ -181,6 +232,17 @@ class Sampler:
             except Exception:
                 log.exception("sampling metrics failed")
             await asyncio.sleep(SAMPLE_INTERVAL)
+
+
+def _sample_hosted(hosted: HostedRepositories) -> None:
+    usage = hosted.usage()
+    HOSTED_BYTES.set(usage.bytes)
+    HOSTED_REPOSITORIES.set(len(usage.repositories))
+    HOSTED_MANIFESTS.set(usage.manifests)
+    limits = hosted.quota_limits()
+    for quota, use in usage.quota_use().items():
+        HOSTED_QUOTA_USE.labels(quota).set(use)
+        HOSTED_QUOTA_LIMIT.labels(quota).set(limits[quota])
 
 
 def collected() -> CollectorRegistry:
@@ -247,6 +309,15 @@ class Snapshot:
 
     def upstream_errors(self, upstream: str) -> int:
         return self._count("pullproxy_upstream_errors_total", upstream=upstream)
+
+    def hosted_quota(self, quota: str) -> tuple[int, int]:
+        """(use, limit) of a `[hosted]` quota; (0, 0) without hosted repositories."""
+        return self._count("pullproxy_hosted_quota_use", quota=quota), self._count(
+            "pullproxy_hosted_quota_limit", quota=quota
+        )
+
+    def hosted_pushes(self, kind: PushKind) -> int:
+        return self._count("pullproxy_hosted_pushes_total", kind=kind)
 
 
 async def endpoint(request: Request) -> Response:

@@ -11,6 +11,7 @@ autoescape, so no repository name, error message or upstream URL can inject mark
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from starlette.templating import Jinja2Templates
 from proxy import tls
 from proxy.access.gate import Gate
 from proxy.errors import RegistryError
+from proxy.hosted.repository import HostedRepositories, Quota, Usage
 from proxy.mirror.outcome import Outcome
 from proxy.ops import metrics
 from proxy.ops.health import upstream_state
@@ -39,6 +41,7 @@ REFRESH_SECONDS = 10
 TEMPLATE = "status.html"
 OUTCOMES = (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE, Outcome.JOINED, Outcome.MISS)  # in display order
 PULLS_SHOWN = 10
+HOSTED_SHOWN = 50  # repositories listed; the rest are counted
 ERRORS_SHOWN = 20
 _DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
 
@@ -144,6 +147,30 @@ class Fact:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaBar:
+    quota: str  # the `[hosted]` key
+    use: str
+    limit: str
+    used_percent: float  # 0 to 100, the bar's width
+    used: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostedRepository:
+    name: str
+    size: str
+    tags: str
+    manifests: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostedView:
+    quotas: tuple[QuotaBar, ...]
+    repositories: tuple[HostedRepository, ...]  # those the caller may pull, up to HOSTED_SHOWN
+    more: int  # visible repositories not listed
+
+
+@dataclass(frozen=True, slots=True)
 class StatusView:
     clock: str
     refresh_seconds: int
@@ -155,6 +182,7 @@ class StatusView:
     errors: tuple[ErrorRow, ...]  # "no errors" when empty
     note: str
     server: tuple[Fact, ...] = ()  # a "Server" section, shown only when there are facts
+    hosted: HostedView | None = None  # a "Hosted repositories" section, with [hosted] only
 
 
 # -- the page -----------------------------------------------------------------------------
@@ -167,6 +195,11 @@ async def page(request: Request) -> Response:
     upstreams = [upstream_state(upstream) for upstream in state.mirror.upstreams]
     visible = await _visibility(request)
     view = build(snapshot, upstreams, state.activity, time.time(), visible, _worker(), tls.describe_server())
+    repositories: HostedRepositories | None = getattr(state, "hosted", None)
+    if repositories is not None:
+        usage = await to_thread.run_sync(repositories.usage)
+        shown = hosted_view(usage, repositories.quota_limits(), await _hosted_visibility(request))
+        view = dataclasses.replace(view, hosted=shown)
     return templates.TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
@@ -192,6 +225,38 @@ async def _visibility(request: Request) -> Callable[[str], bool]:
         return False
 
     return visible
+
+
+async def _hosted_visibility(request: Request) -> Callable[[str], bool]:
+    """Which hosted repositories this caller may see: those it may pull, as `_catalog` lists them."""
+    gate: Gate = request.app.state.gate
+    caller = await gate.caller(request)
+    address = gate.address(request)
+    return lambda name: gate.policy.allows(name, caller.user, address)
+
+
+def hosted_view(usage: Usage, limits: Mapping[Quota, int], visible: Callable[[str], bool]) -> HostedView:
+    """Quota bars (totals: they name no repository) and the repositories the caller may see."""
+    quotas = []
+    for quota, use in usage.quota_use().items():
+        limit = limits[quota]
+        shown = format_size if quota is Quota.SIZE else _count
+        percent = _percent(use, limit)
+        quotas.append(QuotaBar(str(quota), shown(use), shown(limit), round(percent, 1), _percent_text(percent)))
+    seen = [repo for repo in usage.repositories if visible(repo.name)]
+    listed = tuple(
+        HostedRepository(repo.name, format_size(repo.bytes), _count(repo.tags), _count(repo.manifests))
+        for repo in seen[:HOSTED_SHOWN]
+    )
+    return HostedView(tuple(quotas), listed, max(0, len(seen) - HOSTED_SHOWN))
+
+
+def _percent(use: int, limit: int) -> float:
+    return min(100.0, 100 * use / limit) if limit else 0.0
+
+
+def _percent_text(percent: float) -> str:
+    return "<1%" if 0 < percent < 1 else f"{percent:.0f}%"
 
 
 def _worker() -> int | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,6 +218,47 @@ def _podman_push(podman: list[str], source: str, proxy: Proxy, image: PushedImag
             assert hashlib.sha256(data).hexdigest() == name
 
 
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed")
+def test_buildah_pushes_an_image_it_built_from_scratch(
+    upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """buildah 1.28 (containers/image): `from scratch`, copy a file, commit, push; read back byte for byte."""
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    runroot = Path(tempfile.mkdtemp(prefix="pp-buildah-"))
+    buildah = ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    content = os.urandom(1 << 20)
+    (tmp_path / "data.bin").write_bytes(content)
+    try:
+        container = run([*buildah, "from", "scratch"], timeout=120).stdout.decode().strip()
+        run([*buildah, "copy", container, str(tmp_path / "data.bin"), "/data.bin"], timeout=120)
+        run([*buildah, "config", "--cmd", "/data.bin", container], timeout=60)
+        run([*buildah, "commit", "-q", container, "localhost/acme-built:1"], timeout=120)
+        digestfile = tmp_path / "digest"
+        target = f"docker://{proxy.host}/acme/built:1"
+        push = [*buildah, "push", "--tls-verify=false", "--digestfile", str(digestfile), "localhost/acme-built:1"]
+        run([*push, target], timeout=120)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    digest = digestfile.read_text().strip()
+    with httpx.Client(base_url=proxy.url, timeout=60) as client:
+        by_tag = client.get(
+            "/v2/acme/built/manifests/1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        )
+        assert by_tag.status_code == 200
+        assert by_tag.headers["Docker-Content-Digest"] == digest == sha(by_tag.content)
+    folder = tmp_path / "out"
+    skopeo_copy(f"docker://{proxy.host}/acme/built@{digest}", f"dir:{folder}")
+    files = read_dir_image(folder)
+    manifest = json.loads(files["manifest.json"])
+    (layer,) = manifest["layers"]
+    data = files[layer["digest"].split(":")[1]]
+    assert hashlib.sha256(data).hexdigest() == layer["digest"].split(":")[1]
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        member = tar.extractfile("data.bin")
+        assert member is not None and member.read() == content
+
+
 def _peak_rss(pid: int) -> int:
     """Bytes: the process's peak resident set (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -243,6 +287,40 @@ def test_a_large_upload_streams_to_disk_with_flat_memory(
         assert done.status_code == 201
         assert client.head(f"/v2/acme/big/blobs/sha256:{digest.hexdigest()}").headers["Content-Length"] == str(size)
     assert _peak_rss(proxy.pid) - before < 48 << 20  # a 256 MiB layer, never held in memory
+
+
+def test_a_1_gib_layer_pushed_and_pulled_back_keeps_memory_flat(
+    proxy_factory: Callable[..., Proxy], upstream: Registry
+) -> None:
+    """1 GiB up in one streamed PATCH and back down in one GET: the server's peak memory barely moves."""
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    assert proxy.pid is not None
+    size = 1 << 30
+    piece = os.urandom(4 << 20)
+    pieces = size // len(piece)
+    digest = hashlib.sha256()
+    for _ in range(pieces):
+        digest.update(piece)
+    name = f"sha256:{digest.hexdigest()}"
+    with httpx.Client(base_url=proxy.url, timeout=300) as client:
+        client.get("/v2/")
+        before = _peak_rss(proxy.pid)
+        location = client.post("/v2/acme/huge/blobs/uploads/").headers["Location"]
+        patched = client.patch(location, content=(piece for _ in range(pieces)))
+        assert patched.headers["Range"] == f"0-{size - 1}"
+        assert client.put(patched.headers["Location"], params={"digest": name}).status_code == 201
+        pushed = _peak_rss(proxy.pid) - before
+        back = hashlib.sha256()
+        received = 0
+        with client.stream("GET", f"/v2/acme/huge/blobs/{name}") as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes(1 << 20):
+                back.update(chunk)
+                received += len(chunk)
+        assert (received, f"sha256:{back.hexdigest()}") == (size, name)
+    pulled = _peak_rss(proxy.pid) - before
+    print(f"1 GiB: peak RSS +{pushed >> 20} MiB after the push, +{pulled >> 20} MiB after the pull")
+    assert pulled < 64 << 20  # the layer is never held in memory, either way
 
 
 def test_an_upload_cut_by_kill_9_leaves_nothing_visible(

@@ -17,6 +17,7 @@ from cache.mediatypes import OCI_MANIFEST
 from proxy.config import Hosted
 from proxy.hosted import repository
 from proxy.hosted.repository import HostedRepositories
+from proxy.units import format_size
 from tests.support.proxy import REPO_ROOT
 
 
@@ -50,6 +51,7 @@ def manifest_of(layer: bytes) -> bytes:
 
 
 def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Move the clock on by `seconds` (from where an earlier call left it)."""
     now = time.time() + seconds
     monkeypatch.setattr(repository.time, "time", lambda: now)
 
@@ -66,12 +68,12 @@ def test_gc_removes_only_blobs_no_manifest_references_once_older_than_upload_ttl
     later(monkeypatch, 7200)
     dry = hosted.collect(dry_run=True)
     assert (dry.unlinked, dry.blobs, dry.bytes) == (1, 1, len(b"unused"))
-    assert hosted.blob_file("acme/app", unused) is not None
+    assert hosted.blob_size("acme/app", unused) is not None  # (not blob_file: a GET would keep it longer)
     done = hosted.collect()
     assert (done.unlinked, done.blobs) == (1, 1)
     assert hosted.blob_file("acme/app", unused) is None
     assert hosted.content.find_blob(unused) is None
-    assert hosted.blob_file("acme/app", used) is not None
+    assert hosted.blob_size("acme/app", used) is not None
     manifest = hosted.manifest("acme/app", "v1")
     assert manifest is not None
     hosted.delete_manifest("acme/app", manifest.digest)
@@ -108,7 +110,7 @@ def test_uploads_older_than_upload_ttl_are_dropped(hosted: HostedRepositories, m
     assert hosted.in_use() >= 7  # uploads in progress count against max_size
     later(monkeypatch, 3599)
     assert hosted.sweep_uploads() == 0
-    later(monkeypatch, 3601)
+    later(monkeypatch, 2)
     assert hosted.collect(dry_run=True).uploads == 1
     assert hosted.collect().uploads == 1
     with pytest.raises(repository.errors.BlobUploadUnknown):
@@ -148,3 +150,60 @@ def test_cache_du_shows_hosted_content(tmp_path: Path) -> None:
     line = next(line for line in out.splitlines() if line.startswith("hosted"))
     assert line.endswith("of 1.0 GiB (pushed, never evicted)"), line
     assert not line.startswith("hosted      0 B"), line
+
+
+def test_a_blob_found_by_head_or_get_outlives_gc_until_its_manifest_arrives(
+    hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: a client finds an old unreferenced blob, gc runs, then the client's manifest PUT."""
+    upload(hosted, "acme/app", b"{}")
+    upload(hosted, "acme/app", b"old layer")
+    later(monkeypatch, 7200)  # both links are older than upload_ttl, and no manifest names them
+    assert hosted.blob_file("acme/app", sha(b"{}")) is not None  # what HEAD and GET ask
+    assert hosted.blob_file("acme/app", sha(b"old layer")) is not None
+    later(monkeypatch, 3590)  # gc runs just before upload_ttl has passed since the HEAD
+    assert hosted.collect().blobs == 0
+    hosted.put_manifest("acme/app", "v1", OCI_MANIFEST, manifest_of(b"old layer"))
+    assert hosted.blob_file("acme/app", sha(b"old layer")) is not None
+
+
+def test_a_blob_nobody_asked_for_is_still_collected_after_upload_ttl(
+    hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(hosted, "acme/app", b"old layer")
+    later(monkeypatch, 7200)
+    assert hosted.blob_file("acme/app", sha(b"old layer")) is not None
+    later(monkeypatch, 3600 + repository.NEEDED_SLACK + 1)
+    assert hosted.collect().blobs == 1
+    with pytest.raises(repository.errors.ManifestBlobUnknown):
+        hosted.put_manifest("acme/app", "v1", OCI_MANIFEST, manifest_of(b"old layer"))
+
+
+def test_a_mount_or_an_upload_of_an_old_blob_keeps_it_for_upload_ttl(
+    hosted: HostedRepositories, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(hosted, "acme/base", b"{}")
+    upload(hosted, "acme/base", b"base layer")
+    later(monkeypatch, 7200)
+    assert hosted.mount("acme/app", "acme/base", sha(b"base layer")) == len(b"base layer")
+    upload(hosted, "acme/app", b"{}")  # lands on the stored blob
+    later(monkeypatch, 3590)
+    hosted.collect()
+    hosted.put_manifest("acme/app", "v1", OCI_MANIFEST, manifest_of(b"base layer"))
+
+
+def test_cache_ls_lists_hosted_tags_marked_hosted(tmp_path: Path) -> None:
+    config = tmp_path / "pullproxy.toml"
+    config.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n[hosted]\nrepositories = ["acme/**"]\n')
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "cache" / "hosted")
+    upload(store, "acme/app", b"{}")
+    upload(store, "acme/app", b"x" * 5000)
+    pushed = store.put_manifest("acme/app", "1", OCI_MANIFEST, manifest_of(b"x" * 5000))
+    store.close()
+    argv = [sys.executable, "-m", "proxy", "cache", "ls", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("acme/app:1 "))
+    assert pushed.digest[:19] in line
+    assert format_size(5000 + 2 + len(manifest_of(b"x" * 5000))) in line, line  # layer, config, manifest
+    assert line.endswith("hosted"), line

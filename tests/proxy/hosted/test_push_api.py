@@ -6,6 +6,7 @@ import email
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from cache.mediatypes import OCI_MANIFEST
 from cache.store import DiskContentStore
 from proxy.config import Hosted
+from proxy.hosted.repository import HostedRepositories
 from tests.support.inprocess import MemoryRegistry, mirror_client
 
 EMPTY_CONFIG = b"{}"
@@ -360,3 +362,48 @@ def test_mount_from_a_cached_repository_the_caller_may_pull(client: httpx.Client
     other = client.post("/v2/acme/app/blobs/uploads/", params={"mount": digest, "from": "team/other"})
     assert other.status_code == 202  # that repository is not known to hold it
     assert len(upstream.requests) == asked + 1  # the pull only: mounts ask no upstream
+
+
+def _age_links(directory: Path, seconds: float) -> None:
+    """Make every blob link look `seconds` older, as if pushed that long ago."""
+    with sqlite3.connect(directory / "hosted" / "index.sqlite") as db:
+        db.execute("UPDATE blobs SET linked = linked - ?", (seconds,))
+
+
+def _collect(directory: Path) -> int:
+    """One garbage collection, as `pullproxy gc` or another worker runs it."""
+    store = HostedRepositories(Hosted(repositories=("acme/**",)), directory / "hosted")
+    try:
+        return store.collect().blobs
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("found_by", ["HEAD", "GET", "mount"])
+def test_gc_between_a_client_finding_old_blobs_and_its_manifest_put_keeps_them(
+    tmp_path: Path, client: httpx.Client, found_by: str
+) -> None:
+    layer = b"old unreferenced layer"
+    repo = "acme/other" if found_by == "mount" else "acme/app"
+    for data in (EMPTY_CONFIG, layer):
+        assert push_blob(client, "acme/app", data).status_code == 201
+    _age_links(tmp_path, 7200)  # older than upload_ttl, and no manifest names them
+    for data in (EMPTY_CONFIG, layer):
+        if found_by == "mount":
+            params = {"mount": sha(data), "from": "acme/app"}
+            assert client.post(f"/v2/{repo}/blobs/uploads/", params=params).status_code == 201
+        else:
+            assert client.request(found_by, f"/v2/{repo}/blobs/{sha(data)}").status_code == 200
+    _collect(tmp_path)
+    put = client.put(f"/v2/{repo}/manifests/v1", content=image_manifest(layer), headers={"Content-Type": OCI_MANIFEST})
+    assert put.status_code == 201, put.text
+
+
+def test_gc_still_removes_old_blobs_nobody_asked_for(tmp_path: Path, client: httpx.Client) -> None:
+    layer = b"old unreferenced layer"
+    for data in (EMPTY_CONFIG, layer):
+        assert push_blob(client, "acme/app", data).status_code == 201
+    _age_links(tmp_path, 7200)
+    assert _collect(tmp_path) == 2
+    put = client.put("/v2/acme/app/manifests/v1", content=image_manifest(layer), headers={"Content-Type": OCI_MANIFEST})
+    assert_error(put, 400, "MANIFEST_BLOB_UNKNOWN")
