@@ -16,8 +16,6 @@ part by its Content-Range, a 206 `multipart/byteranges` part by part.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import gzip
 import io
 import json
@@ -27,6 +25,8 @@ import tarfile
 import zlib
 
 import httpx
+
+from tests.support.multipart import parts_of
 
 FOOTER_SIZE = 51  # estargz.FooterSize
 CHUNK_SIZE = 50000  # fs/config defaultChunkSize: the reader's fetches are aligned to it
@@ -127,16 +127,10 @@ class LazyReader:
             match = _CONTENT_RANGE.fullmatch(response.headers["Content-Range"])
             assert match is not None
             return {int(match[1]): response.content}
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + media_type.encode() + b"\r\n\r\n" + response.content
-        )
-        assert message.is_multipart()
         parts: dict[int, bytes] = {}
-        for part in message.iter_parts():
-            match = _CONTENT_RANGE.fullmatch(str(part["Content-Range"]))
-            assert match is not None, part["Content-Range"]
-            body = part.get_payload(decode=True)
-            assert isinstance(body, bytes)
+        for content_range, body in parts_of(response):
+            match = _CONTENT_RANGE.fullmatch(content_range)
+            assert match is not None, content_range
             assert len(body) == int(match[2]) - int(match[1]) + 1
             parts[int(match[1])] = body
         return parts

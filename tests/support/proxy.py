@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .ports import free_port, wait_http
 from .procs import Closing, spawn, stop, tail
@@ -194,3 +194,17 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_copy(v) for v in value]
     return value
+
+
+def mirror(upstream: HasUrl, tag_ttl: str = "30s", **upstream_keys: object) -> Proxy:
+    """A mirror (not started) of one upstream as the default, Docker Hub's name, with `tag_ttl`."""
+    return Proxy(
+        {
+            "cache": {"tag_ttl": tag_ttl},
+            "upstream": [{"name": "docker.io", "url": upstream.url, "default": True, **upstream_keys}],
+        }
+    )
+
+
+class HasUrl(Protocol):
+    url: str

@@ -4,8 +4,6 @@ multipart/byteranges, parsed back with Python's `email` package."""
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from starlette.routing import Route
 from proxy.http.multipart import RangesResponse
 from proxy.http.ranges import MAX_RANGES, Refusal, one_range, parse_ranges
 from tests.support.inprocess import MemoryRegistry, mirror_client
+from tests.support.multipart import parts_of
 
 
 @pytest.mark.parametrize(
@@ -93,23 +92,6 @@ def get(app: Starlette) -> httpx.Response:
             return await client.get("/")
 
     return asyncio.run(run())
-
-
-def parts_of(response: httpx.Response) -> list[tuple[str, bytes]]:
-    """(Content-Range, body) of each part, as a MIME parser reads them."""
-    media_type = response.headers["Content-Type"]
-    assert media_type.startswith("multipart/byteranges; boundary=")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + media_type.encode() + b"\r\n\r\n" + response.content
-    )
-    assert message.is_multipart() and not message.defects
-    out = []
-    for part in message.iter_parts():
-        assert part.get_content_type() == "application/octet-stream"
-        body = part.get_payload(decode=True)
-        assert isinstance(body, bytes)
-        out.append((str(part["Content-Range"]), body))
-    return out
 
 
 def test_several_ranges_are_multipart_byteranges_with_an_exact_length() -> None:

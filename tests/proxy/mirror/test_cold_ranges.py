@@ -10,8 +10,6 @@ in one multi-range GET. The layer is a real eStargz made by Debian's `ctr-remote
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import os
 import subprocess
@@ -29,6 +27,7 @@ from tests.support import estargz
 from tests.support.clients import Containerd
 from tests.support.faulty import FaultyRegistry
 from tests.support.images import OCI_MANIFEST, Pusher, image_config, make_layer, sha256_digest
+from tests.support.multipart import parts_of
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 
@@ -69,21 +68,6 @@ def wait_for(condition: Callable[[], bool], seconds: float = 20) -> bool:
             return True
         time.sleep(0.05)
     return condition()
-
-
-def parts_of(response: httpx.Response) -> list[tuple[str, bytes]]:
-    media_type = response.headers["Content-Type"]
-    assert media_type.startswith("multipart/byteranges; boundary=")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + media_type.encode() + b"\r\n\r\n" + response.content
-    )
-    assert message.is_multipart() and not message.defects
-    out = []
-    for part in message.iter_parts():
-        body = part.get_payload(decode=True)
-        assert isinstance(body, bytes)
-        out.append((str(part["Content-Range"]), body))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.support.faulty import FaultyRegistry
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, mirror
 
 TAG_HEAD = re.compile(r"/manifests/(?!sha256:)")
 
@@ -23,15 +23,6 @@ TAG_HEAD = re.compile(r"/manifests/(?!sha256:)")
 def faulty() -> Iterator[FaultyRegistry]:
     with FaultyRegistry() as registry:
         yield registry
-
-
-def mirror(upstream: FaultyRegistry, tag_ttl: str = "30s", **upstream_keys: object) -> Proxy:
-    return Proxy(
-        {
-            "cache": {"tag_ttl": tag_ttl},
-            "upstream": [{"name": "docker.io", "url": upstream.url, "default": True, **upstream_keys}],
-        }
-    )
 
 
 def visible_blob_files(proxy: Proxy) -> list[Path]:

@@ -35,7 +35,7 @@ from proxy.upstream.client import (
     UpstreamUnavailable,
 )
 from tests.support.faulty import OCI_INDEX, FaultyRegistry
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, mirror
 
 MIB = 1 << 20
 ENDLESS = 64 * MIB  # what an "endless" answer may send at most, so a test cannot run away
@@ -48,15 +48,6 @@ PUBLIC_UPSTREAM = "https://203.0.113.10"  # never connected to: the transport is
 def faulty() -> Iterator[FaultyRegistry]:
     with FaultyRegistry() as registry:
         yield registry
-
-
-def mirror(upstream: FaultyRegistry, tag_ttl: str = "30s", **upstream_keys: object) -> Proxy:
-    return Proxy(
-        {
-            "cache": {"tag_ttl": tag_ttl},
-            "upstream": [{"name": "docker.io", "url": upstream.url, "default": True, **upstream_keys}],
-        }
-    )
 
 
 def oci_error(response: httpx.Response) -> dict[str, Any]:
