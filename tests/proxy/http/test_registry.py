@@ -12,18 +12,6 @@ from tests.support.faulty import OCI_INDEX, OCI_MANIFEST, FaultyRegistry
 from tests.support.proxy import Proxy
 
 
-@pytest.fixture(scope="module")
-def faulty() -> Iterator[FaultyRegistry]:
-    with FaultyRegistry(tags_page_size=None) as registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
-def proxy(faulty: FaultyRegistry) -> Iterator[Proxy]:
-    with Proxy(upstream_url=faulty.url) as running:
-        yield running
-
-
 @pytest.fixture
 def client(proxy: Proxy) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=proxy.url, timeout=10) as c:

@@ -383,18 +383,6 @@ def test_a_cached_blob_and_its_ranges_are_sent_from_the_file_where_the_server_of
 # -- the mirror: cached blobs, and followers of a download in flight --------------------------
 
 
-@pytest.fixture(scope="module")
-def faulty() -> Iterator[FaultyRegistry]:
-    with FaultyRegistry(tags_page_size=None) as registry:
-        yield registry
-
-
-@pytest.fixture(scope="module")
-def proxy(faulty: FaultyRegistry) -> Iterator[Proxy]:
-    with Proxy(upstream_url=faulty.url) as running:
-        yield running
-
-
 def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, str | None]:
     """Status, body, and why the body ended early (None: it ended cleanly)."""
     body = bytearray()
