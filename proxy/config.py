@@ -14,6 +14,7 @@ and `[cache]` are attributes of `Config` itself), `upstream.header_timeout` for 
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -229,6 +230,13 @@ def _url(value: object) -> str:
     url = _text(value).rstrip("/")
     if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", url):
         raise Problem(f"{url!r} must start with http:// or https://")
+    return url
+
+
+def _redis_url(value: object) -> str:
+    url = _text(value)
+    if not re.fullmatch(r"rediss?://\S+|unix://\S+", url):
+        raise Problem(f"{url!r} must be a redis:// (rediss://, unix://) URL, e.g. 'redis://10.0.0.9:6379/0'")
     return url
 
 
@@ -464,6 +472,66 @@ class Hosted(Table):
     upload_ttl: Annotated[float, BeforeValidator(units.parse_duration)] = 3600.0
 
 
+class Backend(enum.StrEnum):
+    DISK = "disk"  # the cache directory: one host, nothing else to run
+    S3 = "s3"  # an S3-compatible bucket shared by replicas, with [coordination]
+
+
+def _backend(value: object) -> Backend:
+    try:
+        return Backend(_text(value))
+    except ValueError:
+        raise Problem(f"{value!r} must be 'disk' or 's3'") from None
+
+
+class Storage(Table):
+    """`[storage]`: where content lives. "s3": a bucket every replica shares; `[cache] dir` is then
+    each replica's local hot tier (bounded by `[cache] local_max_size`), `[cache] max_size` bounds
+    the cached content in the bucket."""
+
+    backend: Annotated[Backend, BeforeValidator(_backend)] = Backend.DISK
+    endpoint: Annotated[str, BeforeValidator(_url)] | None = None
+    bucket: Text | None = None
+    region: Text = "us-east-1"
+    access_key_env: Text | None = None
+    secret_key_env: Text | None = None
+    access_key: str | None = Field(default=None, repr=False)
+    secret_key: str | None = Field(default=None, repr=False)
+    redirect: Bool = False  # blob GETs answer 307 to a short-lived presigned URL
+
+    @classmethod
+    def _resolve(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for name in ("access_key", "secret_key"):
+            if f"{name}_env" in data:
+                data = {**data, name: _variable(data[f"{name}_env"], f"{name}_env")}
+        return data
+
+    @model_validator(mode="after")
+    def _s3(self) -> Self:
+        if self.backend is Backend.S3:
+            for key in ("endpoint", "bucket"):
+                if getattr(self, key) is None:
+                    raise Problem('missing (needed with backend = "s3")', key)
+        elif self.redirect:
+            raise Problem('redirect = true needs backend = "s3"', "redirect")
+        return self
+
+
+class Coordination(Table):
+    """`[coordination]`: the Redis every replica shares, and how replicas reach and trust each other."""
+
+    redis: Annotated[str, BeforeValidator(_redis_url)]
+    advertise_url: Annotated[str, BeforeValidator(_url)] | None = None  # None: http://<listen host:port>
+    peer_secret_env: Text | None = None
+    peer_secret: str | None = Field(default=None, repr=False)
+
+    @classmethod
+    def _resolve(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "peer_secret_env" in data:
+            return {**data, "peer_secret": _variable(data["peer_secret_env"], "peer_secret_env")}
+        return data
+
+
 # -- the whole file ------------------------------------------------------------------------
 
 
@@ -536,6 +604,7 @@ class Cache(BaseModel):
 
     cache_dir: Pathname = Field(default=Path("pullproxy-data"), alias="dir")
     max_size: Size = 10 << 30
+    local_max_size: Size | None = None  # with [storage] backend = "s3": this host's hot tier; None: max_size
     tag_ttl: Duration = 60.0
     offline: Flag = False
     pin_refresh: Duration = 3600.0
@@ -583,6 +652,8 @@ class Config(BaseSettings, Cache, Server):
     auth: AuthConfig | None = None
     access: Tables[AccessRule] = ()
     hosted: Hosted | None = None
+    storage: Storage = Storage()
+    coordination: Coordination | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -658,6 +729,8 @@ class Config(BaseSettings, Cache, Server):
                 who = getattr(rule, action)
                 if who is not None:
                     _check_pull(who, self.auth, self.tls_client_ca is not None, "access", index, action)
+        if self.storage.backend is Backend.S3 and self.coordination is None:
+            raise Problem('backend = "s3" needs [coordination] redis (replicas share its index)', "storage", "backend")
         if self.auth is not None:
             _check_pull(self.auth.default, self.auth, self.tls_client_ca is not None, "auth", "default")
         return self

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real registry and clients the integration tests drive, and a browser for the status page
-# (Debian packages).
-DEBS=(docker-registry skopeo containerd chromium podman buildah stargz-snapshotter)
+# Real registry and clients the integration tests drive, a browser for the status page, and
+# the Redis and load balancer a fleet of replicas runs with (Debian packages; SeaweedFS, the
+# object store, comes from PyPI).
+DEBS=(docker-registry skopeo containerd chromium podman buildah stargz-snapshotter redis-server haproxy)
 # A virtual environment keeps the tests off the system Python (Debian refuses pip there).
 python3 -m venv --help >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()

@@ -62,11 +62,37 @@ def test_sizes_and_durations_parse_with_units(tmp_path: Path) -> None:
         ('[cache]\noffline = "maybe"\n', "cache.offline"),
         ('[[pin]]\nimage = "Not An Image"\n', "pin[0].image"),
         ('[[pin]]\nimage = "alpine"\nplatforms = ["amd64"]\n', "pin[0].platforms"),
+        ('[storage]\nbackend = "nfs"\n', "storage.backend"),
+        ('[storage]\nbackend = "s3"\nbucket = "b"\n', "storage.endpoint"),
+        ('[storage]\nbackend = "s3"\nendpoint = "http://s3:8333"\nbucket = "b"\n', "storage.backend: .*coordination"),
+        ("[storage]\nredirect = true\n", "storage.redirect"),
+        (
+            '[storage]\nbackend = "s3"\nendpoint = "http://s3"\nbucket = "b"\naccess_key_env = "NOPE"\n',
+            "NOPE is not set",
+        ),
+        ('[coordination]\nredis = "10.0.0.9:6379"\n', "coordination.redis"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(config.ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         config.load(write(tmp_path, text), environ={})
+
+
+def test_s3_storage_takes_its_secrets_from_the_environment(tmp_path: Path) -> None:
+    text = (
+        '[storage]\nbackend = "s3"\nendpoint = "http://127.0.0.1:8333"\nbucket = "pp"\n'
+        'access_key_env = "AK"\nsecret_key_env = "SK"\n'
+        '[coordination]\nredis = "redis://127.0.0.1:6379/0"\npeer_secret_env = "PS"\n'
+    )
+    loaded = config.load(write(tmp_path, text), environ={"AK": "AKVALUE", "SK": "SKVALUE", "PS": "PSVALUE"})
+    assert loaded.storage.backend is config.Backend.S3
+    assert (loaded.storage.access_key, loaded.storage.secret_key) == ("AKVALUE", "SKVALUE")
+    assert loaded.coordination is not None and loaded.coordination.peer_secret == "PSVALUE"
+    assert "SKVALUE" not in repr(loaded) and "PSVALUE" not in repr(loaded)
+
+
+def test_disk_storage_is_the_default() -> None:
+    assert config.load(None, environ={}).storage.backend is config.Backend.DISK
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:

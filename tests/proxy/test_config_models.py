@@ -259,7 +259,7 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
     [
         (
             "listen = '1:2'\n",
-            "(top level).listen: unknown key (known: access, auth, cache, hosted, pin, server, upstream)",
+            "(top level).listen: unknown key (known: access, auth, cache, coordination, hosted, pin, server, storage, upstream)",
         ),
         (
             "[server]\nport = 1\n",
@@ -268,7 +268,7 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
         ),
         (
             "[cache]\ncache_dir = 'x'\n",
-            "cache.cache_dir: unknown key (known: dir, max_size, offline, pin_refresh, tag_ttl)",
+            "cache.cache_dir: unknown key (known: dir, local_max_size, max_size, offline, pin_refresh, tag_ttl)",
         ),
         (
             UPSTREAM + "token = 'x'\n",
@@ -321,7 +321,7 @@ def test_every_server_and_cache_key_has_its_variable_and_it_wins_over_the_file(
     [
         ({"PULLPROXY_CACHE_MAX_SIZE": "lots"}, "cache.max_size: 'lots' is not a size such as '10GiB' or '500MiB'"),
         ({"PULLPROXY_SERVER_WORKERS": "none"}, "server.workers: 'none' must be a positive integer"),
-        ({"PULLPROXY_CACHE_SIZE": "1GiB"}, "cache.size: unknown key (known: dir, max_size"),
+        ({"PULLPROXY_CACHE_SIZE": "1GiB"}, "cache.size: unknown key (known: dir, local_max_size, max_size"),
         ({"PULLPROXY_SERVER_LISTEN_PORT": "5"}, "server.listen_port: unknown key (known: header_timeout, listen,"),
     ],
 )
