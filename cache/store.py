@@ -25,6 +25,18 @@ from cache.diskcache_sql import EvictionPolicy, SqlCache
 from cache.storage import BlobFile, Entry, IncompleteFile, Manifest, is_manifest_key, key_digest, manifest_key
 
 
+def hard_link(found: BlobFile, staged: Path) -> bool:
+    """Give another store's verified file a second name, `staged`, to `put_blob`: the bytes are stored once.
+
+    False when it cannot: the file was removed meanwhile, or `staged` is on another filesystem.
+    """
+    try:
+        os.link(found.path, staged)
+    except OSError:
+        return False
+    return True
+
+
 class DiskContentStore:
     """Content-addressed storage shared by every upstream: a digest names the same bytes anywhere.
 

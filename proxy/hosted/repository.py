@@ -8,6 +8,8 @@ links are rows of the `Index`. Every method blocks (disk, SQLite, hashing): call
 
 A blob pushed while the cache holds it is stored once: the hosted store takes a hard link to
 the cache's verified file instead of the uploaded copy, so the bytes survive the cache's eviction.
+The other way round, the mirror's `Blobs` links the hosted file into the cache instead of
+downloading it, once the upstream repository is known to hold the digest.
 
 A blob becomes visible only after it was uploaded whole, its digest verified, flushed and
 renamed into the store and linked in one transaction; a crash before the link leaves a file
@@ -31,7 +33,7 @@ from cache import digests
 from cache import manifests as walker
 from cache.mediatypes import OCI_INDEX
 from cache.storage import BlobFile
-from cache.store import DiskContentStore
+from cache.store import DiskContentStore, hard_link
 from proxy import errors, references
 from proxy.config import Hosted
 from proxy.hosted.index import Index, StoredManifest
@@ -231,9 +233,7 @@ class HostedRepositories:
         if found is None or found.size != size:
             return uploaded
         link = uploaded.with_name(uploaded.name + ".cached")
-        try:
-            os.link(found.path, link)
-        except OSError:  # evicted meanwhile, or another filesystem
+        if not hard_link(found, link):
             return uploaded
         uploaded.unlink()
         return link
@@ -282,9 +282,7 @@ class HostedRepositories:
                 self.check_repository(repo)
                 self.check_room(found.size)
                 link = self.uploads_dir / f"{uuid.uuid4().hex}.cached"
-                try:
-                    os.link(found.path, link)
-                except OSError:
+                if not hard_link(found, link):
                     return None
                 self.content.put_blob(digest, link, found.size)
             stored = self.content.find_blob(digest)
