@@ -95,6 +95,15 @@ class DiskContentStore:
             self._paths[digest] = found
         return found
 
+    def stored_path(self, digest: str) -> str | None:
+        """Blocking: the stored file of `digest` as it is, unchecked and never removed (for a
+        verification that reports damage rather than repairing it)."""
+        handle = self._cache.open_file(digest)
+        if handle is None:
+            return None
+        with handle:
+            return handle.name
+
     def forget_path(self, digest: str) -> None:
         """Called when a remembered file has been evicted by another process."""
         with self._lock:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cache import digests
+from cache import digests, inventory
 from cache import manifests as walker
 from cache.mediatypes import OCI_INDEX
 from cache.storage import BlobFile
@@ -110,6 +110,15 @@ class TaggedImage:
     digest: str
     size: int  # the manifest and what it names (an index: its children and theirs), as far as stored
     platforms: int  # an index's entries; 0 for an image
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """Hosted content whose bytes do not match its digest, or whose file is gone (`verify`)."""
+
+    digest: str
+    repositories: tuple[str, ...]  # that link the blob, or hold the manifest
+    manifest: bool
 
 
 def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
@@ -400,6 +409,31 @@ class HostedRepositories:
     @staticmethod
     def _blobs_size(body: bytes) -> int:
         return sum(blob.size or 0 for blob in walker.refs(body).blobs)
+
+    # -- verification ------------------------------------------------------------------
+
+    def verify(self, advance: Callable[[int], None]) -> list[Damaged]:
+        """Re-hash every hosted blob and manifest and report what does not match or is gone.
+
+        Nothing is removed, unlike the cache's `verify`: a push was acknowledged, there is no
+        upstream to fetch it from again, and which repository must do without is the operator's call.
+        """
+        damaged = []
+        stored = {entry.digest for entry in self.content.entries() if not entry.is_manifest}
+        for digest in sorted(stored | self.index.linked_digests()):
+            path = self.content.stored_path(digest)
+            if path is None or not inventory.file_matches(digest, path, advance):
+                damaged.append(Damaged(digest, tuple(self.index.linking(digest)), manifest=False))
+        bad_manifests: dict[str, list[str]] = {}
+        for repo, digest, body in self.index.manifest_bodies():
+            try:
+                ok = digests.matches(digest, body)
+            except digests.InvalidDigest:
+                ok = False
+            if not ok:
+                bad_manifests.setdefault(digest, []).append(repo)
+        damaged.extend(Damaged(digest, tuple(repos), manifest=True) for digest, repos in bad_manifests.items())
+        return damaged
 
     # -- garbage collection ------------------------------------------------------------
 
