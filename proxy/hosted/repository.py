@@ -248,13 +248,17 @@ class HostedRepositories:
         return link
 
     def sweep_uploads(self, dry_run: bool = False) -> int:
-        """Drop uploads older than `upload_ttl` (and files a crash left without a record); how many."""
+        """Drop uploads idle for longer than `upload_ttl` (and files a crash left without a record); how many.
+
+        An upload's last activity is its file's last write (each `PATCH` or `PUT` touches it),
+        so a long chunked push is kept as long as chunks keep coming.
+        """
         cutoff = time.time() - self.config.upload_ttl
         dropped = 0
         known = set()
         for upload, started in self.index.uploads():
             known.add(upload)
-            if started < cutoff:
+            if started < cutoff and self._last_written(upload) < cutoff:
                 if not dry_run:
                     self._drop_upload(upload, self.uploads_dir / upload)
                 dropped += 1
@@ -268,6 +272,12 @@ class HostedRepositories:
             except OSError:
                 continue
         return dropped
+
+    def _last_written(self, upload: str) -> float:
+        try:
+            return os.stat(self.uploads_dir / upload).st_mtime
+        except OSError:
+            return 0.0
 
     # -- blobs -------------------------------------------------------------------------
 

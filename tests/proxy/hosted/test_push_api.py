@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,3 +404,22 @@ def test_gc_still_removes_old_blobs_nobody_asked_for(tmp_path: Path, client: htt
     assert _collect(tmp_path) == 2
     put = client.put("/v2/acme/app/manifests/v1", content=image_manifest(layer), headers={"Content-Type": OCI_MANIFEST})
     assert_error(put, 400, "MANIFEST_BLOB_UNKNOWN")
+
+
+def test_upload_ttl_counts_from_the_last_chunk_not_the_start(tmp_path: Path, upstream: MemoryRegistry) -> None:
+    """A slow chunked push outlives `upload_ttl` as long as chunks keep coming; an idle one does not."""
+    chunks = [bytes([i]) * 1000 for i in range(6)]
+    for client in hosted_client(tmp_path, upstream, upload_ttl="2s"):
+        location = client.post("/v2/acme/app/blobs/uploads/").headers["Location"]
+        idle = client.post("/v2/acme/app/blobs/uploads/").headers["Location"]
+        begun = time.monotonic()
+        for chunk in chunks:  # 3 s in all, past the ttl; each PATCH renews it
+            time.sleep(0.5)
+            assert client.patch(location, content=chunk).status_code == 202
+            assert client.post("/v2/acme/other/blobs/uploads/").status_code == 202  # each start sweeps
+        assert time.monotonic() - begun > 2.5
+        data = b"".join(chunks)
+        done = client.put(location, params={"digest": sha(data)})
+        assert done.status_code == 201, done.text
+        assert client.get(f"/v2/acme/app/blobs/{sha(data)}").content == data
+        assert_error(client.get(idle), 404, "BLOB_UPLOAD_UNKNOWN")  # started as long ago, never written to
