@@ -243,12 +243,17 @@ class Blobs:
         return await to_thread.run_sync(self._store_link, digest, found)
 
     def _store_link(self, digest: str, found: BlobFile) -> bool:
-        """Blocking."""
+        """Blocking. True when the cache holds the blob now (another worker may have stored it meanwhile)."""
+        if self.store.has_blob(digest):
+            return True
         staged = self.store.partial_dir / f"{digest.replace(':', '-')}.{uuid.uuid4().hex}.hosted"
         if not hard_link(found, staged):
             return False
         try:
             self.store.put_blob(digest, staged, found.size)
+        except OSError:  # the staged name removed meanwhile (a starting worker clears old files): download it
+            staged.unlink(missing_ok=True)
+            return False
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
