@@ -134,7 +134,7 @@ def verify(store: ContentStore, advance: Callable[[int], None]) -> list[str]:
             ok = manifest is not None and _matches(entry.digest, manifest.body)
         else:
             found = store.find_blob(entry.digest)
-            ok = found is not None and _file_matches(entry.digest, found.path, advance)
+            ok = found is not None and file_matches(entry.digest, found.path, advance)
         if not ok:
             store.remove(entry.key)
             bad.append(entry.digest)
@@ -148,7 +148,8 @@ def _matches(digest: str, data: bytes) -> bool:
         return False
 
 
-def _file_matches(digest: str, path: str, advance: Callable[[int], None]) -> bool:
+def file_matches(digest: str, path: str, advance: Callable[[int], None]) -> bool:
+    """Whether the file's bytes have `digest` (False if it is gone); `advance` is told each chunk read."""
     try:
         check = digests.Check(digest)
         with open(path, "rb") as source:

@@ -25,6 +25,18 @@ from cache.diskcache_sql import EvictionPolicy, SqlCache
 from cache.storage import BlobFile, Entry, IncompleteFile, Manifest, is_manifest_key, key_digest, manifest_key
 
 
+def hard_link(found: BlobFile, staged: Path) -> bool:
+    """Give another store's verified file a second name, `staged`, to `put_blob`: the bytes are stored once.
+
+    False when it cannot: the file was removed meanwhile, or `staged` is on another filesystem.
+    """
+    try:
+        os.link(found.path, staged)
+    except OSError:
+        return False
+    return True
+
+
 class DiskContentStore:
     """Content-addressed storage shared by every upstream: a digest names the same bytes anywhere.
 
@@ -82,6 +94,15 @@ class DiskContentStore:
         with self._lock:
             self._paths[digest] = found
         return found
+
+    def stored_path(self, digest: str) -> str | None:
+        """Blocking: the stored file of `digest` as it is, unchecked and never removed (for a
+        verification that reports damage rather than repairing it)."""
+        handle = self._cache.open_file(digest)
+        if handle is None:
+            return None
+        with handle:
+            return handle.name
 
     def forget_path(self, digest: str) -> None:
         """Called when a remembered file has been evicted by another process."""

@@ -1,5 +1,8 @@
 """`pullproxy cache ls | du | rm IMAGE | verify`: look at and repair the cache, also while a server runs.
 
+Hosted content is looked at, verified and reported, never removed here: what was pushed is
+deleted through the registry API and freed by `pullproxy gc`.
+
 A running server keeps small in-memory maps: after `rm`, it may still answer the removed
 tag until `tag_ttl` has passed and a removed manifest it holds in memory (immutable and
 verified, so never wrong); blobs are always re-opened from disk, and one that is gone is
@@ -17,7 +20,8 @@ from cache.storage import ContentStore, Metadata
 from proxy import references
 from proxy.cli.progress import Progress
 from proxy.config import Config
-from proxy.hosted.repository import HostedRepositories
+from proxy.hosted.names import HostedNames
+from proxy.hosted.repository import Damaged, HostedRepositories
 from proxy.mirror.mirror import open_storage
 from proxy.routing import Router, canonical
 from proxy.units import format_ago, format_size
@@ -103,6 +107,16 @@ def rm(config: Config, image: str) -> int:
         ref = references.parse(image)
     except ValueError as exc:
         raise SystemExit(f"pullproxy: {exc}") from None
+    if (
+        config.hosted is not None
+        and ref.registry is None
+        and HostedNames(config.hosted.repositories).matches(ref.repository)
+    ):
+        raise SystemExit(
+            f"pullproxy: {ref.repository} is a hosted repository: `cache rm` removes only cached content."
+            f" Delete what was pushed with the registry API (DELETE /v2/{ref.repository}/manifests/<tag or digest>)"
+            " and `pullproxy gc` frees the blobs no manifest needs"
+        )
     route = Router(config.upstreams).resolve(ref)
     with _open(config) as (store, meta):
         tags, freed = inventory.remove(store, meta, route.upstream.name, route.repo, ref.reference)
@@ -116,11 +130,43 @@ def rm(config: Config, image: str) -> int:
 
 
 def verify(config: Config) -> int:
+    """Cached content that is corrupt is removed (the mirror fetches it again); hosted content only reported."""
     with _open(config) as (store, _), Progress() as progress:
         total = sum(e.size for e in store.entries() if not e.is_manifest)
         task = progress.task("verifying", total)
         bad = inventory.verify(store, task.advance)
         task.finish(f"verified {format_size(total)}: {len(bad)} corrupt or missing")
+        damaged = _verify_hosted(config, progress)
     for digest in bad:
         print(f"removed corrupt {digest}")
-    return 1 if bad else 0
+    for found in damaged:
+        print(_damage_note(found))
+    return 1 if bad or damaged else 0
+
+
+def _verify_hosted(config: Config, progress: Progress) -> list[Damaged]:
+    directory = config.cache_dir / "hosted"
+    if config.hosted is None or not directory.is_dir():
+        return []
+    hosted = HostedRepositories(config.hosted, directory)
+    try:
+        total = sum(e.size for e in hosted.content.entries() if not e.is_manifest)
+        task = progress.task("verifying hosted", total)
+        damaged = hosted.verify(task.advance)
+        task.finish(f"verified {format_size(total)} hosted: {len(damaged)} corrupt or missing")
+    finally:
+        hosted.close()
+    return damaged
+
+
+def _damage_note(found: Damaged) -> str:
+    """What is wrong with a hosted blob or manifest and how to repair it: it is kept, pushes are acknowledged."""
+    kind = "manifest" if found.manifest else "blob"
+    if not found.repositories:
+        return f"corrupt hosted {kind} {found.digest}: no repository links it; `pullproxy gc` removes it"
+    where = ", ".join(found.repositories)
+    path = "manifests" if found.manifest else "blobs"
+    return (
+        f"corrupt hosted {kind} {found.digest} in {where}: kept, not removed (an acknowledged push);"
+        f" delete it (DELETE /v2/<repository>/{path}/{found.digest} in each), run `pullproxy gc`, then push it again"
+    )

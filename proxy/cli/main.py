@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("image", metavar="IMAGE")
     remove.set_defaults(run=lambda a, c: cli_cache.rm(c, a.image))
     cache.add_parser(
-        "verify", parents=[common], help="re-hash everything, remove what is corrupt (exit 1 if any)"
+        "verify",
+        parents=[common],
+        help="re-hash everything; remove what is corrupt in the cache, report it if hosted (exit 1 if any)",
     ).set_defaults(run=lambda a, c: cli_cache.verify(c))
 
     gc = commands.add_parser("gc", parents=[common], help="remove hosted blobs no repository references")

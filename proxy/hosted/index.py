@@ -146,6 +146,11 @@ class Index:
     def linked_digests(self) -> set[str]:
         return {str(row[0]) for row in self._all("SELECT DISTINCT digest FROM blobs")}
 
+    def linking(self, digest: str) -> list[str]:
+        """The repositories that link `digest`, by name."""
+        rows = self._all("SELECT repo FROM blobs WHERE digest = ? ORDER BY repo", digest)
+        return [str(row[0]) for row in rows]
+
     def unreferenced_links(self, before: float) -> list[tuple[str, str]]:
         """(repo, digest) of blobs linked before `before` that no manifest of their repository names."""
         rows = self._all(
@@ -181,6 +186,21 @@ class Index:
             return None
         digest, media_type, body, kind = found
         return StoredManifest(str(digest), str(media_type), bytes(body), None if kind is None else str(kind))  # type: ignore[call-overload]
+
+    def manifest_bodies(self) -> Iterator[tuple[str, str, bytes]]:
+        """(repo, digest, body) of every manifest, by repository and digest, read a page at a time."""
+        last = ("", "")
+        while True:
+            rows = self._all(
+                "SELECT repo, digest, body FROM manifests WHERE (repo, digest) > (?, ?)"
+                " ORDER BY repo, digest LIMIT 500",
+                *last,
+            )
+            if not rows:
+                return
+            for repo, digest, body in rows:
+                yield str(repo), str(digest), bytes(body)  # type: ignore[call-overload]
+            last = (str(rows[-1][0]), str(rows[-1][1]))
 
     def has_manifest(self, repo: str, digest: str) -> bool:
         return self._one("SELECT 1 FROM manifests WHERE repo = ? AND digest = ?", repo, digest) is not None

@@ -8,6 +8,8 @@ links are rows of the `Index`. Every method blocks (disk, SQLite, hashing): call
 
 A blob pushed while the cache holds it is stored once: the hosted store takes a hard link to
 the cache's verified file instead of the uploaded copy, so the bytes survive the cache's eviction.
+The other way round, the mirror's `Blobs` links the hosted file into the cache instead of
+downloading it, once the upstream repository is known to hold the digest.
 
 A blob becomes visible only after it was uploaded whole, its digest verified, flushed and
 renamed into the store and linked in one transaction; a crash before the link leaves a file
@@ -27,11 +29,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cache import digests
+from cache import digests, inventory
 from cache import manifests as walker
 from cache.mediatypes import OCI_INDEX
 from cache.storage import BlobFile
-from cache.store import DiskContentStore
+from cache.store import DiskContentStore, hard_link
 from proxy import errors, references
 from proxy.config import Hosted
 from proxy.hosted.index import Index, StoredManifest
@@ -108,6 +110,15 @@ class TaggedImage:
     digest: str
     size: int  # the manifest and what it names (an index: its children and theirs), as far as stored
     platforms: int  # an index's entries; 0 for an image
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """Hosted content whose bytes do not match its digest, or whose file is gone (`verify`)."""
+
+    digest: str
+    repositories: tuple[str, ...]  # that link the blob, or hold the manifest
+    manifest: bool
 
 
 def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
@@ -231,21 +242,23 @@ class HostedRepositories:
         if found is None or found.size != size:
             return uploaded
         link = uploaded.with_name(uploaded.name + ".cached")
-        try:
-            os.link(found.path, link)
-        except OSError:  # evicted meanwhile, or another filesystem
+        if not hard_link(found, link):
             return uploaded
         uploaded.unlink()
         return link
 
     def sweep_uploads(self, dry_run: bool = False) -> int:
-        """Drop uploads older than `upload_ttl` (and files a crash left without a record); how many."""
+        """Drop uploads idle for longer than `upload_ttl` (and files a crash left without a record); how many.
+
+        An upload's last activity is its file's last write (each `PATCH` or `PUT` touches it),
+        so a long chunked push is kept as long as chunks keep coming.
+        """
         cutoff = time.time() - self.config.upload_ttl
         dropped = 0
         known = set()
         for upload, started in self.index.uploads():
             known.add(upload)
-            if started < cutoff:
+            if started < cutoff and self._last_written(upload) < cutoff:
                 if not dry_run:
                     self._drop_upload(upload, self.uploads_dir / upload)
                 dropped += 1
@@ -259,6 +272,12 @@ class HostedRepositories:
             except OSError:
                 continue
         return dropped
+
+    def _last_written(self, upload: str) -> float:
+        try:
+            return os.stat(self.uploads_dir / upload).st_mtime
+        except OSError:
+            return 0.0
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -282,9 +301,7 @@ class HostedRepositories:
                 self.check_repository(repo)
                 self.check_room(found.size)
                 link = self.uploads_dir / f"{uuid.uuid4().hex}.cached"
-                try:
-                    os.link(found.path, link)
-                except OSError:
+                if not hard_link(found, link):
                     return None
                 self.content.put_blob(digest, link, found.size)
             stored = self.content.find_blob(digest)
@@ -402,6 +419,31 @@ class HostedRepositories:
     @staticmethod
     def _blobs_size(body: bytes) -> int:
         return sum(blob.size or 0 for blob in walker.refs(body).blobs)
+
+    # -- verification ------------------------------------------------------------------
+
+    def verify(self, advance: Callable[[int], None]) -> list[Damaged]:
+        """Re-hash every hosted blob and manifest and report what does not match or is gone.
+
+        Nothing is removed, unlike the cache's `verify`: a push was acknowledged, there is no
+        upstream to fetch it from again, and which repository must do without is the operator's call.
+        """
+        damaged = []
+        stored = {entry.digest for entry in self.content.entries() if not entry.is_manifest}
+        for digest in sorted(stored | self.index.linked_digests()):
+            path = self.content.stored_path(digest)
+            if path is None or not inventory.file_matches(digest, path, advance):
+                damaged.append(Damaged(digest, tuple(self.index.linking(digest)), manifest=False))
+        bad_manifests: dict[str, list[str]] = {}
+        for repo, digest, body in self.index.manifest_bodies():
+            try:
+                ok = digests.matches(digest, body)
+            except digests.InvalidDigest:
+                ok = False
+            if not ok:
+                bad_manifests.setdefault(digest, []).append(repo)
+        damaged.extend(Damaged(digest, tuple(repos), manifest=True) for digest, repos in bad_manifests.items())
+        return damaged
 
     # -- garbage collection ------------------------------------------------------------
 

@@ -92,6 +92,8 @@ def create_app(
             hosted = await _open_hosted(config, store)
             app.state.hosted = hosted
             app.state.sampler.hosted = hosted
+            if hosted is not None:
+                mirror.blobs.hosted_blob = hosted.content.find_blob  # a blob both pushed and mirrored is stored once
             app.state.gate = await _gate(config, hosted)
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()

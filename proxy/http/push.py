@@ -194,6 +194,7 @@ def _truncate(path: str, size: int) -> None:
 
 
 def _open_append(path: str) -> BinaryIO:
+    os.utime(path)  # the upload's last activity, which `upload_ttl` counts from, even for an empty chunk
     out = open(path, "r+b")  # noqa: SIM115 (closed by the caller, off the event loop)
     out.seek(0, os.SEEK_END)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ from anyio import to_thread
 
 from cache.flight import DownloadFailed, DownloadReader, Downloads, Source
 from cache.readers import BlobReader, FileReader
-from cache.storage import ContentStore
+from cache.storage import BlobFile, ContentStore
+from cache.store import hard_link
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.links import Links
@@ -72,6 +74,8 @@ class Blobs:
         self.downloads = downloads
         self.links = links
         self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
+        # With [hosted]: the hosted store's verified file of a digest, taken instead of a download.
+        self.hosted_blob: Callable[[str], BlobFile | None] | None = None
 
     async def open(self, route: Route, digest: str) -> Blob:
         """A reader for the blob, which the caller must close."""
@@ -81,6 +85,8 @@ class Blobs:
             if cached is not None:
                 await self._ensure_held(route, digest, cached)
                 return Blob(cached, cached.size, Outcome.HIT)
+            if await self._from_hosted(route, digest):
+                continue  # stored now, once for both
             try:
                 found = await self.downloads.read(digest, lambda: self._open_upstream(route, digest))
             except UpstreamError as exc:
@@ -176,6 +182,8 @@ class Blobs:
             return None
         if await to_thread.run_sync(self.store.find_blob, digest) is not None:
             return None
+        if self.hosted_blob is not None and await to_thread.run_sync(self.hosted_blob, digest) is not None:
+            return None  # `open` stores the hosted file instead of downloading
         source = await self._open_range(route, digest, asked)
         if source is None:
             return None
@@ -221,6 +229,35 @@ class Blobs:
         source = await self.upstreams.of(route).open_blob(route.repo, digest)
         await self.links.record(route, [digest])
         return source
+
+    async def _from_hosted(self, route: Route, digest: str) -> bool:
+        """Store the hosted file of `digest` in the cache too (a hard link, no download), once
+        `route`'s upstream repository is known to hold it: a mirrored name serves no hosted bytes
+        its upstream lacks. False when it is not hosted, too large for the cache, or downloading."""
+        found = None
+        if self.hosted_blob is not None and self.downloads.in_flight(digest) is None:
+            found = await to_thread.run_sync(self.hosted_blob, digest)
+        if found is None or found.size > self.store.max_size:
+            return False
+        await self.links.ensure(route, digest, blob=True)
+        return await to_thread.run_sync(self._store_link, digest, found)
+
+    def _store_link(self, digest: str, found: BlobFile) -> bool:
+        """Blocking. True when the cache holds the blob now (another worker may have stored it meanwhile)."""
+        if self.store.has_blob(digest):
+            return True
+        staged = self.store.partial_dir / f"{digest.replace(':', '-')}.{uuid.uuid4().hex}.hosted"
+        if not hard_link(found, staged):
+            return False
+        try:
+            self.store.put_blob(digest, staged, found.size)
+        except OSError:  # the staged name removed meanwhile (a starting worker clears old files): download it
+            staged.unlink(missing_ok=True)
+            return False
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return True
 
     async def _ensure_held(self, route: Route, digest: str, reader: BlobReader) -> None:
         try:

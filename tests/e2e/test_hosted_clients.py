@@ -177,6 +177,51 @@ def test_oras_pushes_and_pulls_an_artifact_whole_and_chunked(
     assert "PATCH" in log and "/v2/charts/chunked/blobs/uploads/" in log
 
 
+def test_an_artifact_pushed_with_oras_is_copied_out_by_skopeo_byte_for_byte(
+    proxy_factory: Callable[..., Proxy], upstream: Registry, tmp_path: Path
+) -> None:
+    """Python `oras` pushes a file artifact; skopeo (containers/image) copies it out to `dir:` and `oci:`."""
+    from oras.provider import Registry as OrasRegistry
+
+    proxy = proxy_factory(HOSTED, upstream_url=upstream.url)
+    content = os.urandom(50_000)
+    (tmp_path / "chart.tgz").write_bytes(content)
+    client = OrasRegistry(hostname=proxy.host, insecure=True, auth_backend="basic")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # oras names files by their path relative to where it runs
+    try:
+        pushed = client.push(target=f"{proxy.host}/acme/artifact:0.1.0", files=["chart.tgz"])
+    finally:
+        os.chdir(cwd)
+    assert pushed.status_code == 201
+    digest = pushed.headers["Docker-Content-Digest"]
+    served = httpx.get(
+        f"{proxy.url}/v2/acme/artifact/manifests/0.1.0",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        timeout=30,
+    )
+    assert sha(served.content) == digest
+    manifest = json.loads(served.content)
+    config = httpx.get(f"{proxy.url}/v2/acme/artifact/blobs/{manifest['config']['digest']}", timeout=30).content
+
+    folder = tmp_path / "dir"
+    skopeo_copy(f"docker://{proxy.host}/acme/artifact:0.1.0", f"dir:{folder}")
+    files = read_dir_image(folder)
+    assert files["manifest.json"] == served.content  # the manifest as oras pushed it, unchanged
+    (layer,) = manifest["layers"]
+    assert layer["annotations"]["org.opencontainers.image.title"] == "chart.tgz"
+    assert files[layer["digest"].split(":")[1]] == content
+    assert files[manifest["config"]["digest"].split(":")[1]] == config
+
+    layout = tmp_path / "layout"
+    skopeo_copy(f"docker://{proxy.host}/acme/artifact:0.1.0", f"oci:{layout}:0.1.0")
+    index = json.loads((layout / "index.json").read_bytes())
+    assert [entry["digest"] for entry in index["manifests"]] == [digest]
+    blobs = layout / "blobs" / "sha256"
+    assert (blobs / digest.split(":")[1]).read_bytes() == served.content
+    assert (blobs / layer["digest"].split(":")[1]).read_bytes() == content
+
+
 def test_podman_pushes_into_a_hosted_repository(
     upstream: Registry, proxy_factory: Callable[..., Proxy], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +84,73 @@ def test_without_auth_anyone_may_push_and_delete(tmp_path: Path) -> None:
     with mirror_client(tmp_path, MemoryRegistry(), hosted=Hosted(repositories=("acme/**",))) as client:
         assert push_blob(client, "acme/app", b"z").status_code == 201
         assert client.delete(f"/v2/acme/app/blobs/{sha(b'z')}").status_code == 202
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[tuple[httpx.Client, MemoryRegistry]]:
+    """alice may pull the hosted acme/secret and the mirrored team/private; bob may push acme/** but not."""
+    auth = AuthConfig(
+        user=(
+            UserConfig(name="alice", password_hash=password_hash("a")),
+            UserConfig(name="bob", password_hash=password_hash("b")),
+        )
+    )
+    access = (
+        AccessRule(repository="acme/secret", pull=("alice",), push=("alice",)),
+        AccessRule(repository="registry.test/team/private", pull=("alice",)),
+        AccessRule(repository="acme/**", pull="anyone", push=("alice", "bob")),
+    )
+    upstream = MemoryRegistry()
+    with tempfile.TemporaryDirectory() as directory:
+        hosted = Hosted(repositories=("acme/**",))
+        with mirror_client(Path(directory), upstream, auth=auth, access=access, hosted=hosted) as client:
+            yield client, upstream
+
+
+def _private_blob(client: httpx.Client, upstream: MemoryRegistry, source: str) -> str:
+    """A blob alice put in `source`: pushed to the hosted one, pulled (so cached) from the mirrored one."""
+    data = f"only for alice, in {source}".encode() * 100
+    if source.startswith("acme/"):
+        pushed = client.post(
+            f"/v2/{source}/blobs/uploads/", params={"digest": sha(data)}, content=data, headers=basic("alice", "a")
+        )
+        assert pushed.status_code == 201
+    else:
+        upstream.add_blob(source, data)
+        assert client.get(f"/v2/{source}/blobs/{sha(data)}", headers=basic("alice", "a")).content == data
+    assert client.get(f"/v2/{source}/blobs/{sha(data)}", headers=basic("bob", "b")).status_code == 403
+    return sha(data)
+
+
+@pytest.mark.parametrize("source", ["acme/secret", "team/private"])
+def test_a_mount_from_a_private_repository_the_caller_may_not_pull_starts_a_normal_upload(
+    private: tuple[httpx.Client, MemoryRegistry], source: str
+) -> None:
+    client, upstream = private
+    digest = _private_blob(client, upstream, source)
+    asked = len(upstream.requests)
+    url = "/v2/acme/bob/blobs/uploads/"
+    mounted = client.post(url, params={"mount": digest, "from": source}, headers=basic("bob", "b"))
+    nowhere = client.post(url, params={"mount": sha(b"nowhere"), "from": source}, headers=basic("bob", "b"))
+    for answer in (mounted, nowhere):
+        assert answer.status_code == 202, answer.text
+        assert answer.headers["Location"].startswith("/v2/acme/bob/blobs/uploads/")
+        assert answer.headers["Range"] == "0-0" and answer.content == b""
+    assert mounted.headers.keys() == nowhere.headers.keys()  # nothing tells a held blob from a missing one
+    assert client.get(f"/v2/acme/bob/blobs/{digest}", headers=basic("bob", "b")).status_code == 404
+    assert client.head(f"/v2/acme/bob/blobs/{digest}", headers=basic("bob", "b")).status_code == 404
+    assert len(upstream.requests) == asked  # and no upstream was asked on bob's behalf
+
+
+@pytest.mark.parametrize("source", ["acme/secret", "team/private"])
+def test_a_mount_from_a_private_repository_the_caller_may_pull_mounts(
+    private: tuple[httpx.Client, MemoryRegistry], source: str
+) -> None:
+    client, upstream = private
+    digest = _private_blob(client, upstream, source)
+    url = "/v2/acme/alice/blobs/uploads/"
+    mounted = client.post(url, params={"mount": digest, "from": source}, headers=basic("alice", "a"))
+    assert mounted.status_code == 201, mounted.text
+    assert mounted.headers["Location"] == f"/v2/acme/alice/blobs/{digest}"
+    assert mounted.headers["Docker-Content-Digest"] == digest
+    assert client.get(f"/v2/acme/alice/blobs/{digest}").content == f"only for alice, in {source}".encode() * 100

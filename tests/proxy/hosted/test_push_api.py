@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,3 +404,59 @@ def test_gc_still_removes_old_blobs_nobody_asked_for(tmp_path: Path, client: htt
     assert _collect(tmp_path) == 2
     put = client.put("/v2/acme/app/manifests/v1", content=image_manifest(layer), headers={"Content-Type": OCI_MANIFEST})
     assert_error(put, 400, "MANIFEST_BLOB_UNKNOWN")
+
+
+def test_upload_ttl_counts_from_the_last_chunk_not_the_start(tmp_path: Path, upstream: MemoryRegistry) -> None:
+    """A slow chunked push outlives `upload_ttl` as long as chunks keep coming; an idle one does not."""
+    chunks = [bytes([i]) * 1000 for i in range(6)]
+    for client in hosted_client(tmp_path, upstream, upload_ttl="2s"):
+        location = client.post("/v2/acme/app/blobs/uploads/").headers["Location"]
+        idle = client.post("/v2/acme/app/blobs/uploads/").headers["Location"]
+        begun = time.monotonic()
+        for chunk in chunks:  # 3 s in all, past the ttl; each PATCH renews it
+            time.sleep(0.5)
+            assert client.patch(location, content=chunk).status_code == 202
+            assert client.post("/v2/acme/other/blobs/uploads/").status_code == 202  # each start sweeps
+        assert time.monotonic() - begun > 2.5
+        data = b"".join(chunks)
+        done = client.put(location, params={"digest": sha(data)})
+        assert done.status_code == 201, done.text
+        assert client.get(f"/v2/acme/app/blobs/{sha(data)}").content == data
+        assert_error(client.get(idle), 404, "BLOB_UPLOAD_UNKNOWN")  # started as long ago, never written to
+
+
+def test_deleting_a_child_an_index_names_is_allowed_and_leaves_the_index_dangling(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """As distribution does and the spec's content management asks (202, then 404 for it): a
+    delete is not refused because an index names the manifest. The index stays as pushed; its
+    child answers MANIFEST_UNKNOWN until pushed again, and gc takes what only the child needed."""
+    layer = b"amd64 layer"
+    child = push_image(client, "acme/multi", "amd64", layer)
+    child_body = client.get(f"/v2/acme/multi/manifests/{child}").content
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": child, "size": len(child_body)}],
+        }
+    ).encode()
+    headers = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+    assert client.put("/v2/acme/multi/manifests/v1", content=index, headers=headers).status_code == 201
+
+    assert client.delete(f"/v2/acme/multi/manifests/{child}").status_code == 202
+    assert_error(client.get(f"/v2/acme/multi/manifests/{child}"), 404, "MANIFEST_UNKNOWN")
+    assert_error(client.get("/v2/acme/multi/manifests/amd64"), 404, "MANIFEST_UNKNOWN")  # its tag went with it
+    dangling = client.get("/v2/acme/multi/manifests/v1")
+    assert (dangling.status_code, dangling.content) == (200, index)
+    assert client.get("/v2/acme/multi/tags/list").json()["tags"] == ["v1"]
+
+    _age_links(tmp_path, 7200)
+    assert _collect(tmp_path) == 2  # the child's config and layer: the index names no blob
+    assert client.get("/v2/acme/multi/manifests/v1").content == index  # gc leaves the index alone
+
+    push_blob(client, "acme/multi", EMPTY_CONFIG)
+    push_blob(client, "acme/multi", layer)
+    again = client.put(f"/v2/acme/multi/manifests/{child}", content=child_body, headers={"Content-Type": OCI_MANIFEST})
+    assert again.status_code == 201  # pushed again, the index is whole again
+    assert client.get(f"/v2/acme/multi/manifests/{child}").content == child_body
