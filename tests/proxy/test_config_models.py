@@ -259,7 +259,8 @@ def test_bad_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, text:
     [
         (
             "listen = '1:2'\n",
-            "(top level).listen: unknown key (known: access, auth, cache, coordination, hosted, pin, server, storage, upstream)",
+            "(top level).listen: unknown key"
+            " (known: access, auth, cache, coordination, hosted, pin, server, storage, upstream)",
         ),
         (
             "[server]\nport = 1\n",
