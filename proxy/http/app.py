@@ -170,7 +170,8 @@ async def _gate(config: configuration.Config, hosted: HostedRepositories | None 
 
 def _remove_stale_partials(directory: Path) -> None:
     """Files of downloads a crash interrupted (those no worker holds the lock of: workers share the
-    folder), and other staged files older than an hour."""
+    folder), and other staged files older than an hour. Age is the change time: a hard link just
+    made (a hosted blob staged for the cache) keeps its file's old modification time."""
     import time
 
     removed = flight.remove_abandoned(directory)
@@ -178,7 +179,7 @@ def _remove_stale_partials(directory: Path) -> None:
         log.info("removed abandoned downloads", count=removed)
     for entry in os.scandir(directory):
         with contextlib.suppress(OSError):
-            if not entry.name.endswith(flight.SUFFIXES) and entry.stat().st_mtime < time.time() - 3600:
+            if not entry.name.endswith(flight.SUFFIXES) and entry.stat().st_ctime < time.time() - 3600:
                 os.unlink(entry.path)
 
 
