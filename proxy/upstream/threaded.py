@@ -26,7 +26,7 @@ BLOCKING_BODY = "pullproxy.blocking_body"
 
 # One blocking read takes what the socket holds, up to this much (httpcore's default is
 # 64 KiB): fewer, larger reads for the thread that writes and hashes a blob.
-httpcore.HTTP11Connection.READ_NUM_BYTES = 1 << 20
+httpcore.HTTP11Connection.READ_NUM_BYTES = 256 << 10
 
 
 class _LoopStream(httpx.AsyncByteStream):
