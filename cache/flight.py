@@ -297,18 +297,18 @@ class _Fetch(Download):
                 await threads.run(self._reserve, store, source.size, source.size)
             self._start(source.size)
             check = digests.Check(self.digest)
-            on_disk = 0  # bytes written, as the writing thread counts them (`written` follows on the loop)
+            appended = 0  # bytes written, as the writing thread counts them (`written` follows on the loop)
             handed_over = 0  # bytes whose writeback was started
 
             def write(fd: int, batch: bytes) -> None:
                 """Blocking: append `batch` to the partial file, hash it, reserve room for it."""
-                nonlocal on_disk, handed_over
-                end = on_disk + len(batch)
+                nonlocal appended, handed_over
+                end = appended + len(batch)
                 if end > self.reserved:  # only when the size is unknown
                     self._reserve(store, end, max(end, 2 * self.reserved))
                 _write_all(fd, batch)
                 check.update(batch)  # only what is on the disk counts
-                on_disk = end
+                appended = end
                 if end - handed_over >= WRITEBACK_STEP:
                     _start_writeback(fd, handed_over, end - handed_over)
                     handed_over = end

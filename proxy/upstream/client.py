@@ -37,7 +37,7 @@ from proxy.ops import metrics
 from proxy.paths import SEGMENT_OF, classify
 from proxy.upstream.auth import RealmRefused, RegistryAuth, scope_for
 from proxy.upstream.egress import Egress, same_origin
-from proxy.upstream.threaded import ThreadedTransport, blocking_body
+from proxy.upstream.threaded import ThreadedTransport, blocking_body, body_chunks
 
 log = structlog.get_logger("pullproxy")
 
@@ -446,7 +446,7 @@ class Upstream:
         size = units.natural(length) if length else None
         body = blocking_body(response)
         if body is not None:
-            return BlockingSource(size, self._blocking_chunks(body, path), body.close)
+            return BlockingSource(size, self._blocking_chunks(body_chunks(response, body, size), path), body.close)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -459,8 +459,8 @@ class Upstream:
 
         return Source(size=size, chunks=chunks(), close=response.aclose)
 
-    def _blocking_chunks(self, body: httpx.SyncByteStream, path: str) -> Iterator[bytes]:
-        """Blocking: the raw body (a short one raises: httpx checks Content-Length), failures mapped."""
+    def _blocking_chunks(self, body: Iterator[bytes], path: str) -> Iterator[bytes]:
+        """Blocking: the raw body (a short one raises, see `threaded.body_chunks`), failures mapped."""
         try:
             for chunk in body:
                 self.metrics.fetched.inc(len(chunk))

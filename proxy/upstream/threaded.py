@@ -8,13 +8,21 @@ from a thread. The response's body is then a blocking stream too: `blocking_body
 it to whoever reads it blockingly (`cache.flight` does, on the download's thread); read
 on the loop instead (a redirect's or an error's body, closed unread), each chunk costs a
 thread hop. The blocking transport has its own connection pool, with the upstream's limits.
+
+`body_chunks` reads a large body of declared length straight from its socket once the HTTP
+parser (h11) has handed over the bytes it held: h11 copies every byte four times on its
+way, which for a layer of hundreds of MiB is as much work as hashing it. Its connection is
+closed afterwards (its parser never saw the body end), so smaller bodies keep the parser
+and their keep-alive connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +34,11 @@ BLOCKING_BODY = "pullproxy.blocking_body"
 
 # One blocking read takes what the socket holds, up to this much (httpcore's default is
 # 64 KiB): fewer, larger reads for the thread that writes and hashes a blob.
-httpcore.HTTP11Connection.READ_NUM_BYTES = 256 << 10
+READ_SIZE = 256 << 10
+httpcore.HTTP11Connection.READ_NUM_BYTES = READ_SIZE
+# Bodies from this size on are read from the socket (see above); a new connection (and, over
+# TLS, a handshake) per blob is then nothing next to the transfer.
+RAW_BODY_MIN = 16 << 20
 
 
 class _LoopStream(httpx.AsyncByteStream):
@@ -90,3 +102,48 @@ def blocking_body(response: httpx.Response) -> httpx.SyncByteStream | None:
     one thread, never on the loop; None for any other response (read it on the loop)."""
     stream: Any = response.extensions.get(BLOCKING_BODY)
     return stream if isinstance(stream, httpx.SyncByteStream) else None
+
+
+def body_chunks(response: httpx.Response, stream: httpx.SyncByteStream, size: int | None) -> Iterator[bytes]:
+    """Blocking: the raw body of `response` (from `ThreadedTransport`, `size` its Content-Length).
+
+    From RAW_BODY_MIN bytes on, and over a socket of its own (plain, or TLS ended by this
+    process: not a tunnel), what h11 holds is taken with one step of `stream` (h11 hands over
+    all it has buffered, or reads once), then the rest straight from the socket, with the
+    read timeout httpcore set on it. Short bodies raise as httpx does; close `stream` after.
+    """
+    connection = _socket_of(response) if size is not None and size >= RAW_BODY_MIN else None
+    if connection is None or size is None:
+        yield from stream
+        return
+    parsed = iter(stream)  # kept until the end: dropping it would close the connection
+    first = next(parsed, b"")
+    received = len(first)
+    if first:
+        yield first
+    while received < size:
+        try:
+            chunk = connection.recv(min(READ_SIZE, size - received))
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"reading the body timed out ({exc})") from exc
+        except OSError as exc:
+            raise httpx.ReadError(f"reading the body failed ({exc})") from exc
+        if not chunk:
+            raise httpx.RemoteProtocolError(f"peer closed connection after {received} of {size} body bytes")
+        received += len(chunk)
+        yield chunk
+
+
+def _socket_of(response: httpx.Response) -> socket.socket | None:
+    """The socket the body arrives on, when reading it gives the body's bytes (not a TLS tunnel's)."""
+    if response.headers.get("Transfer-Encoding") or response.headers.get("Content-Encoding", "identity") != "identity":
+        return None
+    stream: Any = response.extensions.get("network_stream")
+    if stream is None or response.extensions.get("http_version", b"HTTP/1.1") != b"HTTP/1.1":
+        return None
+    connection = stream.get_extra_info("socket")
+    if not isinstance(connection, socket.socket):
+        return None
+    if stream.get_extra_info("ssl_object") is not None and not isinstance(connection, ssl.SSLSocket):
+        return None  # TLS in TLS: the socket carries the outer layer
+    return connection

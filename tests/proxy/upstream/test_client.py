@@ -29,6 +29,7 @@ from proxy.ops import metrics, status
 from proxy.ops.health import upstream_state
 from proxy.ops.observe import Activity
 from proxy.upstream import client as upstream_module
+from proxy.upstream import threaded
 from proxy.upstream.client import (
     FAILED_ANSWERS_BEFORE_BACKOFF,
     MAX_REDIRECTS,
@@ -692,4 +693,74 @@ def test_a_download_cancelled_midway_stops_its_thread_and_closes_its_connection(
     asyncio.run(work())
     assert os.listdir(store.partial_dir) == []
     assert not store.has_blob(digest)
+    store.close()
+
+
+def _fetch(upstream: Upstream, store: DiskContentStore, digest: str) -> Awaitable[tuple[bytes, BaseException | None]]:
+    async def work() -> tuple[bytes, BaseException | None]:
+        download = Downloads(store).join(digest, lambda: upstream.open_blob("acme/app", digest))
+        reader = DownloadReader(download)
+        body = b""
+        try:
+            await download.started
+            while chunk := await reader.read(len(body), 1 << 30):
+                body += chunk
+        except Exception as exc:
+            return body, exc
+        finally:
+            reader.close()
+        return body, None
+
+    return work()
+
+
+def test_a_large_blob_read_straight_from_its_socket_arrives_whole_and_its_connection_is_not_reused(
+    faulty: FaultyRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threaded, "RAW_BODY_MIN", 2 * MIB)
+    blobs = [pseudo_random_bytes(f"raw {n}", 4 * MIB + n) for n in range(2)]
+    small = [pseudo_random_bytes(f"parsed {n}", MIB + n) for n in range(2)]
+    digests = [faulty.add_blob(blob) for blob in blobs]
+    small_digests = [faulty.add_blob(blob) for blob in small]
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> None:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            for blob, digest in zip(blobs, digests, strict=True):
+                assert await _fetch(upstream, store, digest) == (blob, None)
+            # Each large body left its connection closed: the parser there never saw the body end.
+            assert faulty.total_connections() == 2
+            for blob, digest in zip(small, small_digests, strict=True):  # small bodies keep the parser and
+                assert await _fetch(upstream, store, digest) == (blob, None)  # their connection alive
+            assert faulty.total_connections() == 3
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
+    assert all(store.has_blob(digest) for digest in digests)
+    store.close()
+
+
+def test_a_large_blob_cut_short_on_its_socket_fails_and_stores_nothing(
+    faulty: FaultyRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threaded, "RAW_BODY_MIN", 2 * MIB)
+    data = pseudo_random_bytes("cut short", 8 * MIB)
+    digest = faulty.add_blob(data)
+    faulty.truncate(digest, keep=5 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> tuple[bytes, BaseException | None]:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            return await _fetch(upstream, store, digest)
+        finally:
+            await upstream.aclose()
+
+    body, error = asyncio.run(work())
+    assert error is not None and "broke off" in str(error), error
+    assert len(body) < 5 * MIB and body == data[: len(body)]
+    assert not store.has_blob(digest)
+    assert os.listdir(store.partial_dir) == []
     store.close()
