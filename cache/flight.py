@@ -2,11 +2,14 @@
 
 A download is owned by the cache, not by the request that started it: it goes on when
 that client leaves, writes into a partial file, hashes as it goes, and renames the file
-into the store only when the digest matches. Readers follow the partial file with
-`pread`, so memory stays flat however many wait or however large the blob. The last
-byte is held back until the digest is verified and the blob stored (flushed to the disk),
-so a reader never sees a clean end of wrong or missing bytes: a failed download raises
-instead, and a client that got the whole blob finds it in the cache.
+into the store only when the digest matches. An upstream body that can be read blockingly
+(`BlockingSource`) is received, written and hashed by the download's own thread, so its
+bytes never pass through the event loop: the loop only learns how far the file has grown.
+Readers follow the partial file (with `sendfile`, or `pread`), so memory stays flat
+however many wait or however large the blob. The last byte is held back until the digest
+is verified and the blob stored (flushed to the disk), so a reader never sees a clean end
+of wrong or missing bytes: a failed download raises instead, and a client that got the
+whole blob finds it in the cache.
 
 Downloads count against the cache's `max_size` while in flight: each reserves room
 (its size, or for a blob of unknown size a growing share) and the store evicts to make
@@ -31,6 +34,7 @@ import enum
 import fcntl
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +84,24 @@ class Source:
     close: Callable[[], Awaitable[None]]
 
 
+@dataclass
+class BlockingSource:
+    """An upstream response whose body is read blockingly, by the download's own thread.
+
+    Iterating `chunks` may wait for the network and raises when the transfer breaks off;
+    `close` (blocking, quick) is called once, by that same thread, when the download has
+    taken what it wanted or failed. Neither is ever called on the event loop.
+    """
+
+    size: int | None
+    chunks: Iterator[bytes]
+    close: Callable[[], None]
+
+
 # Where a download's bytes come from: called once, by the download that fetches, to open
 # the upstream's answer (raising the upstream's error when there is none). The only code
 # of its callers' that the cache runs.
-Origin = Callable[[], Awaitable[Source]]
+Origin = Callable[[], Awaitable[Source | BlockingSource]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +238,13 @@ class _Fetch(Download):
         self._progress = asyncio.Event()
         self._batches: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, bytes)
         self._batched = 0
+        # From the writing thread to the loop: (length, the bytes when a reader copies) per chunk written.
+        # Each count written by one side only, so no update is lost: their difference is what
+        # `_arriving` holds in bytes, at most about RECENT.
+        self._arriving: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self._queued_kept = 0  # by the thread
+        self._taken_kept = 0  # by the loop
+        self._posted = False  # a `_grown` call is on its way to the loop
 
     def _written(self) -> int:
         return self.written
@@ -232,13 +257,17 @@ class _Fetch(Download):
         return None
 
     def _wrote(self, batch: bytes) -> None:
+        self._keep(batch)
+        self.written += len(batch)
+        self._notify()
+
+    def _keep(self, batch: bytes) -> None:
+        """Remember `batch`, about to be counted as written, for readers that copy (up to RECENT bytes)."""
         if self._copying:  # readers served with sendfile (`extent`) need no copy in memory
             self._batches.append((self.written, batch))
             self._batched += len(batch)
             while self._batched > RECENT and len(self._batches) > 1:
                 self._batched -= len(self._batches.popleft()[1])
-        self.written += len(batch)
-        self._notify()
 
     async def _wait(self) -> None:
         await self._progress.wait()
@@ -248,7 +277,7 @@ class _Fetch(Download):
         self._progress = asyncio.Event()
 
     async def run(self, store: ContentStore, opener: Origin) -> None:
-        source: Source | None = None
+        source: Source | BlockingSource | None = None
         paths = self.paths
         try:
             if await threads.run(store.has_blob, self.digest):
@@ -268,21 +297,28 @@ class _Fetch(Download):
                 await threads.run(self._reserve, store, source.size, source.size)
             self._start(source.size)
             check = digests.Check(self.digest)
+            appended = 0  # bytes written, as the writing thread counts them (`written` follows on the loop)
             handed_over = 0  # bytes whose writeback was started
 
-            def write(batch: bytes) -> None:
-                nonlocal handed_over
-                end = self.written + len(batch)
+            def write(fd: int, batch: bytes) -> None:
+                """Blocking: append `batch` to the partial file, hash it, reserve room for it."""
+                nonlocal appended, handed_over
+                end = appended + len(batch)
                 if end > self.reserved:  # only when the size is unknown
                     self._reserve(store, end, max(end, 2 * self.reserved))
-                _write_all(self._fd, batch)
+                _write_all(fd, batch)
                 check.update(batch)  # only what is on the disk counts
+                appended = end
                 if end - handed_over >= WRITEBACK_STEP:
-                    _start_writeback(self._fd, handed_over, end - handed_over)
+                    _start_writeback(fd, handed_over, end - handed_over)
                     handed_over = end
 
             limit = store.max_size if source.size is None else source.size
-            await self._write_as_it_arrives(source.chunks, write, limit)
+            if isinstance(source, BlockingSource):
+                blocking, source = source, None  # its thread closes it
+                await self._receive_in_thread(blocking, write, limit)
+            else:
+                await self._write_as_it_arrives(source.chunks, lambda batch: write(self._fd, batch), limit)
             if self.size is not None and self.written != self.size:
                 raise DownloadFailed(f"upstream sent {self.written} of {self.size} bytes")
             if not check.matches():
@@ -313,7 +349,10 @@ class _Fetch(Download):
             os.close(self._lock_fd)  # releases the flock: followers elsewhere learn the outcome
             self._notify()
             self._maybe_close()
-            if source is not None:
+            if isinstance(source, BlockingSource):  # failed before its thread started
+                with contextlib.suppress(Exception):
+                    await threads.run(source.close)
+            elif source is not None:
                 with contextlib.suppress(Exception):
                     await source.close()
 
@@ -340,6 +379,82 @@ class _Fetch(Download):
                 )
             self.reserved = min(wanted, free, store.max_size)
             _write_info(self.paths.info, self.size, self.reserved)
+
+    async def _receive_in_thread(self, source: BlockingSource, write: Callable[[int, bytes], None], limit: int) -> None:
+        """Receive, write and hash on a thread of this download's own, until the body ends.
+
+        The loop is told how far the file has grown (`_grown`), at most once per turn of it
+        however many chunks arrived meanwhile; readers then take extents of the file (or
+        recent bytes, up to RECENT of them, when they copy). The thread writes to a
+        descriptor of its own: if this task is cancelled it stops at its next chunk (the
+        upstream's read timeout bounds the wait), closing its descriptor and the source.
+        """
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        stop = threading.Event()
+        fd = os.dup(self._fd)
+
+        def post(callback: Callable[..., object], *args: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+                loop.call_soon_threadsafe(callback, *args)
+
+        def receive() -> None:
+            failure: BaseException | None = None
+            received = 0
+            try:
+                for chunk in source.chunks:
+                    if stop.is_set():
+                        raise DownloadFailed(f"the download of {self.digest} was stopped")
+                    received += len(chunk)
+                    if received > limit:
+                        if self.size is not None:
+                            raise DownloadFailed(f"upstream sent more than {self.size} bytes")
+                        raise NoRoom(
+                            Shortage.BLOB_TOO_LARGE,
+                            f"blob {self.digest} (no size announced) is larger than the whole cache"
+                            f" ([cache] max_size = {limit} bytes)",
+                        )
+                    write(fd, chunk)
+                    kept = chunk if self._copying and self._queued_kept - self._taken_kept < RECENT else None
+                    if kept is not None:
+                        self._queued_kept += len(kept)
+                    self._arriving.append((len(chunk), kept))
+                    if not self._posted:
+                        self._posted = True
+                        post(self._grown)
+            except BaseException as exc:  # every failure reaches the download
+                failure = exc
+            finally:
+                with contextlib.suppress(Exception):
+                    source.close()
+                os.close(fd)
+                post(_settle, finished, failure)
+
+        try:
+            threading.Thread(target=receive, name=f"download {self.digest[:19]}", daemon=True).start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                source.close()
+            os.close(fd)
+            raise
+        try:
+            await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            stop.set()
+            finished.add_done_callback(_retrieved)  # nobody awaits it any more
+            raise
+
+    def _grown(self) -> None:
+        """On the loop: what the thread wrote since it last told, now visible to readers."""
+        self._posted = False
+        arriving = self._arriving
+        while arriving:
+            length, chunk = arriving.popleft()
+            if chunk is not None:
+                self._taken_kept += length
+                self._keep(chunk)
+            self.written += length
+        self._notify()
 
     async def _write_as_it_arrives(
         self, chunks: AsyncIterator[bytes], write: Callable[[bytes], None], limit: int
@@ -495,6 +610,20 @@ class _Follow(Download):
             self._fail(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future[None], failure: BaseException | None) -> None:
+    if future.done():
+        return
+    if failure is None:
+        future.set_result(None)
+    else:
+        future.set_exception(failure)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import jwt
-
 SERVICE = "pullproxy"
 KEY_FILE = "token.key"
 _ALGORITHM = "HS256"
@@ -66,11 +64,15 @@ class Tokens:
                 {"type": "repository", "name": name, "actions": actions} for name, actions in sorted(granted.items())
             ],
         }
+        import jwt  # here: PyJWT loads cryptography (10 MiB), which a mirror that issues no tokens never needs
+
         token = jwt.encode(claims, self._key, algorithm=_ALGORITHM)
         issued = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
         return {"token": token, "access_token": token, "expires_in": self.ttl, "issued_at": issued}
 
     def verify(self, token: str) -> Grant:
+        import jwt
+
         try:
             claims = jwt.decode(
                 token,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import structlog
 from anyio import to_thread
 
-from cache.flight import DownloadFailed, DownloadReader, Downloads, Source
+from cache.flight import BlockingSource, DownloadFailed, DownloadReader, Downloads, Source
 from cache.readers import BlobReader, FileReader
 from cache.storage import BlobFile, ContentStore
 from cache.store import hard_link
@@ -223,7 +223,7 @@ class Blobs:
         await self.links.ensure(route, digest, blob=True)
         return size, outcome
 
-    async def _open_upstream(self, route: Route, digest: str) -> Source:
+    async def _open_upstream(self, route: Route, digest: str) -> Source | BlockingSource:
         """The download's origin: the upstream's answer, which also proves `route`'s repository
         holds the blob (recorded before any reader starts, so none of them asks again)."""
         source = await self.upstreams.of(route).open_blob(route.repo, digest)

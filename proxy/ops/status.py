@@ -12,18 +12,18 @@ autoescape, so no repository name, error message or upstream URL can inject mark
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import jinja2
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.templating import Jinja2Templates
 
 from proxy import tls
 from proxy.access.gate import Gate
@@ -37,6 +37,9 @@ from proxy.paths import classify
 from proxy.routing import Router, route_name
 from proxy.units import format_ago, format_size
 
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
+
 REFRESH_SECONDS = 10
 TEMPLATE = "status.html"
 OUTCOMES = (Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE, Outcome.JOINED, Outcome.MISS)  # in display order
@@ -45,15 +48,22 @@ HOSTED_SHOWN = 50  # repositories listed; the rest are counted
 ERRORS_SHOWN = 20
 _DIGEST = re.compile(r"\b(sha256:[0-9a-f]{12})[0-9a-f]{52}\b")
 
-templates = Jinja2Templates(
-    env=jinja2.Environment(
-        loader=jinja2.PackageLoader("proxy.ops", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of showing nothing
-        trim_blocks=True,
-        lstrip_blocks=True,
+
+@functools.cache
+def templates() -> Jinja2Templates:
+    """Made on first use: jinja2 (a few MiB of memory) is loaded once someone looks at the page, not before."""
+    import jinja2
+    from starlette.templating import Jinja2Templates
+
+    return Jinja2Templates(
+        env=jinja2.Environment(
+            loader=jinja2.PackageLoader("proxy.ops", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of showing nothing
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
     )
-)
 
 
 # -- the view model: display-ready values, escaped only by the template ----------------
@@ -200,7 +210,7 @@ async def page(request: Request) -> Response:
         usage = await to_thread.run_sync(repositories.usage)
         shown = hosted_view(usage, repositories.quota_limits(), await _hosted_visibility(request))
         view = dataclasses.replace(view, hosted=shown)
-    return templates.TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
+    return templates().TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
 async def _visibility(request: Request) -> Callable[[str], bool]:
@@ -276,7 +286,7 @@ def render(
 
 
 def render_view(view: StatusView) -> str:
-    return templates.get_template(TEMPLATE).render(view=view)
+    return templates().get_template(TEMPLATE).render(view=view)
 
 
 def build(

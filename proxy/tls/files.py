@@ -14,12 +14,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+# cryptography (about 10 MiB of memory once loaded) is imported where a PEM file is read, so a
+# mirror that has no TLS files configured never loads it.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
 class Role(enum.Enum):
@@ -54,6 +55,9 @@ class CertificateInfo:
 
     @classmethod
     def of(cls, certificate: x509.Certificate) -> CertificateInfo:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
         try:
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName)) + tuple(
@@ -90,6 +94,8 @@ def _read(path: Path, role: Role) -> bytes:
 
 def read_certificates(path: Path, role: Role = Role.CERTIFICATE) -> list[x509.Certificate]:
     """Every PEM certificate in `path`, in order; at least one."""
+    from cryptography import x509
+
     data = _read(path, role)
     try:
         certificates = x509.load_pem_x509_certificates(data)
@@ -101,6 +107,9 @@ def read_certificates(path: Path, role: Role = Role.CERTIFICATE) -> list[x509.Ce
 
 
 def _read_key(path: Path) -> tuple[bytes, PrivateKeyTypes]:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(path, Role.KEY)
     try:
         return data, serialization.load_pem_private_key(data, password=None)
@@ -111,6 +120,8 @@ def _read_key(path: Path) -> tuple[bytes, PrivateKeyTypes]:
 
 
 def _public(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
@@ -133,6 +144,8 @@ def read_pair(cert: Path, key: Path) -> Pair:
             message = f"{cert}: the certificate of {key} is not first; put the leaf first, then intermediates"
             raise TLSFileError(Role.CERTIFICATE, message)
         raise TLSFileError(Role.KEY, f"{key} does not match the certificate in {cert} (their public keys differ)")
+    from cryptography.hazmat.primitives import serialization
+
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     return Pair(pem, key_pem, CertificateInfo.of(chain[0]))
 

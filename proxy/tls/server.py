@@ -28,9 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from anyio import to_thread
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.errors import Denied
@@ -225,6 +222,9 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, object
     # A client sends a certificate only when asked, and it is asked only when it must be verified.
     der = ssl_object.getpeercert(binary_form=True) if ssl_object.context.verify_mode != ssl.CERT_NONE else None
     if der:
+        from cryptography import x509  # here: a mirror without client certificates never loads it (see `files`)
+        from cryptography.hazmat.primitives import serialization
+
         certificate = x509.load_der_x509_certificate(der)
         chain = [certificate.public_bytes(serialization.Encoding.PEM).decode()]
         name = certificate.subject.rfc4514_string()
@@ -300,6 +300,9 @@ class Identity:
 
 @functools.lru_cache(maxsize=4096)
 def _identity(subject: str) -> Identity | None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         name = x509.Name.from_rfc4514_string(subject)
     except ValueError:

@@ -5,7 +5,9 @@ never holds up requests for the others. Failures are sorted into what the mirror
 on: not found, refused, or unavailable (unreachable, timed out, 5xx, 429) — the last
 being when a cached answer may be served stale. A failing upstream is backed off from,
 so requests meanwhile fail at once instead of each waiting for a timeout. No body is
-read whole beyond a limit per kind, and redirects are followed for blobs only.
+read whole beyond a limit per kind, and redirects are followed for blobs only. A blob's
+body is read off the event loop: its GET goes through `upstream.threaded`, and the download
+that fetches it reads the body blockingly on a thread of its own (`cache.flight`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import math
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import parse_qs, urlsplit
@@ -26,7 +29,7 @@ import httpcore
 import httpx
 import structlog
 
-from cache.flight import Source
+from cache.flight import BlockingSource, Source
 from cache.mediatypes import OCI_INDEX, UPSTREAM_ACCEPT
 from proxy import tls, units
 from proxy.config import UpstreamConfig
@@ -34,6 +37,7 @@ from proxy.ops import metrics
 from proxy.paths import SEGMENT_OF, classify
 from proxy.upstream.auth import RealmRefused, RegistryAuth, scope_for
 from proxy.upstream.egress import Egress, same_origin
+from proxy.upstream.threaded import ThreadedTransport, blocking_body, body_chunks
 
 log = structlog.get_logger("pullproxy")
 
@@ -160,15 +164,28 @@ class Upstream:
         self.offline = offline
         self.egress = Egress(config.url)
         self.auth = RegistryAuth(self.egress, config.username, config.password)
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=32)
+        verify = tls.upstream_context(config)  # the system's trust store, ca_file, client_cert
         self.client = httpx.AsyncClient(
             base_url=config.url,
             follow_redirects=False,  # `_follow` decides, per kind and target
             timeout=httpx.Timeout(config.timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=32),
+            limits=limits,
             headers={"User-Agent": "pullproxy/0.1", "Accept-Encoding": "identity"},
             transport=transport,
-            verify=tls.upstream_context(config),  # the system's trust store, ca_file, client_cert
+            verify=verify,
         )
+        # Blob GETs: the same requests, sent from threads, so a download's thread can read the body.
+        # An in-process transport (tests) keeps them on the loop.
+        self.blob_client = self.client
+        if transport is None:
+            self.blob_client = httpx.AsyncClient(
+                follow_redirects=False,
+                transport=ThreadedTransport(
+                    httpx.HTTPTransport(verify=verify, limits=limits),
+                    ThreadPoolExecutor(config.max_connections, thread_name_prefix=f"upstream {config.name}"),
+                ),
+            )
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
         self.metrics = metrics.for_upstream(config.name)
@@ -189,15 +206,17 @@ class Upstream:
         *,
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
-        """Send, mapping every failure to an `UpstreamError`; the body is left open (close it)."""
+        """Send (with `client`, by default `self.client`), mapping every failure to an `UpstreamError`;
+        the body is left open (close it)."""
         if self.offline:
             raise UpstreamOffline(self.name)
         self._refuse_while_backing_off()
         request = self.client.build_request(method, path, headers=headers, params=params)
         started = time.perf_counter()
         try:
-            response = await self._exchange(request, kind)
+            response = await self._exchange(request, kind, client or self.client)
         except (httpx.HTTPError, ssl.SSLError) as exc:  # a TLS alert after the handshake comes as SSLError
             why = tls.explain_failure(exc, self.config)
             self._failed(method, path, why or type(exc).__name__)
@@ -225,19 +244,21 @@ class Upstream:
             raise UpstreamDenied(self.name, f"{method} {path} refused with {status}", status)
         raise UpstreamError(self.name, f"{method} {path} answered {status}", status)
 
-    async def _exchange(self, request: httpx.Request, kind: Kind) -> httpx.Response:
+    async def _exchange(self, request: httpx.Request, kind: Kind, client: httpx.AsyncClient) -> httpx.Response:
         """One request with authentication: a 401 is answered once (its body never read), then redirects."""
         scope = scope_for(request.url.path) or ""
         sent = self.auth.authorize(request, scope)
-        response = await self.client.send(request, stream=True)
+        response = await client.send(request, stream=True)
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
             await response.aclose()
             if await self.auth.answer(request, challenge, scope, sent, self._fetch_token):
-                response = await self.client.send(request, stream=True)
-        return await self._follow(request, response, kind)
+                response = await client.send(request, stream=True)
+        return await self._follow(request, response, kind, client)
 
-    async def _follow(self, request: httpx.Request, response: httpx.Response, kind: Kind) -> httpx.Response:
+    async def _follow(
+        self, request: httpx.Request, response: httpx.Response, kind: Kind, client: httpx.AsyncClient
+    ) -> httpx.Response:
         """Follow the redirects of a blob request, each target checked (see `upstream.egress`); refuse others'.
 
         The registry's Authorization goes to the same origin only (Docker Hub's CDN refuses it).
@@ -264,7 +285,7 @@ class Upstream:
             if same_origin(target, request.url) and "Authorization" in request.headers:
                 headers["Authorization"] = request.headers["Authorization"]
             request = self.client.build_request(request.method, target, headers=headers)
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         return response
 
     async def _fetch_token(self, request: httpx.Request) -> tuple[int, bytes]:
@@ -417,10 +438,15 @@ class Upstream:
         headers = response.headers
         return FetchedManifest(body, headers.get("Content-Type"), headers.get("Docker-Content-Digest"))
 
-    async def open_blob(self, repo: str, digest: str) -> Source:
-        response = await self._send("GET", f"/v2/{repo}/blobs/{digest}", Kind.BLOB)
+    async def open_blob(self, repo: str, digest: str) -> Source | BlockingSource:
+        """The blob's body, to be read on a thread (`BlockingSource`) when the transport allows."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        response = await self._send("GET", path, Kind.BLOB, client=self.blob_client)
         length = response.headers.get("Content-Length")
         size = units.natural(length) if length else None
+        body = blocking_body(response)
+        if body is not None:
+            return BlockingSource(size, self._blocking_chunks(body_chunks(response, body, size), path), body.close)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -432,6 +458,16 @@ class Upstream:
                 raise UpstreamUnavailable(self.name, f"blob transfer broke off ({type(exc).__name__})") from exc
 
         return Source(size=size, chunks=chunks(), close=response.aclose)
+
+    def _blocking_chunks(self, body: Iterator[bytes], path: str) -> Iterator[bytes]:
+        """Blocking: the raw body (a short one raises, see `threaded.body_chunks`), failures mapped."""
+        try:
+            for chunk in body:
+                self.metrics.fetched.inc(len(chunk))
+                yield chunk
+        except httpx.HTTPError as exc:
+            self._failed("GET", path, type(exc).__name__)
+            raise UpstreamUnavailable(self.name, f"blob transfer broke off ({type(exc).__name__})") from exc
 
     async def open_blob_range(self, repo: str, digest: str, ranges: str) -> RangeSource | None:
         """One range of a blob (`ranges` as a Range header's value), streamed, never verified (a
@@ -508,3 +544,5 @@ class Upstream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
         await self.client.aclose()
+        if self.blob_client is not self.client:
+            await self.blob_client.aclose()

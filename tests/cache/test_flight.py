@@ -13,14 +13,14 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from cache import digests, flight
-from cache.flight import Download, DownloadFailed, DownloadReader, Downloads, Source
+from cache.flight import BlockingSource, Download, DownloadFailed, DownloadReader, Downloads, Source
 from cache.store import DiskContentStore
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy
@@ -31,10 +31,34 @@ MIB = 1 << 20
 # -- helpers ---------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["on-the-loop", "on-a-thread"])
+def blocking(request: pytest.FixtureRequest) -> bool:
+    """Whether sources are read blockingly by the download's thread (`BlockingSource`, what an
+    upstream over the network gives) or on the event loop (`Source`, an in-process transport's)."""
+    return bool(request.param)
+
+
 def _source(
-    data: bytes, size: int | None, consumed: list[int], wait: Callable[[], Awaitable[object]] | None = None
-) -> Source:
-    """`data` in 1 MiB chunks, recording each one taken; `wait` runs before every chunk but the first."""
+    data: bytes,
+    size: int | None,
+    consumed: list[int],
+    wait: Callable[[], Awaitable[object]] | None = None,
+    blocking: bool = False,
+) -> Source | BlockingSource:
+    """`data` in 1 MiB chunks, recording each one taken; `wait` runs (on the loop) before every chunk but
+    the first. `blocking`: a `BlockingSource`, whose chunks the download's thread takes."""
+    if blocking:
+        loop = asyncio.get_running_loop()
+
+        def blocking_chunks() -> Iterator[bytes]:
+            assert threading.current_thread() is not threading.main_thread(), "read on the event loop's thread"
+            for offset in range(0, len(data), MIB):
+                if offset and wait is not None:
+                    asyncio.run_coroutine_threadsafe(wait(), loop).result(30)
+                consumed.append(min(MIB, len(data) - offset))
+                yield data[offset : offset + MIB]
+
+        return BlockingSource(size, blocking_chunks(), lambda: None)
 
     async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(data), MIB):
@@ -85,7 +109,7 @@ def _leftovers(directory: Path) -> list[str]:
 # -- 1. every write complete, the size checked before the rename ------------------------------
 
 
-def _download_with_short_writes(directory: str) -> None:
+def _download_with_short_writes(directory: str, blocking: bool) -> None:
     """In a child process: no file may grow past 1.5 MiB, so the write that crosses it is cut short."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
@@ -98,8 +122,8 @@ def _download_with_short_writes(directory: str) -> None:
         async def first_batch_written() -> None:  # so the second MiB is a write of its own
             await _until(lambda: download._written() >= MIB)
 
-        async def opener() -> Source:
-            return _source(data, len(data), [], first_batch_written)
+        async def opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], first_batch_written, blocking=blocking)
 
         download = downloads.join(digest, opener)
         body, error = await _read_all(download)
@@ -115,12 +139,13 @@ def _download_with_short_writes(directory: str) -> None:
     print(json.dumps(asyncio.run(main())))
 
 
-def test_a_write_cut_short_fails_the_download_and_stores_nothing(tmp_path: Path) -> None:
-    code = f"import sys; from {__name__} import _download_with_short_writes as run; run(sys.argv[1])"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, timeout=60
+def test_a_write_cut_short_fails_the_download_and_stores_nothing(tmp_path: Path, blocking: bool) -> None:
+    code = (
+        f"import sys; from {__name__} import _download_with_short_writes as run; run(sys.argv[1], sys.argv[2] == '1')"
     )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    argv = [sys.executable, "-c", code, str(tmp_path), "1" if blocking else "0"]
+    child = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, timeout=60)
     assert child.returncode == 0, child.stderr.decode()
     outcome = json.loads(child.stdout.decode().splitlines()[-1])
     assert outcome["stored_size"] is None, "a blob missing bytes was stored under its digest"
@@ -211,14 +236,14 @@ def test_a_stored_blob_that_lost_bytes_is_not_served_but_fetched_again(tmp_path:
 # -- 3. downloads in flight count against max_size -------------------------------------------
 
 
-def test_a_blob_larger_than_the_cache_is_refused_before_its_bytes_are_fetched(tmp_path: Path) -> None:
+def test_a_blob_larger_than_the_cache_is_refused_before_its_bytes_are_fetched(tmp_path: Path, blocking: bool) -> None:
     store = DiskContentStore(tmp_path, max_size=4 * MIB)
     data = os.urandom(8 * MIB)
     consumed: list[int] = []
 
     async def main() -> None:
-        async def opener() -> Source:
-            return _source(data, len(data), consumed)
+        async def opener() -> Source | BlockingSource:
+            return _source(data, len(data), consumed, blocking=blocking)
 
         download = Downloads(store).join(digests.of(data), opener)
         _, error = await _read_all(download)
@@ -234,14 +259,14 @@ def test_a_blob_larger_than_the_cache_is_refused_before_its_bytes_are_fetched(tm
     store.close()
 
 
-def test_a_blob_of_unknown_size_is_cut_off_at_the_cache_size(tmp_path: Path) -> None:
+def test_a_blob_of_unknown_size_is_cut_off_at_the_cache_size(tmp_path: Path, blocking: bool) -> None:
     store = DiskContentStore(tmp_path, max_size=4 * MIB)
     data = os.urandom(16 * MIB)
     consumed: list[int] = []
 
     async def main() -> None:
-        async def opener() -> Source:
-            return _source(data, None, consumed)
+        async def opener() -> Source | BlockingSource:
+            return _source(data, None, consumed, blocking=blocking)
 
         download = Downloads(store).join(digests.of(data), opener)
         _, error = await _read_all(download)
@@ -256,7 +281,7 @@ def test_a_blob_of_unknown_size_is_cut_off_at_the_cache_size(tmp_path: Path) -> 
     store.close()
 
 
-def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_path: Path) -> None:
+def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_path: Path, blocking: bool) -> None:
     store = DiskContentStore(tmp_path, max_size=5 * MIB)
     old, kept = os.urandom(MIB), os.urandom(MIB)
     for blob in (old, kept):
@@ -271,11 +296,11 @@ def test_downloads_in_flight_make_room_and_are_refused_when_there_is_none(tmp_pa
         downloads = Downloads(store)
         gate = asyncio.Event()
 
-        async def slow_opener() -> Source:
-            return _source(big, len(big), [], gate.wait)
+        async def slow_opener() -> Source | BlockingSource:
+            return _source(big, len(big), [], gate.wait, blocking=blocking)
 
-        async def next_opener() -> Source:
-            return _source(next_one, len(next_one), refused)
+        async def next_opener() -> Source | BlockingSource:
+            return _source(next_one, len(next_one), refused, blocking=blocking)
 
         in_flight = downloads.join(digests.of(big), slow_opener)
         reading = asyncio.create_task(_read_all(in_flight))
@@ -383,7 +408,7 @@ def _open_files_naming(path: Path) -> int:
     return count
 
 
-def test_a_follower_its_last_reader_left_lets_go_of_the_partial_file(tmp_path: Path) -> None:
+def test_a_follower_its_last_reader_left_lets_go_of_the_partial_file(tmp_path: Path, blocking: bool) -> None:
     """Else the disk space of a download that then fails stays taken until the digest is asked for again."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
@@ -393,12 +418,12 @@ def test_a_follower_its_last_reader_left_lets_go_of_the_partial_file(tmp_path: P
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def broken_opener() -> Source:
+        async def broken_opener() -> Source | BlockingSource:
             async def fail() -> None:
                 await gate.wait()
                 raise DownloadFailed("the upstream broke off")
 
-            return _source(data, len(data), [], fail)
+            return _source(data, len(data), [], fail, blocking=blocking)
 
         async def unused_opener() -> Source:
             raise AssertionError("a follower does not fetch")
@@ -423,7 +448,7 @@ def test_a_follower_its_last_reader_left_lets_go_of_the_partial_file(tmp_path: P
 
 
 def test_a_follower_does_not_take_a_later_download_for_the_one_it_followed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, blocking: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The owner fails; before the follower looks again a second download commits the digest.
 
@@ -437,15 +462,15 @@ def test_a_follower_does_not_take_a_later_download_for_the_one_it_followed(
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def broken_opener() -> Source:
+        async def broken_opener() -> Source | BlockingSource:
             async def fail() -> None:
                 await gate.wait()
                 raise DownloadFailed("the upstream broke off")
 
-            return _source(data, len(data), [], fail)
+            return _source(data, len(data), [], fail, blocking=blocking)
 
-        async def good_opener() -> Source:
-            return _source(data, len(data), [])
+        async def good_opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], blocking=blocking)
 
         first = Downloads(stores[0]).join(digest, broken_opener)
         await first.started
@@ -465,7 +490,7 @@ def test_a_follower_does_not_take_a_later_download_for_the_one_it_followed(
     asyncio.run(main())
 
 
-def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
+def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path, blocking: bool) -> None:
     """Readers waiting together: the first to see the owner's outcome must not pull the lock from the others."""
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
@@ -474,8 +499,8 @@ def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def slow_opener() -> Source:
-            return _source(data, len(data), [], gate.wait)
+        async def slow_opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], gate.wait, blocking=blocking)
 
         async def unused_opener() -> Source:
             raise AssertionError("a follower does not fetch")
@@ -497,6 +522,7 @@ def test_every_reader_of_a_follower_gets_the_whole_blob(tmp_path: Path) -> None:
 
 def test_extents_of_a_download_in_flight_name_written_bytes_and_hold_back_the_last_until_commit(
     tmp_path: Path,
+    blocking: bool,
 ) -> None:
     store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(4 * MIB)
@@ -504,8 +530,8 @@ def test_extents_of_a_download_in_flight_name_written_bytes_and_hold_back_the_la
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def opener() -> Source:
-            return _source(data, len(data), [], gate.wait)
+        async def opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], gate.wait, blocking=blocking)
 
         download = Downloads(store).join(digests.of(data), opener)
         reader = DownloadReader(download)
@@ -534,13 +560,13 @@ def test_extents_of_a_download_in_flight_name_written_bytes_and_hold_back_the_la
     store.close()
 
 
-def test_extents_of_a_failed_download_raise_instead_of_ending(tmp_path: Path) -> None:
+def test_extents_of_a_failed_download_raise_instead_of_ending(tmp_path: Path, blocking: bool) -> None:
     store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(2 * MIB)
 
     async def main() -> None:
-        async def opener() -> Source:
-            return _source(data[:-1] + b"x", len(data), [])  # the wrong last byte
+        async def opener() -> Source | BlockingSource:
+            return _source(data[:-1] + b"x", len(data), [], blocking=blocking)  # the wrong last byte
 
         download = Downloads(store).join(digests.of(data), opener)
         reader = DownloadReader(download)
@@ -561,7 +587,9 @@ def test_extents_of_a_failed_download_raise_instead_of_ending(tmp_path: Path) ->
     store.close()
 
 
-def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_committed(tmp_path: Path) -> None:
+def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_committed(
+    tmp_path: Path, blocking: bool
+) -> None:
     data = os.urandom(2 * MIB)
     digest = digests.of(data)
     owner_store, follower_store = DiskContentStore(tmp_path, 64 * MIB), DiskContentStore(tmp_path, 64 * MIB)
@@ -569,8 +597,8 @@ def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_c
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def slow_opener() -> Source:
-            return _source(data, len(data), [], gate.wait)
+        async def slow_opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], gate.wait, blocking=blocking)
 
         async def unused_opener() -> Source:
             raise AssertionError("a follower does not fetch")
@@ -597,13 +625,13 @@ def test_extents_of_a_follower_in_another_process_reach_the_end_once_the_owner_c
     asyncio.run(main())
 
 
-def test_a_download_read_only_through_extents_keeps_no_written_bytes_in_memory(tmp_path: Path) -> None:
+def test_a_download_read_only_through_extents_keeps_no_written_bytes_in_memory(tmp_path: Path, blocking: bool) -> None:
     store = DiskContentStore(tmp_path, max_size=64 * MIB)
     data = os.urandom(4 * MIB)
 
     async def main() -> None:
-        async def opener() -> Source:
-            return _source(data, len(data), [])
+        async def opener() -> Source | BlockingSource:
+            return _source(data, len(data), [], blocking=blocking)
 
         download = Downloads(store).join(digests.of(data), opener)
         assert isinstance(download, flight._Fetch)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,11 +22,14 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
+from cache.flight import DownloadReader, Downloads
+from cache.store import DiskContentStore
 from proxy.config import UpstreamConfig
 from proxy.ops import metrics, status
 from proxy.ops.health import upstream_state
 from proxy.ops.observe import Activity
 from proxy.upstream import client as upstream_module
+from proxy.upstream import threaded
 from proxy.upstream.client import (
     FAILED_ANSWERS_BEFORE_BACKOFF,
     MAX_REDIRECTS,
@@ -34,7 +40,7 @@ from proxy.upstream.client import (
     UpstreamTooLarge,
     UpstreamUnavailable,
 )
-from tests.support.faulty import OCI_INDEX, FaultyRegistry
+from tests.support.faulty import OCI_INDEX, FaultyRegistry, pseudo_random_bytes
 from tests.support.proxy import Proxy, mirror
 
 MIB = 1 << 20
@@ -607,3 +613,154 @@ def test_a_blob_range_that_comes_short_raises_unavailable() -> None:
             await upstream.aclose()
 
     asyncio.run(work())
+
+
+# -- 5. blob bodies off the event loop -----------------------------------------------------
+
+
+def _partial_file(store: DiskContentStore, digest: str) -> Path:
+    return store.partial_dir / f"{digest.replace(':', '-')}.data"
+
+
+def _download_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("download ")]
+
+
+def test_a_cold_blob_reaches_the_cache_file_while_the_event_loop_is_busy(
+    faulty: FaultyRegistry, tmp_path: Path
+) -> None:
+    """Receiving, writing and hashing happen on the download's thread: the loop only hands out bytes."""
+    data = pseudo_random_bytes("off the loop", 16 * MIB)  # far more than socket buffers and a pending batch hold
+    digest = faulty.add_blob(data)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> None:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            download = Downloads(store).join(digest, lambda: upstream.open_blob("acme/app", digest))
+            reader = DownloadReader(download)
+            await download.started
+            written = 0
+            for _ in range(3000):  # the loop held on purpose (a blocking wait), at most 30 s
+                written = _partial_file(store, digest).stat().st_size
+                if written == len(data):
+                    break
+                time.sleep(0.01)
+            assert written == len(data), f"{written} of {len(data)} bytes reached the file while the loop was busy"
+            body = b""
+            while chunk := await reader.read(len(body), 1 << 30):
+                body += chunk
+            reader.close()
+            assert body == data and download.committed
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
+    assert store.has_blob(digest)
+    store.close()
+
+
+def test_a_download_cancelled_midway_stops_its_thread_and_closes_its_connection(
+    faulty: FaultyRegistry, tmp_path: Path
+) -> None:
+    data = pseudo_random_bytes("cancelled", 8 * MIB)
+    digest = faulty.add_blob(data)
+    faulty.slow(digest=digest, chunk_size=64 << 10, chunk_delay=0.05)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> None:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            download = Downloads(store).join(digest, lambda: upstream.open_blob("acme/app", digest))
+            await download.started
+            for _ in range(1000):
+                if _partial_file(store, digest).stat().st_size > 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert download._task is not None
+            download._task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await download._task
+            for _ in range(1000):  # the thread notices at its next chunk
+                if not _download_threads() and faulty.active_connections() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert _download_threads() == []
+            assert faulty.active_connections() == 0, "the upstream connection of a stopped download is kept open"
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
+    assert os.listdir(store.partial_dir) == []
+    assert not store.has_blob(digest)
+    store.close()
+
+
+def _fetch(upstream: Upstream, store: DiskContentStore, digest: str) -> Awaitable[tuple[bytes, BaseException | None]]:
+    async def work() -> tuple[bytes, BaseException | None]:
+        download = Downloads(store).join(digest, lambda: upstream.open_blob("acme/app", digest))
+        reader = DownloadReader(download)
+        body = b""
+        try:
+            await download.started
+            while chunk := await reader.read(len(body), 1 << 30):
+                body += chunk
+        except Exception as exc:
+            return body, exc
+        finally:
+            reader.close()
+        return body, None
+
+    return work()
+
+
+def test_a_large_blob_read_straight_from_its_socket_arrives_whole_and_its_connection_is_not_reused(
+    faulty: FaultyRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threaded, "RAW_BODY_MIN", 2 * MIB)
+    blobs = [pseudo_random_bytes(f"raw {n}", 4 * MIB + n) for n in range(2)]
+    small = [pseudo_random_bytes(f"parsed {n}", MIB + n) for n in range(2)]
+    digests = [faulty.add_blob(blob) for blob in blobs]
+    small_digests = [faulty.add_blob(blob) for blob in small]
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> None:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            for blob, digest in zip(blobs, digests, strict=True):
+                assert await _fetch(upstream, store, digest) == (blob, None)
+            # Each large body left its connection closed: the parser there never saw the body end.
+            assert faulty.total_connections() == 2
+            for blob, digest in zip(small, small_digests, strict=True):  # small bodies keep the parser and
+                assert await _fetch(upstream, store, digest) == (blob, None)  # their connection alive
+            assert faulty.total_connections() == 3
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(work())
+    assert all(store.has_blob(digest) for digest in digests)
+    store.close()
+
+
+def test_a_large_blob_cut_short_on_its_socket_fails_and_stores_nothing(
+    faulty: FaultyRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threaded, "RAW_BODY_MIN", 2 * MIB)
+    data = pseudo_random_bytes("cut short", 8 * MIB)
+    digest = faulty.add_blob(data)
+    faulty.truncate(digest, keep=5 * MIB)
+    store = DiskContentStore(tmp_path, max_size=64 * MIB)
+
+    async def work() -> tuple[bytes, BaseException | None]:
+        upstream = Upstream(UpstreamConfig(name="docker.io", url=faulty.url))
+        try:
+            return await _fetch(upstream, store, digest)
+        finally:
+            await upstream.aclose()
+
+    body, error = asyncio.run(work())
+    assert error is not None and "broke off" in str(error), error
+    assert len(body) < 5 * MIB and body == data[: len(body)]
+    assert not store.has_blob(digest)
+    assert os.listdir(store.partial_dir) == []
+    store.close()
