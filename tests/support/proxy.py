@@ -7,10 +7,12 @@ covered too, not just the ASGI app.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -174,6 +176,15 @@ class Proxy(Closing):
 
     def stop(self, timeout: float = 15.0) -> None:
         stop(self._proc, timeout=timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, connections broken off, nothing released."""
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(timeout=10)
+        stop(self._proc)
         self._proc = None
 
     def close(self) -> None:
