@@ -27,6 +27,7 @@ from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
+from proxy.fleet import peer
 from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
 from proxy.http.registry import routes
@@ -98,6 +99,9 @@ def create_app(
             app.state.hosted = hosted
             app.state.sampler.hosted = hosted
             app.state.gate = await _gate(config, hosted)
+            app.state.fleet = fleet = peer.open_fleet(config)  # None without [coordination]
+            if fleet is not None and fleet.flight is not None:
+                mirror.blobs.fleet = fleet.flight.origin
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()
             tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
@@ -118,10 +122,12 @@ def create_app(
                     task.cancel()
                 if hosted is not None:
                     await to_thread.run_sync(hosted.close)
+                if fleet is not None:
+                    await fleet.aclose()
                 metrics.worker_stopped()
 
     return Starlette(
-        routes=[*routes, *OPERATING],
+        routes=[*routes, *peer.routes, *OPERATING],
         middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
         exception_handlers={
             errors.RegistryError: _registry_error,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 from anyio import to_thread
 
-from cache.flight import DownloadFailed, DownloadReader, Downloads, Source
+from cache.flight import DownloadFailed, DownloadReader, Downloads, Origin, Source
 from cache.readers import BlobReader, FileReader
 from cache.storage import ContentStore
 from proxy import errors
@@ -38,6 +38,10 @@ log = structlog.get_logger("pullproxy")
 # so no client can make the mirror open connections to an upstream without bound.
 MAX_RANGE_FETCHES = 8  # in this process
 MAX_RANGE_FETCHES_PER_BLOB = 2
+
+# A fleet's download origin (`proxy.fleet.peer.PeerFlight.origin`): given the digest and this
+# replica's own upstream origin, the source of the download (the upstream's, or another replica's).
+FleetOrigin = Callable[[str, Origin], Awaitable[Source]]
 
 
 class ColdRange:
@@ -72,6 +76,7 @@ class Blobs:
         self.downloads = downloads
         self.links = links
         self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
+        self.fleet: FleetOrigin | None = None  # set by the app with [coordination]: replicas fetch once between them
 
     async def open(self, route: Route, digest: str) -> Blob:
         """A reader for the blob, which the caller must close."""
@@ -215,9 +220,12 @@ class Blobs:
         await self.links.ensure(route, digest, blob=True)
         return size, outcome
 
-    async def _open_upstream(self, route: Route, digest: str) -> Source:
+    async def _open_upstream(self, route: Route, digest: str, fleet: bool = True) -> Source:
         """The download's origin: the upstream's answer, which also proves `route`'s repository
-        holds the blob (recorded before any reader starts, so none of them asks again)."""
+        holds the blob (recorded before any reader starts, so none of them asks again).
+        In a fleet, another replica's download of it may be the origin instead (see `proxy.fleet.peer`)."""
+        if fleet and self.fleet is not None:
+            return await self.fleet(digest, lambda: self._open_upstream(route, digest, fleet=False))
         source = await self.upstreams.of(route).open_blob(route.repo, digest)
         await self.links.record(route, [digest])
         return source

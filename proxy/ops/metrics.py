@@ -160,6 +160,28 @@ OBJECT_STORE_ERRORS = Counter(
     ["operation"],
     registry=REGISTRY,
 )
+FLEET_FETCHES = Counter(
+    "pullproxy_fleet_fetches",
+    "Cold blob downloads of a replica in a fleet, by where the bytes came from: self (it held the lease and"
+    " fetched from the upstream), peer (the lease holder's download), alone (no lease: Redis unreachable, no"
+    " holder reachable in time, or peer requests refused).",
+    ["by"],
+    registry=REGISTRY,
+)
+FLEET_PEER_BYTES = Counter(
+    "pullproxy_fleet_peer_received_bytes", "Blob bytes received from other replicas' downloads.", registry=REGISTRY
+)
+FLEET_PEER_SERVED = Counter(
+    "pullproxy_fleet_peer_served",
+    "Peer blob requests this replica answered, by source: download (in flight), cache, none (it had neither).",
+    ["source"],
+    registry=REGISTRY,
+)
+FLEET_LEASE_WAITS = Counter(
+    "pullproxy_fleet_lease_waits",
+    "Downloads that waited for a blob's lease to be released or to expire (its holder unreachable or done).",
+    registry=REGISTRY,
+)
 
 
 def object_store_request(operation: Operation, seconds: float, failed: bool) -> None:
@@ -167,6 +189,22 @@ def object_store_request(operation: Operation, seconds: float, failed: bool) -> 
     OBJECT_STORE_SECONDS.labels(operation.value).observe(seconds)
     if failed:
         OBJECT_STORE_ERRORS.labels(operation.value).inc()
+
+
+class FetchedBy(StrEnum):
+    """Where the bytes of a fleet replica's cold blob download come from."""
+
+    SELF = "self"
+    PEER = "peer"
+    ALONE = "alone"
+
+
+class PeerSource(StrEnum):
+    """What a replica answered a peer's blob request from."""
+
+    DOWNLOAD = "download"
+    CACHE = "cache"
+    NONE = "none"
 
 
 class PushKind(StrEnum):
@@ -333,6 +371,12 @@ class Snapshot:
 
     def upstream_errors(self, upstream: str) -> int:
         return self._count("pullproxy_upstream_errors_total", upstream=upstream)
+
+    def fleet_fetches(self, by: FetchedBy) -> int:
+        return self._count("pullproxy_fleet_fetches_total", by=by)
+
+    def peer_received_bytes(self) -> int:
+        return self._count("pullproxy_fleet_peer_received_bytes_total")
 
     def hosted_quota(self, quota: str) -> tuple[int, int]:
         """(use, limit) of a `[hosted]` quota; (0, 0) without hosted repositories."""

@@ -184,11 +184,13 @@ class Proxy(Closing):
         self._proc = None
 
     def kill(self) -> None:
-        """SIGKILL the whole process group at once: a crash, not a shutdown."""
-        if self._proc is not None and self._proc.poll() is None:
+        """SIGKILL, as a crash: no shutdown, connections broken off, nothing released."""
+        if self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
-        self.stop()
+            self._proc.wait(timeout=10)
+        stop(self._proc)
+        self._proc = None
 
     def close(self) -> None:
         self.stop()
