@@ -17,7 +17,7 @@ from cache.storage import ContentStore, Metadata
 from proxy import references
 from proxy.cli.progress import Progress
 from proxy.config import Config
-from proxy.hosted.repository import HostedRepositories
+from proxy.hosted.opening import open_hosted
 from proxy.mirror.mirror import open_storage
 from proxy.routing import Router, canonical
 from proxy.units import format_ago, format_size
@@ -64,9 +64,10 @@ def ls(config: Config) -> int:
 def _hosted_rows(config: Config) -> list[tuple[str, str, str, str, str]]:
     """The tags of hosted repositories, named as pushed and marked `hosted`."""
     directory = config.cache_dir / "hosted"
-    if config.hosted is None or not directory.is_dir():
+    if config.hosted is None or (config.coordination is None and not directory.is_dir()):
         return []
-    hosted = HostedRepositories(config.hosted, directory)
+    hosted = open_hosted(config)
+    assert hosted is not None
     try:
         images = hosted.images()
     finally:

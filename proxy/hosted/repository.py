@@ -1,6 +1,12 @@
-"""`HostedRepositories`: what clients push, kept in a content store of its own and an `Index`.
+"""`HostedRepositories`: what clients push, kept in a content store of its own and a `HostedIndex`.
 
-The blobs live in a `DiskContentStore` of their own (`<cache dir>/hosted/content`) whose size
+`proxy.hosted.opening.open_hosted` builds both from the configuration: on one host a
+`DiskContentStore` and the SQLite `Index`; in a fleet (`[coordination]`) the `RedisIndex`, and
+with `[storage] backend = "s3"` a bucket store under `hosted/` that never evicts. Uploads are
+staged in this host's `uploads/` either way; in a fleet each upload's record names the replica
+that stages it (`replica_url`), so the others forward its requests there.
+
+On one host the blobs live in a `DiskContentStore` of their own (`<cache dir>/hosted/content`) whose size
 limit is never reached, so nothing hosted is ever evicted: the cache's store could pin them,
 but its pins are replaced wholesale by `[[pin]]` refreshes and count against `[cache]
 max_size`, while hosted content has its own limit (`[hosted] max_size`). Manifests, tags and
@@ -30,11 +36,11 @@ from typing import Any
 from cache import digests
 from cache import manifests as walker
 from cache.mediatypes import OCI_INDEX
-from cache.storage import BlobFile
+from cache.storage import BlobFile, ContentStore
 from cache.store import DiskContentStore
 from proxy import errors, references
 from proxy.config import Hosted
-from proxy.hosted.index import Index, StoredManifest
+from proxy.hosted.index import HostedIndex, Index, StoredManifest
 from proxy.hosted.names import HostedNames
 
 MAX_MANIFEST = 4 << 20
@@ -115,18 +121,33 @@ def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
 
 
 class HostedRepositories:
-    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once."""
+    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once.
 
-    def __init__(self, config: Hosted, directory: Path, cached: Callable[[str], BlobFile | None] | None = None) -> None:
+    `content` and `index` default to one host's (a `DiskContentStore` and the SQLite `Index` in
+    `directory`); given, they are this object's to close. `replica_url`: this replica's URL in a
+    fleet, recorded on the uploads it stages; None on one host.
+    """
+
+    def __init__(
+        self,
+        config: Hosted,
+        directory: Path,
+        cached: Callable[[str], BlobFile | None] | None = None,
+        *,
+        content: ContentStore | None = None,
+        index: HostedIndex | None = None,
+        replica_url: str | None = None,
+    ) -> None:
         self.config = config
         self._cached = cached
+        self.replica_url = replica_url
         self.names = HostedNames(config.repositories)
         directory.mkdir(parents=True, exist_ok=True)
         self.uploads_dir = directory / "uploads"
         self.uploads_dir.mkdir(exist_ok=True)
-        self.content = DiskContentStore(directory, _UNBOUNDED)
+        self.content: ContentStore = DiskContentStore(directory, _UNBOUNDED) if content is None else content
         try:
-            self.index = Index(directory / "index.sqlite")
+            self.index: HostedIndex = Index(directory / "index.sqlite") if index is None else index
         except BaseException:
             self.content.close()
             raise
@@ -139,12 +160,14 @@ class HostedRepositories:
 
     def in_use(self) -> int:
         """Bytes of hosted blobs, manifests and uploads in progress (not the index's own pages)."""
-        uploading = 0
-        for entry in os.scandir(self.uploads_dir):
-            try:
-                uploading += entry.stat().st_size
-            except OSError:
-                continue
+        uploading = self.index.upload_volume()  # a fleet's, recorded as they grow
+        if uploading is None:  # this host's, as staged
+            uploading = 0
+            for entry in os.scandir(self.uploads_dir):
+                try:
+                    uploading += entry.stat().st_size
+                except OSError:
+                    continue
         return self.index.blob_volume() + self.index.manifest_volume() + uploading
 
     def usage(self) -> Usage:
@@ -173,8 +196,19 @@ class HostedRepositories:
         self.check_repository(repo)
         upload = uuid.uuid4().hex
         (self.uploads_dir / upload).touch()
-        self.index.add_upload(upload, repo)
+        self.index.add_upload(upload, repo, self.replica_url)
         return upload
+
+    def upload_owner(self, upload: str) -> str | None:
+        """The URL of the replica staging `upload` if that is another one; None if it is this one or unknown."""
+        if not _UPLOAD_ID.fullmatch(upload):
+            return None
+        owner = self.index.upload_owner(upload)
+        return None if owner is None or owner == self.replica_url else owner
+
+    def grew(self, upload: str, size: int) -> None:
+        """The upload holds `size` bytes now (counted against `max_size` fleet-wide)."""
+        self.index.set_upload_size(upload, size)
 
     def upload_path(self, repo: str, upload: str) -> Path:
         """The file of an upload to `repo` in progress; BLOB_UPLOAD_UNKNOWN otherwise."""

@@ -27,9 +27,11 @@ from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
-from proxy.fleet import peer
+from proxy.fleet import peer, peers
+from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
+from proxy.http.push import Forwarder
 from proxy.http.registry import routes
 from proxy.images import pinning
 from proxy.mirror import open_mirror
@@ -95,8 +97,13 @@ def create_app(
             app.state.activity = activity
             app.state.probe = health.CacheProbe(store.partial_dir)
             app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
-            hosted = await _open_hosted(config, store)
+            replica = peers.this_replica(config) if config.coordination is not None else None
+            hosted = await _open_hosted(config, store, replica)
             app.state.hosted = hosted
+            forwarder = None
+            if hosted is not None and replica is not None and config.coordination is not None:
+                forwarder = Forwarder(config.coordination, replica)
+            app.state.forwarder = forwarder
             app.state.sampler.hosted = hosted
             app.state.gate = await _gate(config, hosted)
             app.state.fleet = fleet = peer.open_fleet(config)  # None without [coordination]
@@ -120,6 +127,8 @@ def create_app(
             finally:
                 for task in tasks:
                     task.cancel()
+                if forwarder is not None:
+                    await forwarder.aclose()
                 if hosted is not None:
                     await to_thread.run_sync(hosted.close)
                 if fleet is not None:
@@ -140,11 +149,11 @@ def create_app(
     )
 
 
-async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
-    """`[hosted]`'s repositories in `<cache dir>/hosted`; None without `[hosted]` (the mirror stays read-only)."""
-    if config.hosted is None:
-        return None
-    return await to_thread.run_sync(HostedRepositories, config.hosted, config.cache_dir / "hosted", store.find_blob)
+async def _open_hosted(
+    config: configuration.Config, store: ContentStore, replica: peers.Replica | None = None
+) -> HostedRepositories | None:
+    """`[hosted]`'s repositories (`proxy.hosted.opening`); None without `[hosted]` (the mirror stays read-only)."""
+    return await to_thread.run_sync(open_hosted, config, store.find_blob, None if replica is None else replica.url)
 
 
 async def _collect_garbage(hosted: HostedRepositories) -> None:
