@@ -37,6 +37,10 @@ class IncompleteFile(Exception):
     """A staged file does not hold the bytes that were verified: it is not stored."""
 
 
+class MetadataUnavailable(Exception):
+    """The shared metadata (Redis) cannot be reached now: callers fall back to the upstream or to memory."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     digest: str

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cache.meta import DiskMetadata
+from cache.redis_meta import RedisMetadata, connect
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 
@@ -21,6 +22,7 @@ CONFORMS = """
 from pathlib import Path
 
 from cache.meta import DiskMetadata
+from cache.redis_meta import RedisMetadata, connect
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 
@@ -31,6 +33,10 @@ def content(directory: Path) -> ContentStore:
 
 def metadata(directory: Path) -> Metadata:
     return DiskMetadata(directory)
+
+
+def shared_metadata(url: str) -> Metadata:
+    return RedisMetadata(connect(url))
 """
 
 
@@ -53,7 +59,16 @@ def test_each_concrete_class_has_every_member_of_its_protocol(opened: tuple[Disk
     assert not isinstance(meta, ContentStore) and not isinstance(store, Metadata)  # the check can fail
 
 
-@pytest.mark.parametrize(("protocol", "concrete"), [(ContentStore, DiskContentStore), (Metadata, DiskMetadata)])
+def test_redis_metadata_is_metadata() -> None:
+    meta = RedisMetadata(connect("redis://127.0.0.1:1/0"))  # no connection is made before a call
+    assert isinstance(meta, Metadata) and not isinstance(meta, ContentStore)
+    meta.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "concrete"),
+    [(ContentStore, DiskContentStore), (Metadata, DiskMetadata), (Metadata, RedisMetadata)],
+)
 def test_each_method_takes_the_parameters_its_protocol_names(protocol: type, concrete: type) -> None:
     for name in members(protocol):
         declared = getattr(protocol, name, None)
