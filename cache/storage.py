@@ -41,6 +41,10 @@ class StoreUnavailable(Exception):
     """The shared object store cannot be reached now: nothing was stored or removed, retrying later may help."""
 
 
+class MetadataUnavailable(Exception):
+    """The shared metadata (Redis) cannot be reached now: callers fall back to the upstream or to memory."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     digest: str
