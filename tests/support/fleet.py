@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import obstore
+from obstore.store import S3Store
 
 from .haproxy import HAProxy
 from .ports import free_port
@@ -25,6 +29,7 @@ from .seaweed import SeaweedFS
 
 PEER_SECRET = "pullproxy-fleet-test-peer-secret"
 PEER_SECRET_ENV = "PULLPROXY_PEER_SECRET"
+CANARY = ".pullproxy-test-canary"  # outside the cache's prefixes
 
 
 class Fleet(Closing):
@@ -153,10 +158,33 @@ class Fleet(Closing):
 
     def stop_store(self) -> None:
         """The object store goes away at once (an outage, not a shutdown); data is kept."""
+        obstore.put(self._bucket(), CANARY, b"held before the outage")
         self.store.kill()
 
-    def start_store(self) -> None:
+    def start_store(self, timeout: float = 60.0) -> None:
+        """Back on the same endpoint; returns once it serves again what it held (SeaweedFS answers
+        500 for older objects for a moment after a restart, until its volumes are registered)."""
         self.store.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                obstore.get(self._bucket(), CANARY).bytes()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _bucket(self) -> S3Store:
+        weed = self.store
+        return S3Store(
+            weed.bucket,
+            endpoint=weed.endpoint,
+            access_key_id=weed.access_key,
+            secret_access_key=weed.secret_key,
+            region="us-east-1",
+            client_options={"allow_http": True},
+        )
 
     def log_text(self) -> str:
         return "\n".join(f"=== replica {i}\n{proxy.log_text()}" for i, proxy in enumerate(self.replicas))
