@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import obstore
 import pytest
+from obstore.store import S3Store
 
+from cache.bucket import open_bucket
+from tests.support.commands import pullproxy
 from tests.support.faulty import OCI_MANIFEST, FaultyRegistry
 from tests.support.proxy import Proxy
 from tests.support.redis_server import RedisServer
@@ -32,10 +37,13 @@ def upstream() -> Iterator[FaultyRegistry]:
         yield registry
 
 
-def replica(upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer, **storage: Any) -> Proxy:
+def replica(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer, access: Any = (), **storage: Any
+) -> Proxy:
     """A replica with an empty local directory of its own, on the shared bucket and Redis."""
     return Proxy(
         {
+            "access": list(access) or None,
             "cache": {"local_max_size": "256MiB"},
             "upstream": [{"name": "docker.io", "url": upstream.url, "default": True}],
             "storage": {
@@ -123,7 +131,8 @@ def test_redirect_answers_a_cached_blob_with_a_presigned_url_that_serves_it_and_
 ) -> None:
     _, blobs = upstream.add_image("acme/redirected", "1", layer_sizes=[64 << 10])
     layer = blobs[1]
-    with replica(upstream, weed, redis_server, redirect=True) as proxy:
+    private = {"repository": "docker.io/acme/private", "pull": [], "networks": ["10.0.0.0/8"]}
+    with replica(upstream, weed, redis_server, access=[private], redirect=True) as proxy:
         url = f"{proxy.url}/v2/acme/redirected/blobs/{layer}"
         first = httpx.get(url, timeout=30)  # not in the bucket yet: served, and stored
         assert first.status_code == 200 and first.content == upstream.blob(layer)
@@ -135,6 +144,46 @@ def test_redirect_answers_a_cached_blob_with_a_presigned_url_that_serves_it_and_
         assert httpx.get(location, timeout=30).content == upstream.blob(layer)
         ranged = httpx.get(url, headers={"Range": "bytes=100-199"}, follow_redirects=True, timeout=30)
         assert (ranged.status_code, ranged.content) == (206, upstream.blob(layer)[100:200])
+        refused = httpx.get(f"{proxy.url}/v2/acme/private/blobs/{layer}", timeout=30)  # the same blob
+        assert refused.status_code in (401, 403) and "Location" not in refused.headers
         head = httpx.head(url, timeout=30)  # HEAD is answered here
         assert head.status_code == 200 and head.headers["Content-Length"] == str(64 << 10)
     assert upstream.gets(layer) == 1
+
+
+
+def _bucket(weed: SeaweedFS) -> S3Store:
+    return open_bucket(weed.endpoint, weed.bucket, "us-east-1", weed.access_key, weed.secret_key)
+
+
+def test_the_cache_commands_work_from_any_replica(upstream: FaultyRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    with contextlib.ExitStack() as stack:
+        weed = stack.enter_context(SeaweedFS())  # of its own, with its Redis: the counts are this test's
+        redis_server = stack.enter_context(RedisServer())
+        for name, value in weed.environment().items():
+            monkeypatch.setenv(name, value)
+        manifest, blobs = upstream.add_image("acme/tools", "1", layer_sizes=[120 << 10])
+        config, layer = blobs
+        first = stack.enter_context(replica(upstream, weed, redis_server))
+        pull(first, "acme/tools", "1", blobs)
+        with replica(upstream, weed, redis_server) as other:  # another replica, with an empty local tier
+            du = pullproxy(other, "cache", "du").stdout.splitlines()
+            assert du[1].split()[-2:] == ["in", "2"] and du[2].split()[-2:] == ["in", "1"]  # the bucket's
+            assert pullproxy(other, "cache", "verify").returncode == 0
+        # An object that no longer hashes to its digest is found and removed by any replica.
+        key = f"cache/blobs/sha256/{layer.removeprefix('sha256:')}"
+        obstore.put(_bucket(weed), key, bytes(120 << 10))
+        with replica(upstream, weed, redis_server) as fresh:
+            verified = pullproxy(fresh, "cache", "verify", check=False)
+            assert verified.returncode == 1 and f"removed corrupt {layer}" in verified.stdout
+        with pytest.raises(FileNotFoundError):
+            obstore.head(_bucket(weed), key)
+        # The replica whose tags name the image removes it from the bucket for all.
+        assert pullproxy(first, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
+        assert pullproxy(first, "cache", "rm", "acme/tools:1").stdout.startswith("removed docker.io/acme/tools:1")
+        for path in (f"cache/manifests/sha256/{manifest[7:]}", f"cache/blobs/sha256/{config[7:]}"):
+            with pytest.raises(FileNotFoundError):
+                obstore.head(_bucket(weed), path)
+        with replica(upstream, weed, redis_server) as other:
+            du = pullproxy(other, "cache", "du").stdout.splitlines()
+            assert du[1].split()[-2:] == ["in", "0"] and du[2].split()[-2:] == ["in", "0"]
