@@ -2,10 +2,10 @@
 
 The mirror, the downloads, pins, archive import, the inventory and the commands use storage
 only through these two Protocols; `proxy.mirror.mirror.open_storage` is the one place that
-chooses and builds an implementation. Today that is `cache.store.DiskContentStore` and
+chooses and builds an implementation: `cache.store.DiskContentStore` and
 `cache.meta.DiskMetadata` over diskcache's SQLite (whose internals only `cache.diskcache_sql`
-touches). A store on shared object storage (S3 for content, Redis for the index and the
-records) implements the same methods; each docstring below says how.
+touches), or with `[storage] backend = "s3"` `cache.bucket.BucketContentStore` (content in a
+shared bucket, its index in Redis); each docstring below says how a shared store fits.
 
 Conventions every implementation keeps:
 

@@ -45,7 +45,13 @@ class Mirror:
 
     @classmethod
     def build(
-        cls, store: ContentStore, meta: Metadata, upstreams: Upstreams, tag_ttl: float, offline: bool = False
+        cls,
+        store: ContentStore,
+        meta: Metadata,
+        upstreams: Upstreams,
+        tag_ttl: float,
+        offline: bool = False,
+        redirect: bool = False,
     ) -> Mirror:
         links = Links(meta, upstreams)
         downloads = Downloads(store)
@@ -57,7 +63,7 @@ class Mirror:
             downloads=downloads,
             links=links,
             manifests=manifests,
-            blobs=Blobs(store, upstreams, downloads, links),
+            blobs=Blobs(store, upstreams, downloads, links, redirect),
             tags=Tags(meta, upstreams, offline),
             referrers=Referrers(meta, upstreams, manifests, links, tag_ttl),
         )
@@ -113,7 +119,10 @@ async def open_mirror(
     store, meta = await to_thread.run_sync(open_storage, config)
     upstreams = Upstreams(config.upstreams, offline=config.offline, transports=transports)
     try:
-        yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)
+        mirror = Mirror.build(
+            store, meta, upstreams, config.tag_ttl, offline=config.offline, redirect=config.storage.redirect
+        )
+        yield Router(config.upstreams), mirror
     finally:
         await upstreams.aclose()
         await to_thread.run_sync(store.flush_touches)

@@ -1,0 +1,189 @@
+"""`[storage] backend = "s3"`: replicas (`python -m proxy serve`) sharing a SeaweedFS bucket and a Redis index."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import obstore
+import pytest
+from obstore.store import S3Store
+
+from cache.bucket import open_bucket
+from tests.support.commands import pullproxy
+from tests.support.faulty import OCI_MANIFEST, FaultyRegistry
+from tests.support.proxy import Proxy
+from tests.support.redis_server import RedisServer
+from tests.support.seaweed import SeaweedFS
+
+
+@pytest.fixture(scope="module")
+def weed() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def upstream() -> Iterator[FaultyRegistry]:
+    with FaultyRegistry() as registry:
+        yield registry
+
+
+def replica(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer, access: Any = (), **storage: Any
+) -> Proxy:
+    """A replica with an empty local directory of its own, on the shared bucket and Redis."""
+    return Proxy(
+        {
+            "access": list(access) or None,
+            "cache": {"local_max_size": "256MiB"},
+            "upstream": [{"name": "docker.io", "url": upstream.url, "default": True}],
+            "storage": {
+                "backend": "s3",
+                "endpoint": weed.endpoint,
+                "bucket": weed.bucket,
+                "access_key_env": "PULLPROXY_S3_ACCESS_KEY",
+                "secret_key_env": "PULLPROXY_S3_SECRET_KEY",
+                **storage,
+            },
+            "coordination": {"redis": redis_server.url},
+        },
+        env=weed.environment(),
+    )
+
+
+def pull(proxy: Proxy, name: str, reference: str, digests: list[str]) -> dict[str, bytes]:
+    """The manifest and the blobs of an image through `proxy`, each checked to be served whole."""
+    got: dict[str, bytes] = {}
+    manifest = httpx.get(f"{proxy.url}/v2/{name}/manifests/{reference}", headers={"Accept": OCI_MANIFEST}, timeout=30)
+    assert manifest.status_code == 200, manifest.text
+    got[manifest.headers["Docker-Content-Digest"]] = manifest.content
+    for digest in digests:
+        answer = httpx.get(f"{proxy.url}/v2/{name}/blobs/{digest}", timeout=30)
+        assert answer.status_code == 200, answer.text
+        got[digest] = answer.content
+    return got
+
+
+def test_a_second_replica_with_an_empty_local_tier_serves_what_the_first_pulled_without_the_upstream(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer
+) -> None:
+    manifest, blobs = upstream.add_image("acme/shared", "1", layer_sizes=[1 << 20, 300 << 10])
+    with replica(upstream, weed, redis_server) as first:
+        pulled = pull(first, "acme/shared", "1", blobs)
+    assert all(pulled[d] == upstream.blob(d) for d in blobs)
+    assert [upstream.gets(d) for d in [manifest, *blobs]] == [1, 1, 1, 1]
+    with replica(upstream, weed, redis_server) as second:
+        assert pull(second, "acme/shared", manifest, blobs) == pulled
+        assert list(second.cache_dir.glob("content/**/*.val"))  # served from its own local tier now
+    assert [upstream.gets(d) for d in [manifest, *blobs]] == [1, 1, 1, 1]  # no second upstream GET
+
+
+def test_with_the_bucket_down_the_local_tier_serves_and_the_rest_is_503_until_it_is_back(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer
+) -> None:
+    manifest, blobs = upstream.add_image("acme/outage", "1", layer_sizes=[200 << 10])
+    later, later_blobs = upstream.add_image("acme/later", "1", layer_sizes=[100 << 10])
+    with replica(upstream, weed, redis_server) as local, replica(upstream, weed, redis_server) as cold:
+        pulled = pull(local, "acme/outage", manifest, blobs)
+        weed.kill()
+        try:
+            assert pull(local, "acme/outage", manifest, blobs) == pulled  # its local copies
+            for proxy, name, digest in [(cold, "acme/outage", blobs[1]), (local, "acme/later", later_blobs[1])]:
+                answer = httpx.get(f"{proxy.url}/v2/{name}/blobs/{digest}", timeout=30)
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+            answer = httpx.get(f"{local.url}/v2/acme/later/manifests/{later}", timeout=30)
+            assert answer.status_code == 503 and answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+        finally:
+            weed.start()
+        assert pull(cold, "acme/outage", manifest, blobs) == pulled  # nothing was lost
+        assert pull(local, "acme/later", later, later_blobs)[later_blobs[1]] == upstream.blob(later_blobs[1])
+        assert "Traceback" not in local.log_text() + cold.log_text()
+    assert upstream.gets(blobs[1]) == 1
+
+
+def test_with_redis_down_blobs_and_manifests_by_digest_still_serve(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer
+) -> None:
+    manifest, blobs = upstream.add_image("acme/indexless", "1", layer_sizes=[150 << 10])
+    with replica(upstream, weed, redis_server) as first:
+        pulled = pull(first, "acme/indexless", "1", blobs)
+    redis_server.stop()
+    try:
+        with replica(upstream, weed, redis_server) as second:
+            assert pull(second, "acme/indexless", manifest, blobs) == pulled
+    finally:
+        redis_server.start()
+    assert [upstream.gets(d) for d in [manifest, *blobs]] == [1, 1, 1]
+
+
+def test_redirect_answers_a_cached_blob_with_a_presigned_url_that_serves_it_and_ranges(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer
+) -> None:
+    _, blobs = upstream.add_image("acme/redirected", "1", layer_sizes=[64 << 10])
+    layer = blobs[1]
+    private = {"repository": "docker.io/acme/private", "pull": [], "networks": ["10.0.0.0/8"]}
+    with replica(upstream, weed, redis_server, access=[private], redirect=True) as proxy:
+        url = f"{proxy.url}/v2/acme/redirected/blobs/{layer}"
+        first = httpx.get(url, timeout=30)  # not in the bucket yet: served, and stored
+        assert first.status_code == 200 and first.content == upstream.blob(layer)
+        answer = httpx.get(url, timeout=30)
+        assert answer.status_code == 307 and answer.headers["Docker-Content-Digest"] == layer
+        location = answer.headers["Location"]
+        assert location.startswith(weed.endpoint) and "X-Amz-Expires=300" in location
+        assert "max-age" not in answer.headers.get("Cache-Control", "")
+        assert httpx.get(location, timeout=30).content == upstream.blob(layer)
+        ranged = httpx.get(url, headers={"Range": "bytes=100-199"}, follow_redirects=True, timeout=30)
+        assert (ranged.status_code, ranged.content) == (206, upstream.blob(layer)[100:200])
+        refused = httpx.get(f"{proxy.url}/v2/acme/private/blobs/{layer}", timeout=30)  # the same blob
+        assert refused.status_code in (401, 403) and "Location" not in refused.headers
+        head = httpx.head(url, timeout=30)  # HEAD is answered here
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(64 << 10)
+    assert upstream.gets(layer) == 1
+
+
+
+def _bucket(weed: SeaweedFS) -> S3Store:
+    return open_bucket(weed.endpoint, weed.bucket, "us-east-1", weed.access_key, weed.secret_key)
+
+
+def test_the_cache_commands_work_from_any_replica(upstream: FaultyRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    with contextlib.ExitStack() as stack:
+        weed = stack.enter_context(SeaweedFS())  # of its own, with its Redis: the counts are this test's
+        redis_server = stack.enter_context(RedisServer())
+        for name, value in weed.environment().items():
+            monkeypatch.setenv(name, value)
+        manifest, blobs = upstream.add_image("acme/tools", "1", layer_sizes=[120 << 10])
+        config, layer = blobs
+        first = stack.enter_context(replica(upstream, weed, redis_server))
+        pull(first, "acme/tools", "1", blobs)
+        with replica(upstream, weed, redis_server) as other:  # another replica, with an empty local tier
+            du = pullproxy(other, "cache", "du").stdout.splitlines()
+            assert du[1].split()[-2:] == ["in", "2"] and du[2].split()[-2:] == ["in", "1"]  # the bucket's
+            assert pullproxy(other, "cache", "verify").returncode == 0
+        # An object that no longer hashes to its digest is found and removed by any replica.
+        key = f"cache/blobs/sha256/{layer.removeprefix('sha256:')}"
+        obstore.put(_bucket(weed), key, bytes(120 << 10))
+        with replica(upstream, weed, redis_server) as fresh:
+            verified = pullproxy(fresh, "cache", "verify", check=False)
+            assert verified.returncode == 1 and f"removed corrupt {layer}" in verified.stdout
+        with pytest.raises(FileNotFoundError):
+            obstore.head(_bucket(weed), key)
+        # The replica whose tags name the image removes it from the bucket for all.
+        assert pullproxy(first, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
+        assert pullproxy(first, "cache", "rm", "acme/tools:1").stdout.startswith("removed docker.io/acme/tools:1")
+        for path in (f"cache/manifests/sha256/{manifest[7:]}", f"cache/blobs/sha256/{config[7:]}"):
+            with pytest.raises(FileNotFoundError):
+                obstore.head(_bucket(weed), path)
+        with replica(upstream, weed, redis_server) as other:
+            du = pullproxy(other, "cache", "du").stdout.splitlines()
+            assert du[1].split()[-2:] == ["in", "0"] and du[2].split()[-2:] == ["in", "0"]
