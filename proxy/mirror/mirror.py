@@ -19,6 +19,7 @@ from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 from proxy.config import Config
+from proxy.fleet.metadata import open_metadata
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
@@ -64,7 +65,7 @@ def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     """Blocking: the content store and the metadata for `config`, the one place that chooses their kind."""
     store = DiskContentStore(config.cache_dir, config.max_size)
     try:
-        return store, DiskMetadata(config.cache_dir)
+        return store, open_metadata(config) or DiskMetadata(config.cache_dir)
     except BaseException:
         store.close()
         raise
