@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -77,8 +78,15 @@ async def live_replicas(client: redis.asyncio.Redis) -> list[ReplicaRecord]:
 class ReplicaRegistry:
     """This replica's heartbeat, and the fleet as of its last one (`live`)."""
 
-    def __init__(self, client: redis.asyncio.Redis, replica: Replica, health: RedisHealth | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        replica: Replica,
+        health: RedisHealth | None = None,
+        after_beat: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self.client = client
+        self.after_beat = after_beat  # run after each heartbeat that reached Redis
         self.replica = replica
         self.health = health or RedisHealth()
         self.started = time.time()
@@ -110,6 +118,11 @@ class ReplicaRegistry:
             log.info("redis answers again", replicas=len(live))
         self._down = False
         self.live = tuple(live)
+        if self.after_beat is not None:
+            try:
+                await self.after_beat()
+            except Exception:
+                log.exception("after the heartbeat")
         return True
 
     async def run(self) -> None:

@@ -145,9 +145,15 @@ def _fleet(config: configuration.Config, meta: object) -> replicas.ReplicaRegist
     """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis."""
     if config.coordination is None:
         return None
-    health = meta.health if isinstance(meta, RedisMetadata) else None
     client = replicas.connect(config.coordination.redis)
-    return replicas.ReplicaRegistry(client, peers.this_replica(config), health)
+    if not isinstance(meta, RedisMetadata):
+        return replicas.ReplicaRegistry(client, peers.this_replica(config))
+
+    async def write_pending() -> None:  # links learnt while Redis was away
+        if meta.pending:
+            await to_thread.run_sync(meta.write_pending)
+
+    return replicas.ReplicaRegistry(client, peers.this_replica(config), meta.health, write_pending)
 
 
 async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
