@@ -218,6 +218,22 @@ class RedisMetadata:
             self._write_pending(pending)
         return result
 
+    @property
+    def pending(self) -> int:
+        """Memory only: links learnt while Redis was away, not written yet."""
+        return self._pending_count
+
+    def write_pending(self) -> int:
+        """Blocking: write the links learnt while Redis was away, if any; returns how many were pending.
+
+        Called after a heartbeat reached Redis, as the hot path may not call Redis for a while.
+        """
+        with self._lock:
+            count = self._pending_count
+        if count:
+            self._call(self.redis.ping)  # writes them once Redis answers
+        return count
+
     def _write_pending(self, pending: dict[tuple[str, str], dict[str, int]]) -> None:
         """Links learnt while Redis was away: written now (put back if it failed again)."""
         try:
