@@ -56,11 +56,13 @@ def _config(directory: Path, redis_url: str, url: str, secret: str | None = SECR
 
 
 @contextmanager
-def _replicas(tmp_path: Path, redis_url: str, secret: str | None = SECRET) -> Iterator[Replicas]:
+def _replicas(
+    tmp_path: Path, redis_url: str, secret: str | None = SECRET, b_secret: str | None = SECRET
+) -> Iterator[Replicas]:
     """Replicas a (http://a.test) and b (http://b.test); b's peer requests go to a's app."""
     upstream = MemoryRegistry()
     a_app = create_app(_config(tmp_path / "a", redis_url, "http://a.test", secret), {"registry.test": upstream})
-    b_app = create_app(_config(tmp_path / "b", redis_url, "http://b.test", secret), {"registry.test": upstream})
+    b_app = create_app(_config(tmp_path / "b", redis_url, "http://b.test", b_secret), {"registry.test": upstream})
     with ExitStack() as stack:
         portal = stack.enter_context(start_blocking_portal())
         stack.enter_context(portal.wrap_async_context_manager(a_app.router.lifespan_context(a_app)))
@@ -117,7 +119,7 @@ def test_the_peer_endpoint_answers_only_a_valid_peer_credential(tmp_path: Path, 
 
 
 def test_without_a_peer_secret_peer_requests_are_refused(tmp_path: Path, server: RedisServer) -> None:
-    with _replicas(tmp_path, server.url, secret=None) as replicas:
+    with _replicas(tmp_path, server.url, secret=None, b_secret=None) as replicas:
         digest = replicas.upstream.add_blob("team/app", b"layer bytes")
         assert replicas.a.get(f"/v2/team/app/blobs/{digest}").status_code == 200
         assert replicas.fleet(replicas.a_app).flight is None
@@ -177,3 +179,21 @@ def test_with_redis_unreachable_each_replica_fetches_alone(tmp_path: Path) -> No
         assert replicas.b.get(f"/v2/team/app/blobs/{digest}").content == b"no redis"
         assert replicas.upstream.asked().count(("GET", f"/v2/team/app/blobs/{digest}")) == 2
         assert Snapshot(collected()).fleet_fetches(FetchedBy.ALONE) == alone_before + 2
+
+
+def test_a_follower_whose_credential_the_holder_refuses_fetches_alone_at_once(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    with _replicas(tmp_path, server.url, b_secret="not the fleet's secret") as replicas:
+        digest = replicas.upstream.add_blob("team/app", b"refused")
+        assert replicas.a.get(f"/v2/team/app/blobs/{digest}").status_code == 200
+        _hold_lease(server.url, digest, replicas.fleet(replicas.a_app).replica)
+        replicas.upstream.requests.clear()
+        before = Snapshot(collected())
+
+        served = replicas.b.get(f"/v2/team/app/blobs/{digest}")
+        assert (served.status_code, served.content) == (200, b"refused")
+        assert replicas.upstream.asked() == [("GET", f"/v2/team/app/blobs/{digest}")]
+        after = Snapshot(collected())
+        assert after.fleet_fetches(FetchedBy.ALONE) == before.fleet_fetches(FetchedBy.ALONE) + 1
+        assert after.total("pullproxy_fleet_lease_waits_total") == before.total("pullproxy_fleet_lease_waits_total")
