@@ -3,8 +3,11 @@ Redis for the leases, the upstream in memory (no socket but Redis's on loopback)
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,3 +200,80 @@ def test_a_follower_whose_credential_the_holder_refuses_fetches_alone_at_once(
         after = Snapshot(collected())
         assert after.fleet_fetches(FetchedBy.ALONE) == before.fleet_fetches(FetchedBy.ALONE) + 1
         assert after.total("pullproxy_fleet_lease_waits_total") == before.total("pullproxy_fleet_lease_waits_total")
+
+
+class _Gated(httpx.AsyncByteStream):
+    """A blob body that sends its first half, then waits for `go` before the rest."""
+
+    def __init__(self, data: bytes, go: threading.Event) -> None:
+        self.data, self.go = data, go
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        half = len(self.data) // 2
+        yield self.data[:half]
+        for _ in range(2000):
+            if self.go.is_set():
+                break
+            await asyncio.sleep(0.01)
+        yield self.data[half:]
+
+
+class _GatedRegistry(MemoryRegistry):
+    go: threading.Event = threading.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if request.method == "GET" and "/blobs/" in request.url.path and response.status_code == 200:
+            data = self.blobs[("team/app", request.url.path.rsplit("/", 1)[1])]
+            return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=_Gated(data, self.go))
+        return response
+
+
+def test_a_peer_request_reaching_another_worker_follows_the_download_running_in_the_first(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    """Two workers of one replica (one cache directory, one URL): the peer request lands on the one
+    that does not download, which follows the other's partial file instead of answering 404."""
+    upstream = _GatedRegistry()
+    upstream.go = threading.Event()
+    data = bytes(range(256)) * 4096  # 1 MiB
+    digest = upstream.add_blob("team/app", data)
+    config = _config(tmp_path / "shared", server.url, "http://a.test")
+    first = create_app(config, {"registry.test": upstream})
+    second = create_app(config.model_copy(update={"workers": 2}), {"registry.test": upstream})
+    results: dict[str, httpx.Response] = {}
+    with ExitStack() as stack:
+        portal = stack.enter_context(start_blocking_portal())
+        for app in (first, second):
+            stack.enter_context(portal.wrap_async_context_manager(app.router.lifespan_context(app)))
+        one = stack.enter_context(httpx.Client(transport=_PortalTransport(portal, first), base_url="http://a.test"))
+        two = stack.enter_context(httpx.Client(transport=_PortalTransport(portal, second), base_url="http://a.test"))
+        credentials = PeerCredentials(SECRET, Replica("b-1-x", "http://b.test"))
+        path = BLOB_PATH.format(digest=digest)
+
+        def pull() -> None:
+            results["client"] = one.get(f"/v2/team/app/blobs/{digest}", timeout=60)
+
+        def peer() -> None:
+            results["peer"] = two.get(path, headers={HEADER: credentials.issue("GET", path)}, timeout=60)
+
+        threads = [threading.Thread(target=pull, daemon=True)]
+        threads[0].start()
+        partial = tmp_path / "shared" / "partial"
+        for _ in range(500):  # the first worker's download has half the blob
+            if any(f.stat().st_size >= len(data) // 2 for f in partial.glob("*.data")):
+                break
+            time.sleep(0.01)
+        threads.append(threading.Thread(target=peer, daemon=True))
+        threads[1].start()
+        for _ in range(500):  # the second worker follows it
+            if second.state.mirror.downloads.in_flight(digest) is not None:
+                break
+            time.sleep(0.01)
+        assert second.state.mirror.downloads.in_flight(digest) is not None
+        upstream.go.set()
+        for thread in threads:
+            thread.join(60)
+    assert (results["client"].status_code, results["client"].content == data) == (200, True)
+    assert (results["peer"].status_code, results["peer"].content == data) == (200, True)
+    assert upstream.asked().count(("GET", f"/v2/team/app/blobs/{digest}")) == 1
