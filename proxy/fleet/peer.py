@@ -49,6 +49,7 @@ from proxy.mirror import Mirror
 from proxy.mirror.failures import parsed
 from proxy.ops import metrics
 from proxy.ops.metrics import FetchedBy, PeerSource
+from proxy.tls.upstream import system_trust
 
 log = structlog.get_logger("pullproxy")
 
@@ -80,6 +81,7 @@ class PeerClient:
             timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, pool=POOL_TIMEOUT),
             limits=httpx.Limits(max_connections=MAX_PEER_CONNECTIONS, max_keepalive_connections=8),
             follow_redirects=False,
+            verify=system_trust(),  # an https advertise_url is checked as upstreams are
             transport=transport,
             headers={"User-Agent": "pullproxy-peer/0.1", "Accept-Encoding": "identity"},
         )
