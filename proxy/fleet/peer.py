@@ -49,13 +49,15 @@ from proxy.mirror import Mirror
 from proxy.mirror.failures import parsed
 from proxy.ops import metrics
 from proxy.ops.metrics import FetchedBy, PeerSource
+from proxy.tls.upstream import system_trust
 
 log = structlog.get_logger("pullproxy")
 
 BLOB_PATH = "/_pullproxy/peer/blobs/{digest}"
 CONNECT_TIMEOUT = 1.0  # seconds: replicas are close; a dead one refuses at once or not at all
 READ_TIMEOUT = 60.0  # seconds without a byte from a peer (it may be waiting on its upstream)
-MAX_PEER_CONNECTIONS = 64
+POOL_TIMEOUT = 1.0  # seconds to wait for a free connection to peers before fetching alone
+MAX_PEER_CONNECTIONS = 64  # per process: each followed download holds one for its whole transfer
 WAIT_STEP = 0.2  # seconds between looks at a lease whose holder cannot serve
 WAIT_LIMIT = lease.TTL + 2 * lease.RENEW_EVERY  # a dead holder's lease is gone by then
 
@@ -65,7 +67,8 @@ class PeerUnavailable(Exception):
 
 
 class PeerRefused(Exception):
-    """The peer refused our credential: the replicas do not share one `peer_secret`."""
+    """The peer will not serve us: it refused our credential (the replicas do not share one
+    `peer_secret`), or it is at its limits (429, 503), or we are at ours (no connection free)."""
 
 
 class PeerClient:
@@ -75,9 +78,10 @@ class PeerClient:
     def __init__(self, credentials: PeerCredentials, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.credentials = credentials
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, pool=POOL_TIMEOUT),
             limits=httpx.Limits(max_connections=MAX_PEER_CONNECTIONS, max_keepalive_connections=8),
             follow_redirects=False,
+            verify=system_trust(),  # an https advertise_url is checked as upstreams are
             transport=transport,
             headers={"User-Agent": "pullproxy-peer/0.1", "Accept-Encoding": "identity"},
         )
@@ -141,7 +145,7 @@ class PeerFlight:
                 try:
                     return await self._from_peer(found, digest)
                 except PeerRefused as exc:
-                    log.warning("a peer refused our credential: fetching alone", digest=digest, why=str(exc))
+                    log.warning("the lease holder will not serve us: fetching alone", digest=digest, why=str(exc))
                     return await self._alone(upstream)
                 except PeerUnavailable as exc:
                     log.info("the lease holder cannot serve; waiting for its lease", digest=digest, why=str(exc))
@@ -179,11 +183,13 @@ class PeerFlight:
         """The holder's answer as a download source; raises PeerUnavailable or PeerRefused before any byte."""
         try:
             response = await self.peers.send("GET", holder.url, BLOB_PATH.format(digest=digest))
+        except httpx.PoolTimeout:
+            raise PeerRefused(f"all {MAX_PEER_CONNECTIONS} connections to peers are busy") from None
         except httpx.HTTPError as exc:
             raise PeerUnavailable(f"{holder.url}: {type(exc).__name__}") from None
         if response.status_code != 200:
             await response.aclose()
-            if response.status_code in (401, 403):
+            if response.status_code in (401, 403, 429, 503):
                 raise PeerRefused(f"{holder.url} answered {response.status_code}")
             raise PeerUnavailable(f"{holder.url} answered {response.status_code}")
         length = response.headers.get("Content-Length", "")

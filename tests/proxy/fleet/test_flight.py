@@ -169,6 +169,20 @@ def test_replicas_fetch_a_cold_blob_once_and_followers_stream_it_as_it_arrives(f
     assert _upstream_gets(fleet, digest) == 1
 
 
+def test_a_range_of_a_cold_blob_is_still_asked_of_the_upstream(fleet: Fleet) -> None:
+    data = pseudo_random_bytes("fleet-range", 256 << 10)
+    digest = fleet.upstream.add_blob(data)
+    first = fleet.replicas[0]
+    answer = httpx.get(f"{first.url}/v2/library/app/blobs/{digest}", headers={"Range": "bytes=100-199"}, timeout=30)
+    assert (answer.status_code, answer.content) == (206, data[100:200])
+    asked = [r for r in fleet.upstream.requests() if r.method == "GET" and r.path.endswith(digest)]
+    assert [r.headers.get("range") for r in asked][:1] == ["bytes=100-199"]
+    whole = httpx.get(f"{first.url}/v2/library/app/blobs/{digest}", timeout=30)  # the background download's
+    assert whole.content == data
+    asked = [r for r in fleet.upstream.requests() if r.method == "GET" and r.path.endswith(digest)]
+    assert sum("range" not in r.headers for r in asked) == 1
+
+
 def test_an_owner_dying_mid_download_aborts_every_client_and_a_retry_takes_over(fleet: Fleet) -> None:
     data, digest = _slow_blob(fleet, "fleet-owner-dies")
     pulls = _pulls(fleet, digest)
