@@ -37,6 +37,10 @@ class IncompleteFile(Exception):
     """A staged file does not hold the bytes that were verified: it is not stored."""
 
 
+class StoreUnavailable(Exception):
+    """The shared object store cannot be reached now: nothing was stored or removed, retrying later may help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     digest: str

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache import flight
-from cache.storage import ContentStore
+from cache.storage import ContentStore, StoreUnavailable
 from proxy import config as configuration
 from proxy import errors
 from proxy.access.gate import Gate
@@ -55,6 +55,11 @@ async def _download_failed(request: Request, exc: Exception) -> Response:
     if isinstance(exc, flight.NoRoom) and exc.shortage is flight.Shortage.BLOB_TOO_LARGE:
         return await _registry_error(request, errors.bad_upstream(str(exc)))
     return await _registry_error(request, errors.unavailable(str(exc)))
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """The shared object store is unreachable ([storage] backend = "s3"): 503, retry later; nothing was lost."""
+    return await _registry_error(request, errors.unavailable(f"the cache's object store is unavailable: {exc}"))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -131,6 +136,7 @@ def create_app(
         exception_handlers={
             errors.RegistryError: _registry_error,
             flight.DownloadFailed: _download_failed,
+            StoreUnavailable: _store_unavailable,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -10,20 +10,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from anyio import to_thread
 
+from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.flight import Downloads
 from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
-from proxy.config import Config
+from proxy.config import Backend, Config
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
 from proxy.mirror.referrers import Referrers
 from proxy.mirror.tags import Tags
+from proxy.ops import metrics
 from proxy.routing import Router
 from proxy.upstream.pool import Upstreams
 
@@ -62,12 +65,40 @@ class Mirror:
 
 def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     """Blocking: the content store and the metadata for `config`, the one place that chooses their kind."""
-    store = DiskContentStore(config.cache_dir, config.max_size)
+    store: ContentStore
+    if config.storage.backend is Backend.S3:
+        store = open_bucket_store(config)
+    else:
+        store = DiskContentStore(config.cache_dir, config.max_size)
     try:
-        return store, DiskMetadata(config.cache_dir)
+        return store, DiskMetadata(config.cache_dir)  # TODO(issue 14): RedisMetadata (h14-meta) with backend = "s3"
     except BaseException:
         store.close()
         raise
+
+
+def open_bucket_store(
+    config: Config, prefix: str = "cache/", bounded: bool = True, local_dir: Path | None = None
+) -> BucketContentStore:
+    """Blocking: `[storage]`'s bucket with `[coordination]`'s Redis as its index; the local tier in
+    `local_dir` (default `[cache] dir`), bounded by `[cache] local_max_size`.
+
+    `bounded=False`: a store that never evicts (hosted content, under a prefix of its own).
+    """
+    storage, coordination = config.storage, config.coordination
+    assert storage.endpoint is not None and storage.bucket is not None and coordination is not None  # config checks
+    bucket = open_bucket(storage.endpoint, storage.bucket, storage.region, storage.access_key, storage.secret_key)
+    local_max_size = config.max_size if config.local_max_size is None else config.local_max_size
+    store = BucketContentStore(
+        bucket,
+        open_redis(coordination.redis),
+        config.cache_dir if local_dir is None else local_dir,
+        config.max_size if bounded else None,
+        local_max_size,
+        prefix=prefix,
+    )
+    store.observe = metrics.object_store_request
+    return store
 
 
 @contextlib.asynccontextmanager

@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cache.bucket import Operation
 from cache.flight import Downloads
 from cache.storage import ContentStore
 from proxy.paths import Endpoint
@@ -143,6 +144,29 @@ HOSTED_PUSHES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+
+
+OBJECT_STORE_SECONDS = Histogram(
+    "pullproxy_object_store_request_duration_seconds",
+    'Time object store requests took ([storage] backend = "s3"), by operation: head, get (until the answer'
+    " started), put (the whole upload), delete, list.",
+    ["operation"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+OBJECT_STORE_ERRORS = Counter(
+    "pullproxy_object_store_errors",
+    "Object store requests that failed (unreachable, refused), by operation.",
+    ["operation"],
+    registry=REGISTRY,
+)
+
+
+def object_store_request(operation: Operation, seconds: float, failed: bool) -> None:
+    """A `BucketContentStore` request done (its `observe` hook)."""
+    OBJECT_STORE_SECONDS.labels(operation.value).observe(seconds)
+    if failed:
+        OBJECT_STORE_ERRORS.labels(operation.value).inc()
 
 
 class PushKind(StrEnum):

@@ -1,4 +1,4 @@
-"""The disk store and metadata implement cache.storage's Protocols, so a second backend can stand in for them."""
+"""The disk store, the bucket store and the metadata implement cache.storage's Protocols, so each can stand in."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -20,6 +22,10 @@ ROOT = Path(__file__).parent.parent.parent
 CONFORMS = """
 from pathlib import Path
 
+import redis
+from obstore.store import S3Store
+
+from cache.bucket import BucketContentStore
 from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
@@ -27,6 +33,10 @@ from cache.store import DiskContentStore
 
 def content(directory: Path) -> ContentStore:
     return DiskContentStore(directory, 1 << 20)
+
+
+def bucket_content(bucket: S3Store, index: redis.Redis, directory: Path) -> ContentStore:
+    return BucketContentStore(bucket, index, directory, 1 << 20, 1 << 20)
 
 
 def metadata(directory: Path) -> Metadata:
@@ -53,7 +63,21 @@ def test_each_concrete_class_has_every_member_of_its_protocol(opened: tuple[Disk
     assert not isinstance(meta, ContentStore) and not isinstance(store, Metadata)  # the check can fail
 
 
-@pytest.mark.parametrize(("protocol", "concrete"), [(ContentStore, DiskContentStore), (Metadata, DiskMetadata)])
+def test_the_bucket_store_has_every_member_of_the_content_protocol(tmp_path: Path) -> None:
+    """Built on endpoints nothing listens on: construction sends no request."""
+    port = free_port()
+    bucket = open_bucket(f"http://127.0.0.1:{port}", "bucket", "us-east-1", "key", "secret")
+    store = BucketContentStore(bucket, open_redis(f"redis://127.0.0.1:{port}/0"), tmp_path, 1 << 20, 1 << 20)
+    try:
+        assert isinstance(store, ContentStore) and not isinstance(store, Metadata)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "concrete"),
+    [(ContentStore, DiskContentStore), (ContentStore, BucketContentStore), (Metadata, DiskMetadata)],
+)
 def test_each_method_takes_the_parameters_its_protocol_names(protocol: type, concrete: type) -> None:
     for name in members(protocol):
         declared = getattr(protocol, name, None)
