@@ -1,8 +1,9 @@
-"""Hosted repositories across two `python -m proxy serve` replicas sharing a real redis-server.
+"""Hosted repositories across two `python -m proxy serve` replicas sharing a real redis-server and SeaweedFS.
 
 An upload is staged on the replica that took its POST; its later requests reach whichever
 replica a load balancer picks and are forwarded to the one staging it. The replicas here keep
-their uploads apart (each its own cache directory) and share the hosted content.
+their uploads apart (each its own cache directory) and share the hosted content through the
+bucket (`hosted/` objects).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import obstore
 import pytest
 
+from cache.bucket import open_bucket
 from proxy.fleet import peers
 from tests.proxy.hosted.test_push_api import EMPTY_CONFIG, image_manifest, sha
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy, to_toml
 from tests.support.redis_server import RedisServer
+from tests.support.seaweed import SeaweedFS
 
 SECRET_ENV = "PP_TEST_PEER_SECRET"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -35,6 +39,23 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
+def weed() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as server:
+        yield server
+
+
+def storage(weed: SeaweedFS) -> dict[str, str]:
+    """The `[storage]` table for the bucket (its secrets in `weed.environment()`)."""
+    return {
+        "backend": "s3",
+        "endpoint": weed.endpoint,
+        "bucket": weed.bucket,
+        "access_key_env": "PULLPROXY_S3_ACCESS_KEY",
+        "secret_key_env": "PULLPROXY_S3_SECRET_KEY",
+    }
+
+
+@pytest.fixture(scope="module")
 def upstream() -> Iterator[FaultyRegistry]:
     with FaultyRegistry() as registry:
         yield registry
@@ -44,8 +65,10 @@ Replicas = Callable[..., tuple[Proxy, Proxy]]
 
 
 @pytest.fixture
-def replicas(redis_server: RedisServer, upstream: FaultyRegistry, tmp_path: Path) -> Iterator[Replicas]:
-    """Two replicas A and B on one Redis (emptied first): `hosted` keys, `secret=False` for no peer secret."""
+def replicas(
+    redis_server: RedisServer, weed: SeaweedFS, upstream: FaultyRegistry, tmp_path: Path
+) -> Iterator[Replicas]:
+    """Replicas A and B on one Redis (emptied first) and one bucket; `hosted` keys; `secret=False`: no peer secret."""
     made: list[Proxy] = []
 
     def make(secret: bool = True, **hosted: Any) -> tuple[Proxy, Proxy]:
@@ -55,16 +78,17 @@ def replicas(redis_server: RedisServer, upstream: FaultyRegistry, tmp_path: Path
         coordination: dict[str, Any] = {"redis": redis_server.url}
         if secret:
             coordination["peer_secret_env"] = SECRET_ENV
-        config = {"hosted": {"repositories": ["acme/**"], **hosted}, "coordination": coordination}
-        env = {SECRET_ENV: "a secret the replicas share"}
+        config = {
+            "hosted": {"repositories": ["acme/**"], **hosted},
+            "coordination": coordination,
+            "storage": storage(weed),
+        }
+        env = {SECRET_ENV: "a secret the replicas share", **weed.environment()}
         pair = []
         for name in ("a", "b"):
-            proxy = Proxy(config, upstream_url=upstream.url, env=env, workdir=tmp_path / name, start=False)
+            proxy = Proxy(config, upstream_url=upstream.url, env=env, workdir=tmp_path / name)
             made.append(proxy)
             pair.append(proxy)
-        share_hosted_content(pair[0], pair[1])
-        for proxy in pair:
-            proxy.start()
         return pair[0], pair[1]
 
     try:
@@ -74,21 +98,13 @@ def replicas(redis_server: RedisServer, upstream: FaultyRegistry, tmp_path: Path
             proxy.close()
 
 
-def share_hosted_content(a: Proxy, b: Proxy) -> None:
-    """B's hosted content is A's (as a shared bucket would make it); their uploads stay apart."""
-    content = a.cache_dir / "hosted" / "content"
-    content.mkdir(parents=True)
-    (b.cache_dir / "hosted").mkdir(parents=True)
-    (b.cache_dir / "hosted" / "content").symlink_to(content)
-
-
 def staged(proxy: Proxy) -> list[str]:
     folder = proxy.cache_dir / "hosted" / "uploads"
     return sorted(entry.name for entry in folder.iterdir()) if folder.exists() else []
 
 
 def test_a_chunked_push_started_on_a_patched_on_b_and_put_on_a_lands_and_pulls_through_both(
-    replicas: Replicas,
+    replicas: Replicas, weed: SeaweedFS
 ) -> None:
     a, b = replicas()
     layer = os.urandom(300_000)
@@ -131,6 +147,8 @@ def test_a_chunked_push_started_on_a_patched_on_b_and_put_on_a_lands_and_pulls_t
             assert client.get("/v2/acme/app/manifests/v1").content == manifest
             assert client.get("/v2/acme/app/tags/list").json()["tags"] == ["v1"]
     assert staged(a) == [] and staged(b) == []
+    bucket = open_bucket(weed.endpoint, weed.bucket, "us-east-1", weed.access_key, weed.secret_key)
+    assert obstore.head(bucket, "hosted/blobs/sha256/" + sha(layer).removeprefix("sha256:"))["size"] == len(layer)
 
 
 def test_a_put_forwarded_with_the_whole_blob_and_a_delete_forwarded_cancel_the_upload(replicas: Replicas) -> None:
@@ -249,7 +267,7 @@ def test_an_expired_upload_is_dropped_by_gc_run_from_another_replica(
         config = b.dir / "gc.toml"
         config.write_text(to_toml(b.config))
         argv = [sys.executable, "-m", "proxy", "gc", "--config", str(config)]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), SECRET_ENV: "x"}
+        env = {**os.environ, **b.env, "PYTHONPATH": str(REPO_ROOT)}
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
         assert "1 expired uploads" in out
         gone = on_a.patch(location, content=b"more")
