@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import redis
-
-from cache.storage import BlobFile
-from proxy.config import Config
+from cache.bucket import open_redis
+from cache.storage import BlobFile, ContentStore
+from proxy.config import Backend, Config
 from proxy.hosted.index import HostedIndex
 from proxy.hosted.redis_index import RedisIndex
 from proxy.hosted.repository import HostedRepositories
+from proxy.mirror.mirror import open_bucket_store
 
-REDIS_TIMEOUT = 10.0  # seconds a Redis round trip may take before the request fails
+PREFIX = "hosted/"  # hosted objects in the bucket: hosted/blobs/sha256/<hex>, hosted/manifests/sha256/<hex>
 
 
 def open_hosted(
@@ -32,9 +32,16 @@ def open_hosted(
         return None
     directory = config.cache_dir / "hosted"
     index: HostedIndex | None = None
+    content: ContentStore | None = None
     if config.coordination is not None:
-        client = redis.Redis.from_url(
-            config.coordination.redis, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        index = RedisIndex(open_redis(config.coordination.redis))
+    try:
+        if config.storage.backend is Backend.S3:
+            content = open_bucket_store(config, prefix=PREFIX, bounded=False, local_dir=directory)
+        return HostedRepositories(
+            config.hosted, directory, cached, content=content, index=index, replica_url=replica_url
         )
-        index = RedisIndex(client)
-    return HostedRepositories(config.hosted, directory, cached, index=index, replica_url=replica_url)
+    except BaseException:
+        if index is not None:
+            index.close()
+        raise
