@@ -41,6 +41,10 @@ class StoreUnavailable(Exception):
     """The shared object store cannot be reached now: nothing was stored or removed, retrying later may help."""
 
 
+class MetadataUnavailable(Exception):
+    """The shared metadata (Redis) cannot be reached now: callers fall back to the upstream or to memory."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     digest: str
@@ -260,6 +264,15 @@ class Metadata(Protocol):
 
     def remove_tag(self, upstream: str, repo: str, tag: str) -> None:
         """Blocking. A running server may still answer from its memory until `tag_ttl` has passed."""
+        ...
+
+    def claim_tag_check(self, upstream: str, repo: str, tag: str, checked_at: float, seconds: float) -> bool:
+        """Blocking: whether this process asks the upstream about `tag`, whose record of `checked_at` is stale.
+
+        False while another process (a replica of the fleet) asks it, for at most `seconds`:
+        its answer then shows in `find_tag`. So a tag is checked once per `tag_ttl` for the
+        whole fleet. Claims are per record, so none needs releasing. On disk: always True.
+        """
         ...
 
     def known_tags(self, upstream: str, repo: str) -> list[str]:

@@ -21,6 +21,7 @@ from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 from proxy.config import Backend, Config
+from proxy.fleet.metadata import open_metadata
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
@@ -77,7 +78,7 @@ def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     else:
         store = DiskContentStore(config.cache_dir, config.max_size)
     try:
-        return store, DiskMetadata(config.cache_dir)  # TODO(issue 14): RedisMetadata (h14-meta) with backend = "s3"
+        return store, open_metadata(config) or DiskMetadata(config.cache_dir)
     except BaseException:
         store.close()
         raise
