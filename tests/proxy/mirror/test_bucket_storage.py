@@ -203,9 +203,11 @@ def test_the_cache_commands_work_from_any_replica(upstream: FaultyRegistry, monk
             assert verified.returncode == 1 and f"removed corrupt {layer}" in verified.stdout
         with pytest.raises(FileNotFoundError):
             obstore.head(_bucket(weed), key)
-        # The replica whose tags name the image removes it from the bucket for all.
-        assert pullproxy(first, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
-        assert pullproxy(first, "cache", "rm", "acme/tools:1").stdout.startswith("removed docker.io/acme/tools:1")
+        # Tags are the fleet's too (in Redis): another replica lists the image and removes it for all.
+        with replica(upstream, weed, redis_server) as other:
+            assert pullproxy(other, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
+            removed = pullproxy(other, "cache", "rm", "acme/tools:1").stdout
+            assert removed.startswith("removed docker.io/acme/tools:1")
         for path in (f"cache/manifests/sha256/{manifest[7:]}", f"cache/blobs/sha256/{config[7:]}"):
             with pytest.raises(FileNotFoundError):
                 obstore.head(_bucket(weed), path)
