@@ -401,6 +401,9 @@ class BucketContentStore:
         if self._limit is None:
             return UNBOUNDED
         demand = in_flight + self._publish_in_flight(in_flight)
+        left = self._limit - int(self.redis.get(self._volume) or 0) - demand
+        if left >= 0:  # the common case: no lock, no eviction
+            return left
         pinned = int(self._pinned_volume(keys=[self._sizes, self._pins]))
         if self._limit - pinned - demand < 0:
             return self._limit - pinned - demand

@@ -7,6 +7,8 @@ name, percent-encoded so it holds no `/`, then `/` and the repository):
 
 - `pullproxy:meta:tags:<r>` hash tag → "<checked_at> <digest>"; `pullproxy:meta:taglist:<r>`
   set of tags; `pullproxy:meta:repos` set of `<r>`.
+- `pullproxy:meta:checking:<r>:<tag>@<checked_at>`: which replica asks the upstream about a
+  stale tag record (SET NX, expiring), so the fleet asks once.
 - `pullproxy:meta:links:<r>` hash digest → level, raised by a script so levels only rise
   whatever the order of concurrent writers.
 - `pullproxy:meta:referrers` hash `<r>@<digest>` → "<checked_at>\\n" + "+" index or "-" (none),
@@ -295,6 +297,11 @@ class RedisMetadata:
         member = _repo(upstream, repo)
         keys = [PREFIX + "tags:" + member, PREFIX + "taglist:" + member, PREFIX + "repos"]
         self._call(lambda: self._remove_tag(keys=keys, args=[tag, member]))
+
+    def claim_tag_check(self, upstream: str, repo: str, tag: str, checked_at: float, seconds: float) -> bool:
+        """Blocking: SET NX of `pullproxy:meta:checking:<r>:<tag>@<checked_at>`, expiring after `seconds`."""
+        key = f"{PREFIX}checking:{_repo(upstream, repo)}:{tag}@{checked_at!r}"
+        return bool(self._call(lambda: self.redis.set(key, b"1", nx=True, px=max(1, int(seconds * 1000)))))
 
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags the fleet has seen, for answering `tags/list` while offline."""

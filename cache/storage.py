@@ -266,6 +266,15 @@ class Metadata(Protocol):
         """Blocking. A running server may still answer from its memory until `tag_ttl` has passed."""
         ...
 
+    def claim_tag_check(self, upstream: str, repo: str, tag: str, checked_at: float, seconds: float) -> bool:
+        """Blocking: whether this process asks the upstream about `tag`, whose record of `checked_at` is stale.
+
+        False while another process (a replica of the fleet) asks it, for at most `seconds`:
+        its answer then shows in `find_tag`. So a tag is checked once per `tag_ttl` for the
+        whole fleet. Claims are per record, so none needs releasing. On disk: always True.
+        """
+        ...
+
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags this cache has seen, for answering `tags/list` while offline."""
         ...

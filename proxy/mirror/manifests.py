@@ -4,7 +4,9 @@ A tag is trusted for `tag_ttl`, then checked with a `HEAD`; while the upstream i
 unavailable the last known digest is served (stale). Concurrent requests for the same
 manifest share one upstream request. A record this process holds that is no longer fresh is
 read again from the metadata first, where another worker or replica may have confirmed it
-meanwhile: so the upstream is asked once per `tag_ttl` for the whole fleet, not per process.
+meanwhile, and a stale record is checked by one replica of the fleet, which claims it
+(`Metadata.claim_tag_check`) while the others wait a moment for its answer: so the upstream is
+asked once per `tag_ttl` for the whole fleet, not per process.
 While the metadata cannot be reached, tags are asked upstream, or served stale from memory.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import structlog
 from anyio import to_thread
 
@@ -29,6 +32,9 @@ from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
 Found = tuple[Manifest, Outcome]
+CHECK_CLAIM = 5.0  # seconds a replica's claim to check a stale tag holds off the others
+CHECK_WAIT = 1.0  # seconds the others wait for its answer before asking the upstream themselves
+CHECK_POLL = 0.05
 
 
 class Manifests:
@@ -90,6 +96,23 @@ class Manifests:
             return record  # e.g. confirmed here while the shared metadata was away
         return shared
 
+    async def _checked_elsewhere(self, upstream: str, repo: str, tag: str, stale: TagRecord) -> TagRecord:
+        """`stale` as confirmed by the replica that claimed its check, if it does so within
+        `CHECK_WAIT`; else `stale` (this replica checks it itself)."""
+        try:
+            claim = self.meta.claim_tag_check
+            if await to_thread.run_sync(claim, upstream, repo, tag, stale.checked_at, CHECK_CLAIM):
+                return stale
+            deadline = time.monotonic() + CHECK_WAIT
+            while time.monotonic() < deadline:
+                await anyio.sleep(CHECK_POLL)
+                record = await to_thread.run_sync(self.meta.find_tag, upstream, repo, tag)
+                if record is not None and record.checked_at > stale.checked_at:
+                    return record
+        except MetadataUnavailable:
+            pass
+        return stale
+
     async def _set_tag(self, upstream: str, repo: str, tag: str, digest: str) -> None:
         try:
             await to_thread.run_sync(self.meta.set_tag, upstream, repo, tag, digest)
@@ -99,6 +122,8 @@ class Manifests:
     async def _resolve(self, route: Route, tag: str) -> Found:
         upstream = self.upstreams.of(route)
         record = await self._record(upstream.name, route.repo, tag)
+        if record is not None and not self._fresh(record.checked_at):
+            record = await self._checked_elsewhere(upstream.name, route.repo, tag, record)
         cached = await self.stored(record.digest) if record else None
         if record is not None and cached is not None:
             if self._fresh(record.checked_at):

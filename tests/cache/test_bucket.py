@@ -116,6 +116,13 @@ def test_a_blob_stored_by_one_replica_is_found_by_another_from_the_bucket(stores
     assert two.has_blob(digest) and one.volume() == two.volume() == 1100 and two.count() == 1
 
 
+def test_a_blob_larger_than_one_upload_part_is_stored_whole(stores: Factory) -> None:
+    one, two = stores(), stores()
+    data = os.urandom(12 << 20)  # a multipart upload of three parts
+    digest = put(one, data)
+    assert read(two.find_blob(digest)) == data
+
+
 def test_the_replica_that_stored_a_blob_keeps_the_verified_file_as_its_local_copy(stores: Factory) -> None:
     store = stores()
     digest, staged = blob(store, b"abc" * 10)

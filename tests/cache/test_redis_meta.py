@@ -165,3 +165,13 @@ def test_unreachable_redis_fails_fast_keeps_what_was_learnt_and_writes_links_lat
         if not server.running:
             server.start()
         meta.close()
+
+
+def test_one_replica_claims_the_check_of_a_stale_tag_record(replicas: tuple[RedisMetadata, RedisMetadata]) -> None:
+    one, other = replicas
+    assert one.claim_tag_check("docker.io", "team/app", "1", 100.0, 0.3)
+    assert not other.claim_tag_check("docker.io", "team/app", "1", 100.0, 0.3)  # someone is asking already
+    assert other.claim_tag_check("docker.io", "team/app", "2", 100.0, 0.3)  # another tag
+    assert other.claim_tag_check("docker.io", "team/app", "1", 200.0, 0.3)  # a newer record: a new check
+    time.sleep(0.4)
+    assert other.claim_tag_check("docker.io", "team/app", "1", 100.0, 0.3)  # the claim expired

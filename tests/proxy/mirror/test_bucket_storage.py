@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,12 +104,37 @@ def test_with_the_bucket_down_the_local_tier_serves_and_the_rest_is_503_until_it
                 assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"
             answer = httpx.get(f"{local.url}/v2/acme/later/manifests/{later}", timeout=30)
             assert answer.status_code == 503 and answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+            scraped = httpx.get(f"{local.url}/metrics", timeout=30).text
+            assert _sample(scraped, 'pullproxy_object_store_request_duration_seconds_count{operation="put"}') >= 3
+            assert _sample(scraped, 'pullproxy_object_store_errors_total{operation="head"}') >= 1
         finally:
-            weed.start()
+            _restart(weed, f"cache/manifests/sha256/{manifest[7:]}")
         assert pull(cold, "acme/outage", manifest, blobs) == pulled  # nothing was lost
         assert pull(local, "acme/later", later, later_blobs)[later_blobs[1]] == upstream.blob(later_blobs[1])
         assert "Traceback" not in local.log_text() + cold.log_text()
     assert upstream.gets(blobs[1]) == 1
+
+
+def _restart(weed: SeaweedFS, readable: str) -> None:
+    """Start the bucket again and wait until an object stored before reads back: a restarted SeaweedFS
+    answers 500 to reads for a moment after it takes writes again."""
+    weed.start()
+    bucket = _bucket(weed)
+    for _ in range(100):
+        try:
+            obstore.get(bucket, readable).bytes()
+            return
+        except Exception:
+            time.sleep(0.2)
+    raise TimeoutError(f"{readable} did not read back after the restart")
+
+
+def _sample(scraped: str, series: str) -> float:
+    """The value of one series in a Prometheus text scrape (0 when absent)."""
+    for line in scraped.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_with_redis_down_blobs_and_manifests_by_digest_still_serve(
@@ -151,7 +177,6 @@ def test_redirect_answers_a_cached_blob_with_a_presigned_url_that_serves_it_and_
     assert upstream.gets(layer) == 1
 
 
-
 def _bucket(weed: SeaweedFS) -> S3Store:
     return open_bucket(weed.endpoint, weed.bucket, "us-east-1", weed.access_key, weed.secret_key)
 
@@ -178,12 +203,24 @@ def test_the_cache_commands_work_from_any_replica(upstream: FaultyRegistry, monk
             assert verified.returncode == 1 and f"removed corrupt {layer}" in verified.stdout
         with pytest.raises(FileNotFoundError):
             obstore.head(_bucket(weed), key)
-        # The replica whose tags name the image removes it from the bucket for all.
-        assert pullproxy(first, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
-        assert pullproxy(first, "cache", "rm", "acme/tools:1").stdout.startswith("removed docker.io/acme/tools:1")
+        # Tags are the fleet's too (in Redis): another replica lists the image and removes it for all.
+        with replica(upstream, weed, redis_server) as other:
+            assert pullproxy(other, "cache", "ls").stdout.count("docker.io/acme/tools:1") == 1
+            removed = pullproxy(other, "cache", "rm", "acme/tools:1").stdout
+            assert removed.startswith("removed docker.io/acme/tools:1")
         for path in (f"cache/manifests/sha256/{manifest[7:]}", f"cache/blobs/sha256/{config[7:]}"):
             with pytest.raises(FileNotFoundError):
                 obstore.head(_bucket(weed), path)
         with replica(upstream, weed, redis_server) as other:
             du = pullproxy(other, "cache", "du").stdout.splitlines()
             assert du[1].split()[-2:] == ["in", "0"] and du[2].split()[-2:] == ["in", "0"]
+            # The bucket down: a command says so in one line, and removes nothing.
+            kept_manifest, kept = upstream.add_image("acme/kept", "1", layer_sizes=[10 << 10])
+            pull(first, "acme/kept", "1", kept)
+            weed.kill()
+            failed = pullproxy(other, "cache", "verify", check=False)
+            assert failed.returncode == 1 and "object store is unreachable" in failed.stderr
+            assert "Traceback" not in failed.stderr
+            _restart(weed, f"cache/manifests/sha256/{kept_manifest[7:]}")
+            assert pullproxy(other, "cache", "verify").returncode == 0
+            assert pullproxy(other, "cache", "du").stdout.splitlines()[1].split()[-2:] == ["in", "2"]

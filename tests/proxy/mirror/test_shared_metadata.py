@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -25,6 +27,15 @@ class SwitchableRegistry(MemoryRegistry):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
+        return await super().handle_async_request(request)
+
+
+class SlowHeadRegistry(MemoryRegistry):
+    """A `MemoryRegistry` whose manifest HEADs take a while, so replicas' checks overlap."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD" and "/manifests/" in request.url.path:
+            await anyio.sleep(0.4)
         return await super().handle_async_request(request)
 
 
@@ -62,6 +73,25 @@ def test_a_tag_is_revalidated_once_per_tag_ttl_for_the_fleet(tmp_path: Path, red
         answer = other.get("/v2/team/app/manifests/1", headers=ACCEPT)
         assert answer.status_code == 200
         assert heads(upstream, "/v2/team/app/manifests/1") == 1  # the other took its word for it
+
+
+def test_replicas_that_find_a_tag_stale_at_once_ask_the_upstream_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    upstream = SlowHeadRegistry()
+    upstream.add_image("team/app", "1", b"layer")
+    shared = Coordination(redis=redis_server.url)
+    with (
+        mirror_client(tmp_path / "a", upstream, coordination=shared, tag_ttl=1.0) as one,
+        mirror_client(tmp_path / "b", upstream, coordination=shared, tag_ttl=1.0) as other,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        for client in (one, other):
+            client.get("/v2/team/app/manifests/1", headers=ACCEPT).raise_for_status()
+        time.sleep(1.1)  # stale for both
+        answers = list(pool.map(lambda c: c.get("/v2/team/app/manifests/1", headers=ACCEPT), (one, other)))
+        assert [a.status_code for a in answers] == [200, 200]
+        assert heads(upstream, "/v2/team/app/manifests/1") == 1  # one checked it, the other waited for its answer
 
 
 def test_with_redis_down_digests_and_tags_still_answer_and_readyz_says_degraded(
