@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from cache.redis_meta import COMMAND_TIMEOUT, CONNECT_TIMEOUT, UNREACHABLE, RedisHealth
 from proxy.fleet.peers import Replica
+from proxy.ops import metrics
 
 log = structlog.get_logger("pullproxy")
 
@@ -109,11 +110,14 @@ class ReplicaRegistry:
         except UNREACHABLE as exc:
             what = f"{type(exc).__name__}: {exc}"
             self.health.failed(what)
+            metrics.REDIS_UP.set(0)
             if not self._down:
                 log.warning("redis unreachable: tags are asked upstream, links confirmed upstream", why=what)
             self._down = True
             return False
         self.health.ok()
+        metrics.REDIS_UP.set(1)
+        metrics.FLEET_REPLICAS.set(len(live))
         if self._down:
             log.info("redis answers again", replicas=len(live))
         self._down = False

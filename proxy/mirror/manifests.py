@@ -27,7 +27,7 @@ from proxy.mirror.flights import SingleFlight
 from proxy.mirror.links import Links
 from proxy.mirror.outcome import Outcome
 from proxy.routing import Route
-from proxy.upstream.client import UpstreamError, UpstreamNotFound, UpstreamUnavailable
+from proxy.upstream.client import Upstream, UpstreamError, UpstreamNotFound, UpstreamUnavailable
 from proxy.upstream.pool import Upstreams
 
 log = structlog.get_logger("pullproxy")
@@ -122,7 +122,7 @@ class Manifests:
     async def _resolve(self, route: Route, tag: str) -> Found:
         upstream = self.upstreams.of(route)
         record = await self._record(upstream.name, route.repo, tag)
-        if record is not None and not self._fresh(record.checked_at):
+        if record is not None and not self._fresh(record.checked_at) and not _failing(upstream):
             record = await self._checked_elsewhere(upstream.name, route.repo, tag, record)
         cached = await self.stored(record.digest) if record else None
         if record is not None and cached is not None:
@@ -167,3 +167,9 @@ class Manifests:
         manifest = Manifest(digest, manifest_media_type(fetched.content_type, fetched.body), fetched.body)
         await to_thread.run_sync(self.store.put_manifest, manifest)
         return manifest
+
+
+def _failing(upstream: Upstream) -> bool:
+    """Its last answer was a failure: a stale tag is served at once, not after waiting for another replica."""
+    error = upstream.last_error
+    return upstream.backoff_until is not None or (error is not None and (upstream.last_ok or 0) <= error[0])

@@ -109,6 +109,18 @@ UPSTREAM_ERRORS = Counter(
 UPSTREAM_BYTES = Counter(
     "pullproxy_upstream_fetched_bytes", "Body bytes received from an upstream.", ["upstream"], registry=REGISTRY
 )
+REDIS_UP = Gauge(
+    "pullproxy_redis_up",
+    "With [coordination]: 1 when the last heartbeat reached the fleet's Redis, 0 when it did not.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+FLEET_REPLICAS = Gauge(
+    "pullproxy_fleet_replicas",
+    "With [coordination]: replicas whose heartbeat is live, as of the last one that reached Redis.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
 HOSTED_BYTES = Gauge(
     "pullproxy_hosted_bytes",
     "Disk used by hosted repositories as [hosted] max_size counts it (blobs once, manifests, uploads in progress).",

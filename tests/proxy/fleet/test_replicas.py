@@ -13,6 +13,7 @@ from cache.redis_meta import RedisHealth
 from proxy.fleet import replicas
 from proxy.fleet.peers import Replica
 from proxy.fleet.replicas import ReplicaRegistry, live_replicas
+from proxy.ops import metrics
 from tests.support.redis_server import RedisServer
 
 
@@ -66,6 +67,8 @@ def test_a_heartbeat_without_redis_reports_it_and_recovers_when_redis_is_back(se
         assert registry.state()["redis"] == {"state": "unknown", "problem": None, "last_ok": None, "last_error": None}
         assert await registry.beat()
         assert registry.state()["redis"]["state"] == "ok"  # type: ignore[index]
+        assert metrics.REGISTRY.get_sample_value("pullproxy_redis_up") == 1
+        assert metrics.REGISTRY.get_sample_value("pullproxy_fleet_replicas") == 1
         server.stop()
         started = time.monotonic()
         assert not await registry.beat()
@@ -73,6 +76,7 @@ def test_a_heartbeat_without_redis_reports_it_and_recovers_when_redis_is_back(se
         state = registry.state()
         assert state["redis"]["state"] == "failing" and "Connection" in state["redis"]["problem"]  # type: ignore[index]
         assert [r.id for r in registry.live] == ["one"]  # the last known fleet, still shown
+        assert metrics.REGISTRY.get_sample_value("pullproxy_redis_up") == 0
         server.start()
         assert await registry.beat()  # the same client reconnects
         assert health.problem is None
