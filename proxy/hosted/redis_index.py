@@ -385,10 +385,17 @@ class RedisIndex:
     def upload_volume(self) -> int:
         return sum(int(size) for size in self._redis.hvals(self._key("upload_sizes")))
 
+    def hold_blob(self, upload: str, digest: str) -> None:
+        self._redis.hset(self._key("holds"), upload, digest)
+
+    def held_digests(self) -> set[str]:
+        return {_text(digest) for digest in self._redis.hvals(self._key("holds"))}
+
     def remove_upload(self, upload: str) -> None:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(self._key("uploads"), upload)
         pipe.hdel(self._key("upload_sizes"), upload)
+        pipe.hdel(self._key("holds"), upload)
         pipe.execute()
 
     def uploads(self) -> list[tuple[str, float]]:
