@@ -272,3 +272,18 @@ def test_an_expired_upload_is_dropped_by_gc_run_from_another_replica(
         assert "1 expired uploads" in out
         gone = on_a.patch(location, content=b"more")
         assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_redis_stopped_a_push_is_503_and_works_again_once_it_is_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = replicas()
+    with httpx.Client(base_url=a.url, timeout=60) as on_a:
+        redis_server.stop()
+        try:
+            refused = on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(b"x")}, content=b"x")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["errors"][0]["code"] == "UNAVAILABLE"
+        finally:
+            redis_server.start()
+        assert on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(b"x")}, content=b"x").status_code == 201

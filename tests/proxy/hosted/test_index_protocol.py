@@ -225,3 +225,16 @@ def test_a_hold_lasts_as_long_as_its_upload(index: HostedIndex) -> None:
     assert index.held_digests() == {A}
     index.remove_upload("u1")
     assert index.held_digests() == set()
+
+
+def test_redis_unreachable_is_unavailable_not_an_internal_error() -> None:
+    from proxy import errors
+    from tests.support.ports import free_port
+
+    index = RedisIndex(redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1, socket_timeout=1))
+    try:
+        for call in (lambda: index.blob_size("acme/app", A), index.repositories, lambda: index.write().__enter__()):
+            with pytest.raises(errors.Unavailable, match="Redis does not answer"):
+                call()
+    finally:
+        index.close()
