@@ -277,7 +277,7 @@ def test_an_expired_upload_is_dropped_by_gc_run_from_another_replica(
 def test_redis_stopped_a_push_is_503_and_works_again_once_it_is_back(
     replicas: Replicas, redis_server: RedisServer
 ) -> None:
-    a, b = replicas()
+    a, _ = replicas()
     with httpx.Client(base_url=a.url, timeout=60) as on_a:
         redis_server.stop()
         try:
