@@ -22,6 +22,7 @@ import pytest
 
 from cache.bucket import open_bucket
 from proxy.fleet import peers
+from proxy.units import format_size
 from tests.proxy.hosted.test_push_api import EMPTY_CONFIG, image_manifest, sha
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy, to_toml
@@ -287,3 +288,27 @@ def test_redis_stopped_a_push_is_503_and_works_again_once_it_is_back(
         finally:
             redis_server.start()
         assert on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(b"x")}, content=b"x").status_code == 201
+
+
+def test_cache_du_and_ls_from_another_replica_show_the_fleets_hosted_content(replicas: Replicas) -> None:
+    a, b = replicas()
+    layer = os.urandom(150_000)
+    with httpx.Client(base_url=a.url, timeout=60) as on_a:
+        for blob in (EMPTY_CONFIG, layer):
+            assert (
+                on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(blob)}, content=blob).status_code == 201
+            )
+        headers = {"Content-Type": OCI_MANIFEST}
+        assert on_a.put("/v2/acme/app/manifests/v1", content=image_manifest(layer), headers=headers).status_code == 201
+    config = b.dir / "tools.toml"
+    config.write_text(to_toml(b.config))
+    env = {**os.environ, **b.env, "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(*args: str) -> str:
+        argv = [sys.executable, "-m", "proxy", *args, "--config", str(config)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+
+    line = next(line for line in run("cache", "du").splitlines() if line.startswith("hosted"))
+    held = len(EMPTY_CONFIG) + len(layer) + len(image_manifest(layer))  # pushed through A
+    assert line.startswith(f"hosted      {format_size(held)} of"), line
+    assert "acme/app:v1" in run("cache", "ls")
