@@ -272,8 +272,13 @@ class HostedRepositories:
         return size
 
     def _shared(self, digest: str, size: int, uploaded: Path) -> Path:
-        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`."""
-        found = self._cached(digest) if self._cached is not None else None
+        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`.
+
+        Only when the hosted content is on this disk: in a bucket the two are separate objects
+        anyway, and asking the cache might fetch its object just to link it.
+        """
+        local = isinstance(self.content, DiskContentStore)
+        found = self._cached(digest) if self._cached is not None and local else None
         if found is None or found.size != size:
             return uploaded
         link = uploaded.with_name(uploaded.name + ".cached")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,3 +261,36 @@ def test_storing_an_uploaded_blob_does_not_hold_the_write_lock(tmp_path: Path) -
     finally:
         other.close()
         hosted.close()
+
+
+class Elsewhere:
+    """A content store that is not on this disk (as a bucket is): every call goes to a disk store inside."""
+
+    def __init__(self, directory: Path) -> None:
+        self._inner = DiskContentStore(directory, 1 << 40)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_a_pushed_blob_is_not_looked_up_in_the_cache_when_hosted_content_is_not_on_this_disk(tmp_path: Path) -> None:
+    """A hard link saves space only on one disk; asking a bucket-backed cache could fetch the object."""
+    asked: list[str] = []
+
+    def cached(digest: str) -> None:
+        asked.append(digest)
+
+    content: Any = Elsewhere(tmp_path / "hosted")
+    hosted = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "hosted", cached, content=content)
+    try:
+        digest = upload(hosted, "acme/app", b"layer")
+        assert hosted.blob_file("acme/app", digest) is not None
+        assert asked == []
+    finally:
+        hosted.close()
+    on_disk = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "disk", cached)
+    try:
+        upload(on_disk, "acme/app", b"layer")
+        assert asked == [sha(b"layer")]  # on one disk the cache is asked, to store the bytes once
+    finally:
+        on_disk.close()
