@@ -95,6 +95,13 @@ def du(config: Config) -> int:
     if config.hosted is not None:
         hosted = config.cache_dir / "hosted"
         used = inventory.directory_size(hosted) if hosted.exists() else 0
+        if config.coordination is not None:  # the fleet's, as [hosted] max_size counts it
+            repositories = open_hosted(config)
+            assert repositories is not None
+            try:
+                used = repositories.in_use()
+            finally:
+                repositories.close()
         print(f"hosted      {format_size(used)} of {format_size(config.hosted.max_size)} (pushed, never evicted)")
     return 0
 

@@ -40,6 +40,7 @@ CREATE INDEX IF NOT EXISTS refs_by_manifest ON refs(repo, manifest);
 CREATE INDEX IF NOT EXISTS refs_by_digest ON refs(repo, digest);
 CREATE TABLE IF NOT EXISTS tags(repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(repo, tag));
 CREATE TABLE IF NOT EXISTS uploads(id TEXT PRIMARY KEY, repo TEXT NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS holds(upload TEXT PRIMARY KEY, digest TEXT NOT NULL);
 """
 
 
@@ -143,7 +144,17 @@ class HostedIndex(Protocol):
         """Bytes of every upload in progress; None: not recorded (count this host's staged files)."""
         ...
 
-    def remove_upload(self, upload: str) -> None: ...
+    def hold_blob(self, upload: str, digest: str) -> None:
+        """The upload is storing `digest` (outside `write()`): gc keeps it until the upload is removed."""
+        ...
+
+    def held_digests(self) -> set[str]:
+        """Digests uploads in progress are storing (`hold_blob`)."""
+        ...
+
+    def remove_upload(self, upload: str) -> None:
+        """The upload's record, its size and its hold."""
+        ...
 
     def uploads(self) -> list[tuple[str, float]]:
         """(id, start time) of every upload in progress."""
@@ -379,8 +390,16 @@ class Index:
     def upload_volume(self) -> int | None:
         return None
 
+    def hold_blob(self, upload: str, digest: str) -> None:
+        self._run("INSERT OR REPLACE INTO holds VALUES (?, ?)", upload, digest)
+
+    def held_digests(self) -> set[str]:
+        return {str(row[0]) for row in self._all("SELECT DISTINCT digest FROM holds")}
+
     def remove_upload(self, upload: str) -> None:
-        self._run("DELETE FROM uploads WHERE id = ?", upload)
+        with self.write():
+            self._run("DELETE FROM uploads WHERE id = ?", upload)
+            self._run("DELETE FROM holds WHERE upload = ?", upload)
 
     def uploads(self) -> list[tuple[str, float]]:
         return [(str(i), float(s)) for i, s in self._all("SELECT id, started FROM uploads")]  # type: ignore[arg-type]

@@ -14,11 +14,12 @@ built inside the scripts from the prefix, so this needs one Redis, not a Redis C
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import redis
 import structlog
@@ -33,6 +34,8 @@ PREFIX = "pullproxy:hosted:"
 LOCK_TIMEOUT = 30.0  # seconds a holder that stopped renewing keeps the write lock
 LOCK_WAIT = 60.0  # seconds a writer waits for it before answering 503
 _RENEW_EVERY = LOCK_TIMEOUT / 3
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError)
+F = TypeVar("F", bound=Callable[..., Any])
 
 _LINK = """
 local P, repo, d, size, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
@@ -123,6 +126,23 @@ if redis.call('HEXISTS', P..'uploads', upload) == 1 then redis.call('HSET', P..'
 """
 
 
+def _unavailable(error: Exception) -> errors.Unavailable:
+    return errors.unavailable(f"hosted repositories are unavailable: the fleet's Redis does not answer ({error})")
+
+
+def _outage_is_503(method: F) -> F:
+    """Redis unreachable: `errors.Unavailable` (503, retry later) rather than an internal error."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except _OUTAGE as exc:
+            raise _unavailable(exc) from exc
+
+    return wrapped  # type: ignore[return-value]
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -172,7 +192,11 @@ class RedisIndex:
         lock = self._redis.lock(
             self._key("write"), timeout=LOCK_TIMEOUT, blocking_timeout=LOCK_WAIT, sleep=0.01, thread_local=False
         )
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except _OUTAGE as exc:
+            raise _unavailable(exc) from exc
+        if not acquired:
             raise errors.unavailable(f"the hosted index is busy: its write lock was not free within {LOCK_WAIT:.0f}s")
         self._hold(lock)
         self._local.depth = 1
@@ -186,6 +210,8 @@ class RedisIndex:
                 lock.release()
             except LockError:  # it expired: someone may have written meanwhile; say so
                 log.warning("the hosted index's write lock expired before it was released")
+            except _OUTAGE:  # it expires by itself
+                log.warning("the hosted index's write lock could not be released: Redis does not answer")
 
     def _hold(self, lock: Any) -> None:
         with self._held_lock:
@@ -385,10 +411,17 @@ class RedisIndex:
     def upload_volume(self) -> int:
         return sum(int(size) for size in self._redis.hvals(self._key("upload_sizes")))
 
+    def hold_blob(self, upload: str, digest: str) -> None:
+        self._redis.hset(self._key("holds"), upload, digest)
+
+    def held_digests(self) -> set[str]:
+        return {_text(digest) for digest in self._redis.hvals(self._key("holds"))}
+
     def remove_upload(self, upload: str) -> None:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hdel(self._key("uploads"), upload)
         pipe.hdel(self._key("upload_sizes"), upload)
+        pipe.hdel(self._key("holds"), upload)
         pipe.execute()
 
     def uploads(self) -> list[tuple[str, float]]:
@@ -398,3 +431,9 @@ class RedisIndex:
     def close(self) -> None:
         self._closed.set()
         self._redis.close()
+
+
+# Every method but the lock (which maps its own) and close: an outage is a 503 wherever it strikes.
+for _name, _member in list(vars(RedisIndex).items()):
+    if not _name.startswith("_") and _name not in ("write", "close") and callable(_member):
+        setattr(RedisIndex, _name, _outage_is_503(_member))

@@ -245,23 +245,40 @@ class HostedRepositories:
             raise errors.DigestInvalid(
                 f"the uploaded bytes have digest {check.actual}, not {digest}", {"digest": digest}
             )
-        with self.index.write():  # no garbage collection between storing and linking
+        try:
+            self.check_repository(repo)
+        except errors.Denied:
+            self._drop_upload(upload, path)
+            raise
+        # Stored outside the write lock (an object store upload may take a while, and the lock is the
+        # fleet's), held meanwhile: gc keeps a held digest, and lists what is stored before the holds.
+        self.index.hold_blob(upload, digest)
+        if not self.content.has_blob(digest):
+            self.content.put_blob(digest, self._shared(digest, size, path), size)
+        with self.index.write():  # no garbage collection between checking and linking
             try:
                 self.check_repository(repo)  # again: another upload may have made the last repository meanwhile
             except errors.Denied:
                 self._drop_upload(upload, path)
                 raise
-            if self.content.has_blob(digest):
-                path.unlink()  # stored once
-            else:
+            if not self.content.has_blob(digest):  # a gc that had not seen the hold removed the copy found
+                if not path.exists():
+                    self._drop_upload(upload, path)
+                    raise errors.unavailable(f"blob {digest} was removed while it was stored: push it again")
                 self.content.put_blob(digest, self._shared(digest, size, path), size)
             self.index.link_blob(repo, digest, size)
             self.index.remove_upload(upload)
+        path.unlink(missing_ok=True)  # stored once
         return size
 
     def _shared(self, digest: str, size: int, uploaded: Path) -> Path:
-        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`."""
-        found = self._cached(digest) if self._cached is not None else None
+        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`.
+
+        Only when the hosted content is on this disk: in a bucket the two are separate objects
+        anyway, and asking the cache might fetch its object just to link it.
+        """
+        local = isinstance(self.content, DiskContentStore)
+        found = self._cached(digest) if self._cached is not None and local else None
         if found is None or found.size != size:
             return uploaded
         link = uploaded.with_name(uploaded.name + ".cached")
@@ -443,7 +460,7 @@ class HostedRepositories:
         """Drop abandoned uploads, links no manifest needs (older than `upload_ttl`), and unlinked blobs.
 
         Online and safe: it holds the index's write lock, so no upload is linked and no
-        manifest checked against its blobs meanwhile.
+        manifest checked against its blobs meanwhile; a blob an upload is storing (held) stays.
         """
         uploads = self.sweep_uploads(dry_run)
         with self.index.write():
@@ -452,12 +469,15 @@ class HostedRepositories:
             if not dry_run:
                 for repo, digest in stale:
                     self.index.unlink_blob(repo, digest)
+            entries = self.content.entries()  # before the holds: a blob stored after this is not listed
+            if not dry_run:
                 linked = self.index.linked_digests()
             else:
                 still = {(r, d) for r, d in stale}
                 linked = {d for r, d in self._all_links() if (r, d) not in still}
+            linked |= self.index.held_digests()  # uploads storing them outside the lock
             removed = freed = 0
-            for entry in self.content.entries():
+            for entry in entries:
                 if entry.is_manifest or entry.digest in linked:
                     continue
                 if dry_run or self.content.remove(entry.key):

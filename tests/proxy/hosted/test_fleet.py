@@ -22,6 +22,7 @@ import pytest
 
 from cache.bucket import open_bucket
 from proxy.fleet import peers
+from proxy.units import format_size
 from tests.proxy.hosted.test_push_api import EMPTY_CONFIG, image_manifest, sha
 from tests.support.faulty import FaultyRegistry
 from tests.support.proxy import REPO_ROOT, Proxy, to_toml
@@ -272,3 +273,42 @@ def test_an_expired_upload_is_dropped_by_gc_run_from_another_replica(
         assert "1 expired uploads" in out
         gone = on_a.patch(location, content=b"more")
         assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_redis_stopped_a_push_is_503_and_works_again_once_it_is_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, _ = replicas()
+    with httpx.Client(base_url=a.url, timeout=60) as on_a:
+        redis_server.stop()
+        try:
+            refused = on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(b"x")}, content=b"x")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["errors"][0]["code"] == "UNAVAILABLE"
+        finally:
+            redis_server.start()
+        assert on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(b"x")}, content=b"x").status_code == 201
+
+
+def test_cache_du_and_ls_from_another_replica_show_the_fleets_hosted_content(replicas: Replicas) -> None:
+    a, b = replicas()
+    layer = os.urandom(150_000)
+    with httpx.Client(base_url=a.url, timeout=60) as on_a:
+        for blob in (EMPTY_CONFIG, layer):
+            assert (
+                on_a.post("/v2/acme/app/blobs/uploads/", params={"digest": sha(blob)}, content=blob).status_code == 201
+            )
+        headers = {"Content-Type": OCI_MANIFEST}
+        assert on_a.put("/v2/acme/app/manifests/v1", content=image_manifest(layer), headers=headers).status_code == 201
+    config = b.dir / "tools.toml"
+    config.write_text(to_toml(b.config))
+    env = {**os.environ, **b.env, "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(*args: str) -> str:
+        argv = [sys.executable, "-m", "proxy", *args, "--config", str(config)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=True).stdout
+
+    line = next(line for line in run("cache", "du").splitlines() if line.startswith("hosted"))
+    held = len(EMPTY_CONFIG) + len(layer) + len(image_manifest(layer))  # pushed through A
+    assert line.startswith(f"hosted      {format_size(held)} of"), line
+    assert "acme/app:v1" in run("cache", "ls")

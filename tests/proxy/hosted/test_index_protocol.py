@@ -212,3 +212,29 @@ def test_redis_write_lock_is_renewed_while_held_and_freed_when_its_holder_dies(
     finally:
         index.close()
         rival.close()
+
+
+def test_a_hold_lasts_as_long_as_its_upload(index: HostedIndex) -> None:
+    index.add_upload("u1", "acme/app")
+    index.add_upload("u2", "acme/app")
+    index.hold_blob("u1", A)
+    index.hold_blob("u2", A)
+    index.hold_blob("u2", B)  # the upload's latest digest replaces its earlier one
+    assert index.held_digests() == {A, B}
+    index.remove_upload("u2")
+    assert index.held_digests() == {A}
+    index.remove_upload("u1")
+    assert index.held_digests() == set()
+
+
+def test_redis_unreachable_is_unavailable_not_an_internal_error() -> None:
+    from proxy import errors
+    from tests.support.ports import free_port
+
+    index = RedisIndex(redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1, socket_timeout=1))
+    try:
+        for call in (lambda: index.blob_size("acme/app", A), index.repositories, lambda: index.write().__enter__()):
+            with pytest.raises(errors.Unavailable, match="Redis does not answer"):
+                call()
+    finally:
+        index.close()
