@@ -278,6 +278,28 @@ def test_a_replica_restarted_with_an_empty_local_disk_serves_the_fleet_cache_at_
         assert {digest: faulty.gets(digest) for digest in blobs} == gets
 
 
+def test_with_redirect_cached_blobs_answer_307_to_the_bucket_and_skopeo_follows_it_through_haproxy(
+    upstream: Registry, tmp_path: Path
+) -> None:
+    images: dict[str, PushedImage] = upstream.images  # type: ignore[attr-defined]
+    alpine = images["alpine"]
+    with Fleet(upstream_url=upstream.url, storage={"redirect": True}) as fleet:
+        ref = f"docker://{fleet.host}/{alpine.repo}:{alpine.tag}"
+        skopeo_copy(ref, f"dir:{tmp_path / 'cold'}")  # cold: streamed by the replicas, now in the bucket
+        fleet.lb.reset_log()
+        skopeo_copy(ref, f"dir:{tmp_path / 'warm'}")
+        assert_same_image(tmp_path / "warm", alpine)
+        blob_answers = {r.status for r in fleet.lb.requests() if "/blobs/" in r.path and r.method == "GET"}
+        assert blob_answers == {307}, fleet.lb.requests()
+        layer = (alpine.child() if alpine.is_index else alpine).blobs[-1]
+        moved = httpx.get(f"{fleet.url}/v2/{alpine.repo}/blobs/{layer.digest}", timeout=30)
+        assert moved.status_code == 307 and moved.headers["location"].startswith(fleet.store.endpoint)
+        whole = httpx.get(moved.headers["location"], timeout=30).content
+        assert sha256(whole) == layer.digest
+        tail = httpx.get(moved.headers["location"], headers={"Range": "bytes=-100"}, timeout=30)
+        assert (tail.status_code, tail.content) == (206, whole[-100:])  # Range works through the URL
+
+
 # --------------------------------------------------------------------------- hosted
 
 
