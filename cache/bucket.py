@@ -62,6 +62,8 @@ TOUCH_BATCH = 1000  # keys per touch script call
 FETCH_CHUNK = 1 << 20  # bytes per read of an object streamed into the local tier
 UPLOAD_CONCURRENCY = 4  # parts of one multipart upload in flight (5 MiB each)
 WARN_EVERY = 30.0  # seconds between warnings about the same unreachable service
+LISTING_TTL = 30.0  # how long a listing of the bucket stands in for the index (Redis down)
+REBUILD_TTL_MS = 600_000  # the lock of the replica rebuilding a lost index
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -219,6 +221,7 @@ class BucketContentStore:
         base = f"pullproxy:{prefix}"
         self._sizes, self._used, self._pins = base + "sizes", base + "used", base + "pins"
         self._volume, self._evictor, self._flight = base + "volume", base + "evictor", base + "flight"
+        self._indexed = base + "indexed"  # set once the index holds every object of the bucket
         self._host = _host_id(local_dir)
         self._add = redis.register_script(_ADD)
         self._remove = redis.register_script(_REMOVE)
@@ -232,6 +235,7 @@ class BucketContentStore:
         self._lock = threading.Lock()
         self._fetches: dict[str, threading.Lock] = {}  # digest -> the lock of its fetch into the local tier
         self._warned: dict[str, float] = {}
+        self._listed: tuple[float, list[tuple[str, int, float]]] | None = None  # (when, what)
 
     @property
     def max_size(self) -> int:
@@ -356,6 +360,7 @@ class BucketContentStore:
             keys, self._touched = self._touched, set()
         try:
             self._publish_in_flight(self.in_flight())
+            self._rebuild_if_lost()
             missing: list[str] = []
             ordered = sorted(keys)
             now = time.time()
@@ -373,6 +378,32 @@ class BucketContentStore:
                 else:  # stored but not indexed (Redis lost it): indexed again
                     self._reindex(key)
         return len(keys)
+
+    def _rebuild_if_lost(self) -> None:
+        """Blocking: without the marker a complete index leaves (Redis lost its data, or never held this
+        store's), index every object of the bucket, by one replica: an object missing from the index
+        would never be evicted.
+
+        Last uses are the objects' upload times. Entries added meanwhile are counted once (`_ADD`).
+        """
+        if self.redis.exists(self._indexed):
+            return
+        token = secrets.token_hex(8)
+        lock = self._indexed + ":rebuilding"
+        if not self.redis.set(lock, token, nx=True, px=REBUILD_TTL_MS):
+            return
+        try:
+            listed = self._listing(fresh=True)
+            log.info("indexing the bucket's content again", prefix=self.prefix, entries=len(listed))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, size, modified in listed:
+                    self._add(keys=[self._sizes, self._used, self._volume], args=[key, size, modified], client=pipe)
+                pipe.set(self._indexed, time.time())
+                pipe.execute()
+        except StoreUnavailable:
+            pass  # tried again on the next flush
+        finally:
+            self._release(keys=[lock], args=[token])
 
     def make_room(self, in_flight: int) -> int:
         """Blocking: evict fleet-wide until the bucket's content and every host's downloads fit in max_size;
@@ -627,8 +658,13 @@ class BucketContentStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
 
-    def _listing(self) -> list[tuple[str, int, float]]:
-        """Blocking: (key, size, last modified) of every object under the prefix."""
+    def _listing(self, fresh: bool = False) -> list[tuple[str, int, float]]:
+        """Blocking: (key, size, last modified) of every object under the prefix; a listing up to
+        `LISTING_TTL` old unless `fresh` (while Redis is down, the metrics ask every few seconds)."""
+        with self._lock:
+            kept = self._listed
+        if not fresh and kept is not None and time.monotonic() - kept[0] < LISTING_TTL:
+            return kept[1]
 
         def listed() -> list[tuple[str, int, float]]:
             found = []
@@ -639,7 +675,10 @@ class BucketContentStore:
                         found.append((key, int(meta["size"]), meta["last_modified"].timestamp()))
             return found
 
-        return self._call(Operation.LIST, listed)
+        found = self._call(Operation.LIST, listed)
+        with self._lock:
+            self._listed = (time.monotonic(), found)
+        return found
 
     def _call(self, operation: Operation, request: Callable[[], T]) -> T:
         """One object store request, timed; an unreachable or refusing store raises `StoreUnavailable`.
