@@ -60,6 +60,8 @@ EVICTOR_WAIT = 10.0  # how long a process waits for another's eviction before it
 FLIGHT_TTL = 60.0  # a host's published downloads in flight count for this long (it republishes every flush)
 TOUCH_BATCH = 1000  # keys per touch script call
 FETCH_CHUNK = 1 << 20  # bytes per read of an object streamed into the local tier
+REQUEST_TIMEOUT = timedelta(hours=1)  # a whole request, body included
+READ_TIMEOUT = timedelta(seconds=30)  # no byte for this long: the transfer has stalled
 UPLOAD_CONCURRENCY = 4  # parts of one multipart upload in flight (5 MiB each)
 WARN_EVERY = 30.0  # seconds between warnings about the same unreachable service
 LISTING_TTL = 30.0  # how long a listing of the bucket stands in for the index (Redis down)
@@ -147,7 +149,8 @@ return 0
 
 def open_bucket(endpoint: str, bucket: str, region: str, access_key: str | None, secret_key: str | None) -> S3Store:
     """The S3 client for `[storage]`: an outage fails a request in a fraction of a second (a few quick
-    retries), not after obstore's default three minutes, so callers answer 503 while it lasts."""
+    retries), not after obstore's default three minutes, so callers answer 503 while it lasts; a
+    transfer may take long, but not stall."""
     credentials: dict[str, Any] = {}
     if access_key is not None and secret_key is not None:
         credentials = {"access_key_id": access_key, "secret_access_key": secret_key}
@@ -156,7 +159,14 @@ def open_bucket(endpoint: str, bucket: str, region: str, access_key: str | None,
         endpoint=endpoint,
         region=region,
         virtual_hosted_style_request=False,
-        client_options={"allow_http": endpoint.startswith("http://"), "connect_timeout": timedelta(seconds=2)},
+        client_options={
+            "allow_http": endpoint.startswith("http://"),
+            "connect_timeout": timedelta(seconds=2),
+            # obstore's default bounds a whole request by 30 s, body included: a large layer's GET
+            # takes longer. A stalled transfer is caught by the read timeout instead.
+            "timeout": REQUEST_TIMEOUT,
+            "read_timeout": READ_TIMEOUT,
+        },
         retry_config={
             "max_retries": 2,
             "retry_timeout": timedelta(seconds=5),

@@ -123,6 +123,12 @@ def test_a_blob_larger_than_one_upload_part_is_stored_whole(stores: Factory) -> 
     assert read(two.find_blob(digest)) == data
 
 
+def test_a_transfer_is_bounded_by_stalls_not_by_obstores_30_second_request_timeout(weed: SeaweedFS) -> None:
+    options = open_bucket(weed.endpoint, weed.bucket, "us-east-1", "k", "s").client_options
+    assert options is not None  # as obstore reports them back
+    assert (options.get("timeout"), options.get("read_timeout")) == ("1h", "30s")
+
+
 def test_the_replica_that_stored_a_blob_keeps_the_verified_file_as_its_local_copy(stores: Factory) -> None:
     store = stores()
     digest, staged = blob(store, b"abc" * 10)
