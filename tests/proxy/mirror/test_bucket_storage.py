@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,7 +40,12 @@ def upstream() -> Iterator[FaultyRegistry]:
 
 
 def replica(
-    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer, access: Any = (), **storage: Any
+    upstream: FaultyRegistry,
+    weed: SeaweedFS,
+    redis_server: RedisServer,
+    access: Any = (),
+    args: tuple[str, ...] = (),
+    **storage: Any,
 ) -> Proxy:
     """A replica with an empty local directory of its own, on the shared bucket and Redis."""
     return Proxy(
@@ -58,6 +64,7 @@ def replica(
             "coordination": {"redis": redis_server.url},
         },
         env=weed.environment(),
+        args=args,
     )
 
 
@@ -86,6 +93,31 @@ def test_a_second_replica_with_an_empty_local_tier_serves_what_the_first_pulled_
         assert pull(second, "acme/shared", manifest, blobs) == pulled
         assert list(second.cache_dir.glob("content/**/*.val"))  # served from its own local tier now
     assert [upstream.gets(d) for d in [manifest, *blobs]] == [1, 1, 1, 1]  # no second upstream GET
+
+
+def test_workers_of_one_replica_share_one_download_and_one_upload(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer
+) -> None:
+    _, blobs = upstream.add_image("acme/workers", "1", layer_sizes=[2 << 20])
+    layer = blobs[1]
+    upstream.slow(digest=layer, chunk_size=128 << 10, chunk_delay=0.03)
+    bodies: list[bytes] = []
+    with replica(upstream, weed, redis_server, args=("--workers", "2")) as proxy:
+
+        def get() -> None:
+            bodies.append(httpx.get(f"{proxy.url}/v2/acme/workers/blobs/{layer}", timeout=60).content)
+
+        threads = [threading.Thread(target=get) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join(60)
+        scraped = httpx.get(f"{proxy.url}/metrics", timeout=30).text
+    assert bodies == [upstream.blob(layer)] * 8
+    assert upstream.gets(layer) == 1
+    # One upload of the layer (a manifest-less pull: the layer alone), whichever worker fetched it.
+    assert _sample(scraped, 'pullproxy_object_store_request_duration_seconds_count{operation="put"}') == 1
 
 
 def test_with_the_bucket_down_the_local_tier_serves_and_the_rest_is_503_until_it_is_back(
