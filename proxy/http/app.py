@@ -141,19 +141,26 @@ def create_app(
     )
 
 
-def _fleet(config: configuration.Config, meta: object) -> replicas.ReplicaRegistry | None:
-    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis."""
+def _fleet(
+    config: configuration.Config, meta: object, replica: peers.Replica | None = None
+) -> replicas.ReplicaRegistry | None:
+    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis.
+
+    `replica`: this process's identity, when other parts (leases, uploads) hold one already,
+    so the fleet knows it by one id.
+    """
     if config.coordination is None:
         return None
     client = replicas.connect(config.coordination.redis)
+    replica = replica or peers.this_replica(config)
     if not isinstance(meta, RedisMetadata):
-        return replicas.ReplicaRegistry(client, peers.this_replica(config))
+        return replicas.ReplicaRegistry(client, replica)
 
     async def write_pending() -> None:  # links learnt while Redis was away
         if meta.pending:
             await to_thread.run_sync(meta.write_pending)
 
-    return replicas.ReplicaRegistry(client, peers.this_replica(config), meta.health, write_pending)
+    return replicas.ReplicaRegistry(client, replica, meta.health, write_pending)
 
 
 async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
