@@ -112,15 +112,12 @@ T = TypeVar("T")
 def connect(url: str) -> redis.Redis:
     """A client for `url` that never makes a request wait long: short timeouts, one quick retry.
 
-    The retry reconnects a pooled connection Redis closed (e.g. it restarted); a Redis that
-    is really down fails within about a second.
+    The retry reconnects a pooled connection Redis closed (e.g. it restarted). A Redis that
+    refuses connections fails at once, one that accepts them and never answers within two
+    `COMMAND_TIMEOUT`s (no health-check PING, which would double that).
     """
     return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_timeout=COMMAND_TIMEOUT,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
+        url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1)
     )
 
 
@@ -202,7 +199,8 @@ class RedisMetadata:
             if now < self._retry_at:
                 raise MetadataUnavailable(f"redis unreachable: {self.health.problem or 'failed just now'}")
             if self.health.problem is not None:
-                self._retry_at = now + RETRY_AFTER  # this caller probes; the others fail fast meanwhile
+                # This caller probes; the others fail fast until it is done (a probe may take a timeout).
+                self._retry_at = float("inf")
         try:
             result = work()
         except UNREACHABLE as exc:
@@ -211,6 +209,10 @@ class RedisMetadata:
                 self._retry_at = time.monotonic() + RETRY_AFTER
                 self.health.failed(what)
             raise MetadataUnavailable(f"redis unreachable: {what}") from exc
+        except BaseException:
+            with self._lock:
+                self._retry_at = min(self._retry_at, time.monotonic() + RETRY_AFTER)  # not left at inf
+            raise
         with self._lock:
             self._retry_at = float("-inf")
             self.health.ok()

@@ -112,8 +112,8 @@ def create_app(
             app.state.forwarder = forwarder
             app.state.sampler.hosted = hosted
             app.state.gate = await _gate(config, hosted)
-            # Merge of h14-flight and h14-meta: both named theirs app.state.fleet; the replica registry keeps it.
-            app.state.peer_fleet = peer_fleet = peer.open_fleet(config)  # None without [coordination]
+            # One identity for this process in the fleet: its leases, uploads and heartbeat name the same replica.
+            app.state.peer_fleet = peer_fleet = peer.open_fleet(config, replica)  # None without [coordination]
             if peer_fleet is not None and peer_fleet.flight is not None:
                 mirror.blobs.fleet = peer_fleet.flight.origin
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
@@ -123,7 +123,7 @@ def create_app(
                 tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
             if hosted is not None:
                 tasks.append(asyncio.create_task(_collect_garbage(hosted)))
-            app.state.fleet = fleet = _fleet(config, mirror.meta)
+            app.state.fleet = fleet = _fleet(config, mirror.meta, replica)
             if fleet is not None:
                 tasks.append(asyncio.create_task(fleet.run()))
             log.info(
@@ -169,19 +169,26 @@ async def _open_hosted(
     return await to_thread.run_sync(open_hosted, config, store.find_blob, None if replica is None else replica.url)
 
 
-def _fleet(config: configuration.Config, meta: object) -> replicas.ReplicaRegistry | None:
-    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis."""
+def _fleet(
+    config: configuration.Config, meta: object, replica: peers.Replica | None = None
+) -> replicas.ReplicaRegistry | None:
+    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis.
+
+    `replica`: this process's identity, when other parts (leases, uploads) hold one already,
+    so the fleet knows it by one id.
+    """
     if config.coordination is None:
         return None
     client = replicas.connect(config.coordination.redis)
+    replica = replica or peers.this_replica(config)
     if not isinstance(meta, RedisMetadata):
-        return replicas.ReplicaRegistry(client, peers.this_replica(config))
+        return replicas.ReplicaRegistry(client, replica)
 
     async def write_pending() -> None:  # links learnt while Redis was away
         if meta.pending:
             await to_thread.run_sync(meta.write_pending)
 
-    return replicas.ReplicaRegistry(client, peers.this_replica(config), meta.health, write_pending)
+    return replicas.ReplicaRegistry(client, replica, meta.health, write_pending)
 
 
 async def _collect_garbage(hosted: HostedRepositories) -> None:

@@ -3,7 +3,9 @@ rise, referrers stay bounded, and an unreachable Redis fails fast with `Metadata
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -175,3 +177,65 @@ def test_one_replica_claims_the_check_of_a_stale_tag_record(replicas: tuple[Redi
     assert other.claim_tag_check("docker.io", "team/app", "1", 200.0, 0.3)  # a newer record: a new check
     time.sleep(0.4)
     assert other.claim_tag_check("docker.io", "team/app", "1", 100.0, 0.3)  # the claim expired
+
+
+class Silent:
+    """A listener on loopback that accepts connections and never answers: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_redis_that_hangs_holds_up_one_caller_at_a_time() -> None:
+    silent = Silent()
+    meta = RedisMetadata(connect(silent.url))
+    try:
+        with pytest.raises(MetadataUnavailable):
+            meta.find_tag("up", "team/app", "1")  # times out (short timeouts)
+        time.sleep(redis_meta.RETRY_AFTER + 0.1)
+        connections = len(silent.accepted)
+        probe = threading.Thread(target=_try, args=(meta,))
+        probe.start()
+        deadline = time.monotonic() + 5
+        while len(silent.accepted) == connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(silent.accepted) > connections  # the probe is waiting on the silent Redis
+        time.sleep(redis_meta.RETRY_AFTER + 0.1)  # longer than the pause after a failure
+        during = len(silent.accepted)
+        with pytest.raises(MetadataUnavailable):
+            meta.find_link("up", "team/app", D1)
+        assert len(silent.accepted) == during and probe.is_alive()  # failed at once: no second probe
+        probe.join(timeout=10)
+    finally:
+        meta.close()
+        silent.close()
+
+
+def _try(meta: RedisMetadata) -> None:
+    with contextlib.suppress(MetadataUnavailable):
+        meta.find_tag("up", "team/app", "1")
+
+
+def test_a_call_to_a_redis_that_hangs_gives_up_within_two_timeouts() -> None:
+    silent = Silent()
+    meta = RedisMetadata(connect(silent.url))
+    try:
+        with pytest.raises(MetadataUnavailable, match="Timeout"):
+            meta.find_tag("up", "team/app", "1")
+        assert len(silent.accepted) <= 2  # one attempt and one retry, each bounded by COMMAND_TIMEOUT
+    finally:
+        meta.close()
+        silent.close()

@@ -13,9 +13,10 @@ import pytest
 from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.meta import DiskMetadata
 from cache.redis_meta import RedisMetadata, connect
-from cache.storage import ContentStore, Metadata
+from cache.storage import EXPANDED, LINKED, ContentStore, Metadata
 from cache.store import DiskContentStore
 from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -114,3 +115,69 @@ def test_mypy_strict_accepts_each_concrete_class_as_its_protocol(tmp_path: Path)
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- behaviour: what every `Metadata` answers the same way -------------------------------
+
+D1, D2 = f"sha256:{1:064x}", f"sha256:{2:064x}"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(params=["disk", "redis"])
+def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Metadata]:
+    """Each implementation, empty."""
+    meta: Metadata
+    if request.param == "disk":
+        meta = DiskMetadata(tmp_path)
+    else:
+        url = request.getfixturevalue("redis_url")
+        connect(url).flushdb()
+        meta = RedisMetadata(connect(url))
+    yield meta
+    meta.close()
+
+
+def test_every_metadata_records_tags_lists_and_repositories_alike(metadata: Metadata) -> None:
+    assert metadata.find_tag("up", "team/app", "1") is None and metadata.cached_tag("up", "team/app", "1") is None
+    record = metadata.set_tag("up", "team/app", "1", D1)
+    assert record.digest == D1
+    assert metadata.cached_tag("up", "team/app", "1") == record == metadata.find_tag("up", "team/app", "1")
+    metadata.set_tag("up", "team/app", "0", D2)
+    metadata.set_tag("other", "team/app", "1", D2)
+    assert metadata.known_tags("up", "team/app") == ["0", "1"]
+    assert metadata.repositories() == [("other", "team/app"), ("up", "team/app")]
+    metadata.remove_tag("up", "team/app", "1")
+    metadata.remove_tag("up", "team/app", "0")
+    assert metadata.find_tag("up", "team/app", "1") is None and metadata.cached_tag("up", "team/app", "1") is None
+    assert metadata.known_tags("up", "team/app") == []
+    assert metadata.repositories() == [("other", "team/app")]
+
+
+def test_every_metadata_raises_links_and_never_lowers_them(metadata: Metadata) -> None:
+    assert metadata.find_link("up", "team/app", D1) == 0 and metadata.cached_link("up", "team/app", D1) == 0
+    metadata.add_links("up", "team/app", {D1: EXPANDED, D2: LINKED})
+    metadata.add_links("up", "team/app", {D1: LINKED})
+    assert metadata.cached_link("up", "team/app", D1) == EXPANDED
+    assert (metadata.find_link("up", "team/app", D1), metadata.find_link("up", "team/app", D2)) == (EXPANDED, LINKED)
+    assert metadata.find_link("up", "other/app", D1) == 0
+
+
+def test_every_metadata_tells_no_referrers_from_unknown_ones(metadata: Metadata) -> None:
+    assert metadata.referrers("up", "team/app", D1) is None
+    metadata.set_referrers("up", "team/app", D1, b'{"manifests":[]}')
+    metadata.set_referrers("up", "team/app", D2, None)
+    stored, none = metadata.referrers("up", "team/app", D1), metadata.referrers("up", "team/app", D2)
+    assert stored is not None and stored.body == b'{"manifests":[]}'
+    assert none is not None and none.body is None
+    metadata.remember_no_referrers("up", "team/app", D1)
+    remembered = metadata.referrers("up", "team/app", D1)
+    assert remembered is not None and remembered.body is None
+
+
+def test_every_metadata_answers_a_claim_to_check_a_tag(metadata: Metadata) -> None:
+    assert metadata.claim_tag_check("up", "team/app", "1", 100.0, 1.0) is True  # the first one always gets it
