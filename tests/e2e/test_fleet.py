@@ -9,11 +9,13 @@ the seeded distribution registry where real clients pull real images.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -134,10 +136,33 @@ def test_a_cold_herd_of_48_clients_over_three_replicas_makes_one_upstream_get(fa
         assert faulty.gets(digest) == 1, f"{faulty.gets(digest)} upstream GETs for one blob over the fleet"
         served = fleet.lb.served_by(f"/blobs/{digest}")
         assert served == {"r0": HERD // 3, "r1": HERD // 3, "r2": HERD // 3}
+        # Every replica sees the whole fleet by the URLs it advertises (the heartbeat registry).
+        urls = sorted(proxy.url for proxy in fleet.replicas)
+        for proxy in fleet.replicas:
+            wait_for("listing the fleet", lambda p=proxy: _listed(p.url) == urls)
         # And now warm: every replica serves it from the fleet's cache, the upstream is not asked again.
         for proxy in fleet.replicas:
             assert get(f"{proxy.url}/v2/library/herd/blobs/{digest}").body == data
         assert faulty.gets(digest) == 1
+
+
+def _readyz(url: str) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(f"{url}/readyz", timeout=10).json()
+    return answer
+
+
+def _listed(url: str) -> list[str]:
+    """The replicas' URLs that replica ``url`` lists on /readyz."""
+    return sorted(record["url"] for record in _readyz(url).get("coordination", {}).get("replicas", []))
+
+
+def _lease_value(fleet: Fleet, digest: str) -> dict[str, str] | None:
+    client = redis.Redis.from_url(fleet.redis_server.url, socket_timeout=2)
+    try:
+        value = client.get(f"pullproxy:lease:{digest}")
+    finally:
+        client.close()
+    return None if value is None else json.loads(value)
 
 
 def _lease_holder(fleet: Fleet, digest: str) -> int | None:
@@ -170,7 +195,10 @@ def test_the_owning_replica_killed_mid_download_aborts_transfers_and_another_tak
             wait_for("downloading", lambda: faulty.count("GET", digest) >= 1)
             time.sleep(1.0)  # bytes are flowing to every client
             holder = _lease_holder(fleet, digest)
-            assert holder is not None
+            lease = _lease_value(fleet, digest)
+            assert holder is not None and lease is not None
+            # One identity per replica: the lease names the id its heartbeat and /readyz give.
+            assert _readyz(fleet.replicas[holder].url)["coordination"]["replica"] == lease["replica"]
             owner.append(holder)
             fleet.kill(holder)
 
