@@ -160,6 +160,14 @@ class Leases:
             return None
         return None if value is None else _holder(value)
 
+    async def held_by(self, digest: str, holder: Holder) -> bool | None:
+        """Whether `holder` still holds the lease of `digest`; None when Redis cannot tell."""
+        try:
+            value = await self._redis.get(PREFIX + digest)
+        except (RedisError, OSError):
+            return None
+        return value is not None and _holder(value) == holder
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 

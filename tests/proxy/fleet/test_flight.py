@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -181,6 +183,33 @@ def test_a_range_of_a_cold_blob_is_still_asked_of_the_upstream(fleet: Fleet) -> 
     assert whole.content == data
     asked = [r for r in fleet.upstream.requests() if r.method == "GET" and r.path.endswith(digest)]
     assert sum("range" not in r.headers for r in asked) == 1
+
+
+def test_followers_of_an_owner_that_hangs_give_up_once_its_lease_is_gone(fleet: Fleet) -> None:
+    """SIGSTOP: no connection closes, the owner just stops renewing. Its followers' clients abort
+    within a bound far below the peer read timeout (60 s), and a retry elsewhere takes over."""
+    data, digest = _slow_blob(fleet, "fleet-owner-hangs")
+    pulls = _pulls(fleet, digest)
+    owner = fleet.owner(digest)
+    _wait_half_fetched(owner)
+    assert owner.pid is not None
+    os.killpg(owner.pid, signal.SIGSTOP)
+    try:
+        followed = [pull for pull in pulls if not pull.url.startswith(owner.url)]
+        bound = time.monotonic() + 30  # half the peer read timeout
+        for pull in followed:
+            pull.thread.join(timeout=max(0.0, bound - time.monotonic()))
+        assert not any(pull.thread.is_alive() for pull in followed), "followers still wait for a hung owner"
+        assert all(pull.error is not None and pull.received < SIZE for pull in followed)
+        follower = next(replica for replica in fleet.replicas if replica is not owner)
+        retry = httpx.get(f"{follower.url}/v2/library/app/blobs/{digest}", timeout=60)
+        assert retry.status_code == 200 and retry.content == data
+        assert _upstream_gets(fleet, digest) == 2
+    finally:
+        os.killpg(owner.pid, signal.SIGCONT)
+    for pull in pulls:  # the owner's own clients resume once it does
+        pull.join()
+    assert all(pull.digest == digest for pull in pulls if pull.url.startswith(owner.url))
 
 
 def test_an_owner_dying_mid_download_aborts_every_client_and_a_retry_takes_over(fleet: Fleet) -> None:
