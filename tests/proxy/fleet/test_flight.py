@@ -119,6 +119,11 @@ def _metric(replica: Proxy, name: str, **labels: str) -> float:
     )
 
 
+def _fleet_counts(replica: Proxy) -> tuple[float, ...]:
+    fetches = [_metric(replica, "pullproxy_fleet_fetches_total", by=by) for by in ("self", "peer", "alone")]
+    return (*fetches, _metric(replica, "pullproxy_fleet_lease_waits_total"))
+
+
 def _fetched(replica: Proxy) -> float:
     return _metric(replica, "pullproxy_upstream_fetched_bytes_total")
 
@@ -150,6 +155,7 @@ def _upstream_gets(fleet: Fleet, digest: str) -> int:
 def test_replicas_fetch_a_cold_blob_once_and_followers_stream_it_as_it_arrives(fleet: Fleet) -> None:
     _, digest = _slow_blob(fleet, "fleet-once")
     before = {replica.url: _fetched(replica) for replica in fleet.replicas}
+    counted = {replica.url: _fleet_counts(replica) for replica in fleet.replicas}
     pulls = _pulls(fleet, digest)
     owner = fleet.owner(digest)
     _wait_half_fetched(owner)
@@ -161,9 +167,13 @@ def test_replicas_fetch_a_cold_blob_once_and_followers_stream_it_as_it_arrives(f
     assert [(pull.status, pull.digest, pull.error) for pull in pulls] == [(200, digest, None)] * CLIENTS
     assert _upstream_gets(fleet, digest) == 1
     followers = [replica for replica in fleet.replicas if replica is not owner]
-    assert _metric(owner, "pullproxy_fleet_fetches_total", by="self") >= 1
+    changed = {
+        replica.url: tuple(a - b for a, b in zip(_fleet_counts(replica), counted[replica.url], strict=True))
+        for replica in fleet.replicas
+    }
+    # (self, peer, alone, lease waits): one transfer per follower replica, however many clients it has
+    assert changed == {owner.url: (1, 0, 0, 0), **{follower.url: (0, 1, 0, 0) for follower in followers}}
     for follower in followers:
-        assert _metric(follower, "pullproxy_fleet_fetches_total", by="peer") >= 1
         assert _fetched(follower) == before[follower.url]  # nothing from the upstream
         # Each follower keeps the blob: served from its own cache now, without the owner.
         again = httpx.get(f"{follower.url}/v2/library/app/blobs/{digest}", timeout=30)
