@@ -265,7 +265,7 @@ def open_fleet(config: Config, replica: Replica | None = None) -> Fleet | None:
 
 async def blob(request: Request) -> Response:
     """`GET /_pullproxy/peer/blobs/<digest>`: another replica follows this one's download or cache."""
-    fleet: Fleet | None = getattr(request.app.state, "fleet", None)
+    fleet: Fleet | None = getattr(request.app.state, "peer_fleet", None)
     authenticate(request, None if fleet is None else fleet.credentials)
     assert fleet is not None  # authenticate refuses every request without one
     digest = request.path_params["digest"]

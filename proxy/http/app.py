@@ -94,9 +94,9 @@ def create_app(
             app.state.hosted = hosted
             app.state.sampler.hosted = hosted
             app.state.gate = await _gate(config, hosted)
-            app.state.fleet = fleet = peer.open_fleet(config)  # None without [coordination]
-            if fleet is not None and fleet.flight is not None:
-                mirror.blobs.fleet = fleet.flight.origin
+            app.state.peer_fleet = peer_fleet = peer.open_fleet(config)  # None without [coordination]
+            if peer_fleet is not None and peer_fleet.flight is not None:
+                mirror.blobs.fleet = peer_fleet.flight.origin
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()
             tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
@@ -117,8 +117,8 @@ def create_app(
                     task.cancel()
                 if hosted is not None:
                     await to_thread.run_sync(hosted.close)
-                if fleet is not None:
-                    await fleet.aclose()
+                if peer_fleet is not None:
+                    await peer_fleet.aclose()
                 metrics.worker_stopped()
 
     return Starlette(

@@ -49,7 +49,7 @@ class Replicas:
     upstream: MemoryRegistry
 
     def fleet(self, app: Starlette) -> Fleet:
-        fleet: Fleet = app.state.fleet
+        fleet: Fleet = app.state.peer_fleet
         return fleet
 
 
@@ -74,7 +74,7 @@ def _replicas(
         portal = stack.enter_context(start_blocking_portal())
         stack.enter_context(portal.wrap_async_context_manager(a_app.router.lifespan_context(a_app)))
         stack.enter_context(portal.wrap_async_context_manager(b_app.router.lifespan_context(b_app)))
-        b_fleet: Fleet = b_app.state.fleet
+        b_fleet: Fleet = b_app.state.peer_fleet
         if b_fleet.flight is not None:
             to_a = httpx.ASGITransport(a_app, client=("127.0.0.2", 40000))
             b_fleet.flight.peers = PeerClient(b_fleet.credentials, transport=to_a)
