@@ -100,10 +100,16 @@ class Lease:
             except (RedisError, OSError) as exc:  # it lives on until the TTL: renewal may work next time
                 log.info("lease renewal failed", digest=self.digest, why=str(exc))
                 continue
-            if not kept:
-                self.lost = True
-                log.warning("lease lost while downloading; another replica may fetch too", digest=self.digest)
-                return
+            if kept:
+                continue
+            try:  # gone (Redis restarted empty, say) rather than taken: take it again
+                if await leases._redis.set(self.key, self._token, nx=True, px=int(leases.ttl * 1000)):
+                    continue
+            except (RedisError, OSError):
+                continue
+            self.lost = True
+            log.warning("lease lost while downloading; another replica may fetch too", digest=self.digest)
+            return
 
     async def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours (else it expires on its own)."""
@@ -159,6 +165,14 @@ class Leases:
         except (RedisError, OSError):
             return None
         return None if value is None else _holder(value)
+
+    async def held_by(self, digest: str, holder: Holder) -> bool | None:
+        """Whether `holder` still holds the lease of `digest`; None when Redis cannot tell."""
+        try:
+            value = await self._redis.get(PREFIX + digest)
+        except (RedisError, OSError):
+            return None
+        return value is not None and _holder(value) == holder
 
     async def aclose(self) -> None:
         await self._redis.aclose()

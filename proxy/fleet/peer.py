@@ -60,6 +60,10 @@ POOL_TIMEOUT = 1.0  # seconds to wait for a free connection to peers before fetc
 MAX_PEER_CONNECTIONS = 64  # per process: each followed download holds one for its whole transfer
 WAIT_STEP = 0.2  # seconds between looks at a lease whose holder cannot serve
 WAIT_LIMIT = lease.TTL + 2 * lease.RENEW_EVERY  # a dead holder's lease is gone by then
+# Seconds without a byte from the holder after which its lease is looked at: a holder that hangs
+# (or is cut off) stops renewing, so once its lease is gone the transfer is given up, long before
+# READ_TIMEOUT. A live holder waiting on a slow upstream keeps its lease, and its followers wait.
+STALL = lease.TTL
 
 
 class PeerUnavailable(Exception):
@@ -122,11 +126,12 @@ def authenticate(request: Request, credentials: PeerCredentials | None) -> str:
 class PeerFlight:
     """The download origin of a cold blob on a replica of a fleet: the upstream, or the lease holder."""
 
-    def __init__(self, leases: Leases, peers: PeerClient, wait_limit: float = WAIT_LIMIT) -> None:
+    def __init__(self, leases: Leases, peers: PeerClient, wait_limit: float = WAIT_LIMIT, stall: float = STALL) -> None:
         self.leases = leases
         self.peers = peers
         self.replica = leases.replica
         self.wait_limit = wait_limit
+        self.stall = stall
 
     async def origin(self, digest: str, upstream: Origin) -> Source:
         """The bytes of `digest` for this replica's download: `upstream()` when this replica takes the
@@ -198,13 +203,27 @@ class PeerFlight:
         log.info("following another replica's download", digest=digest, peer=holder.url)
 
         async def chunks() -> AsyncIterator[bytes]:
+            received = response.aiter_raw()
+            step: asyncio.Future[bytes] | None = None
             try:
-                async for chunk in response.aiter_raw():
+                while True:
+                    step = asyncio.ensure_future(anext(received))
+                    while not (await asyncio.wait({step}, timeout=self.stall))[0]:
+                        if await self.leases.held_by(digest, holder) is False:  # hung, or cut off from us
+                            why = f"{holder.url} sent nothing for {self.stall:.0f}s and no longer holds the lease"
+                            raise DownloadFailed(f"the transfer of {digest} stalled: {why}")
+                    try:
+                        chunk = step.result()
+                    except StopAsyncIteration:
+                        return
                     metrics.FLEET_PEER_BYTES.inc(len(chunk))
                     yield chunk
             except httpx.HTTPError as exc:
                 why = f"the transfer of {digest} from {holder.url} broke off ({type(exc).__name__})"
                 raise DownloadFailed(why) from exc
+            finally:
+                if step is not None and not step.done():
+                    step.cancel()
 
         return Source(size, chunks(), response.aclose)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -117,6 +119,11 @@ def _metric(replica: Proxy, name: str, **labels: str) -> float:
     )
 
 
+def _fleet_counts(replica: Proxy) -> tuple[float, ...]:
+    fetches = [_metric(replica, "pullproxy_fleet_fetches_total", by=by) for by in ("self", "peer", "alone")]
+    return (*fetches, _metric(replica, "pullproxy_fleet_lease_waits_total"))
+
+
 def _fetched(replica: Proxy) -> float:
     return _metric(replica, "pullproxy_upstream_fetched_bytes_total")
 
@@ -148,6 +155,7 @@ def _upstream_gets(fleet: Fleet, digest: str) -> int:
 def test_replicas_fetch_a_cold_blob_once_and_followers_stream_it_as_it_arrives(fleet: Fleet) -> None:
     _, digest = _slow_blob(fleet, "fleet-once")
     before = {replica.url: _fetched(replica) for replica in fleet.replicas}
+    counted = {replica.url: _fleet_counts(replica) for replica in fleet.replicas}
     pulls = _pulls(fleet, digest)
     owner = fleet.owner(digest)
     _wait_half_fetched(owner)
@@ -159,9 +167,13 @@ def test_replicas_fetch_a_cold_blob_once_and_followers_stream_it_as_it_arrives(f
     assert [(pull.status, pull.digest, pull.error) for pull in pulls] == [(200, digest, None)] * CLIENTS
     assert _upstream_gets(fleet, digest) == 1
     followers = [replica for replica in fleet.replicas if replica is not owner]
-    assert _metric(owner, "pullproxy_fleet_fetches_total", by="self") >= 1
+    changed = {
+        replica.url: tuple(a - b for a, b in zip(_fleet_counts(replica), counted[replica.url], strict=True))
+        for replica in fleet.replicas
+    }
+    # (self, peer, alone, lease waits): one transfer per follower replica, however many clients it has
+    assert changed == {owner.url: (1, 0, 0, 0), **{follower.url: (0, 1, 0, 0) for follower in followers}}
     for follower in followers:
-        assert _metric(follower, "pullproxy_fleet_fetches_total", by="peer") >= 1
         assert _fetched(follower) == before[follower.url]  # nothing from the upstream
         # Each follower keeps the blob: served from its own cache now, without the owner.
         again = httpx.get(f"{follower.url}/v2/library/app/blobs/{digest}", timeout=30)
@@ -181,6 +193,33 @@ def test_a_range_of_a_cold_blob_is_still_asked_of_the_upstream(fleet: Fleet) -> 
     assert whole.content == data
     asked = [r for r in fleet.upstream.requests() if r.method == "GET" and r.path.endswith(digest)]
     assert sum("range" not in r.headers for r in asked) == 1
+
+
+def test_followers_of_an_owner_that_hangs_give_up_once_its_lease_is_gone(fleet: Fleet) -> None:
+    """SIGSTOP: no connection closes, the owner just stops renewing. Its followers' clients abort
+    within a bound far below the peer read timeout (60 s), and a retry elsewhere takes over."""
+    data, digest = _slow_blob(fleet, "fleet-owner-hangs")
+    pulls = _pulls(fleet, digest)
+    owner = fleet.owner(digest)
+    _wait_half_fetched(owner)
+    assert owner.pid is not None
+    os.killpg(owner.pid, signal.SIGSTOP)
+    try:
+        followed = [pull for pull in pulls if not pull.url.startswith(owner.url)]
+        bound = time.monotonic() + 30  # half the peer read timeout
+        for pull in followed:
+            pull.thread.join(timeout=max(0.0, bound - time.monotonic()))
+        assert not any(pull.thread.is_alive() for pull in followed), "followers still wait for a hung owner"
+        assert all(pull.error is not None and pull.received < SIZE for pull in followed)
+        follower = next(replica for replica in fleet.replicas if replica is not owner)
+        retry = httpx.get(f"{follower.url}/v2/library/app/blobs/{digest}", timeout=60)
+        assert retry.status_code == 200 and retry.content == data
+        assert _upstream_gets(fleet, digest) == 2
+    finally:
+        os.killpg(owner.pid, signal.SIGCONT)
+    for pull in pulls:  # the owner's own clients resume once it does
+        pull.join()
+    assert all(pull.digest == digest for pull in pulls if pull.url.startswith(owner.url))
 
 
 def test_an_owner_dying_mid_download_aborts_every_client_and_a_retry_takes_over(fleet: Fleet) -> None:

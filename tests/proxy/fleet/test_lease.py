@@ -104,6 +104,25 @@ def test_a_holder_whose_lease_was_taken_over_notices_and_leaves_it(server: Redis
     asyncio.run(main())
 
 
+def test_a_lease_that_vanished_with_redis_is_taken_again_by_its_holder(server: RedisServer) -> None:
+    async def main() -> None:
+        a = _leases(server.url, A, ttl=2.0, renew_every=0.1)
+        digest = DIGEST[:-1] + "4"
+        _, held = await a.claim(digest)
+        assert isinstance(held, Lease)
+        await a._redis.flushall()  # as a Redis restarted without persistence
+        for _ in range(40):
+            if await a.holder(digest) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert await a.holder(digest) == Holder(A.id, A.url)
+        assert not held.lost
+        await held.release()
+        await a.aclose()
+
+    asyncio.run(main())
+
+
 def test_without_redis_each_replica_fetches_alone_and_asks_again_after_a_pause() -> None:
     async def main() -> None:
         with RedisServer(start=False) as down:

@@ -12,14 +12,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 import redis
 from anyio.from_thread import start_blocking_portal
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from proxy.config import Config, Coordination, UpstreamConfig
-from proxy.fleet.peer import BLOB_PATH, Fleet, PeerClient
+from proxy.fleet.peer import BLOB_PATH, Fleet, PeerClient, authenticate
 from proxy.fleet.peers import HEADER, PeerCredentials, Replica
 from proxy.http.app import create_app
 from proxy.ops.metrics import FetchedBy, Snapshot, collected
@@ -278,3 +282,28 @@ def test_a_peer_request_reaching_another_worker_follows_the_download_running_in_
     assert (results["client"].status_code, results["client"].content == data) == (200, True)
     assert (results["peer"].status_code, results["peer"].content == data) == (200, True)
     assert upstream.asked().count(("GET", f"/v2/team/app/blobs/{digest}")) == 1
+
+
+def test_a_peer_client_request_authenticates_on_any_path_with_its_query() -> None:
+    """What forwarding (hosted uploads) relies on: the credential covers the path and query as sent."""
+    ours = PeerCredentials(SECRET, Replica("a-1-x", "http://a.test"))
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(authenticate(request, ours) + " " + (await request.body()).decode())
+
+    app = Starlette(routes=[Route("/v2/{rest:path}", echo, methods=["GET", "PATCH", "PUT"])])
+    sender = PeerClient(PeerCredentials(SECRET, Replica("b-2-y", "http://b.test")), transport=httpx.ASGITransport(app))
+
+    async def main() -> list[tuple[int, str]]:
+        answers = []
+        for method, path in [
+            ("PATCH", "/v2/team/app/blobs/uploads/b-2-y.u1"),
+            ("PUT", "/v2/team/app/blobs/uploads/b-2-y.u1?digest=sha256%3Aab&x=a%20b"),
+        ]:
+            response = await sender.send(method, "http://a.test", path, content=b"chunk")
+            await response.aread()
+            answers.append((response.status_code, response.text))
+        await sender.aclose()
+        return answers
+
+    assert anyio.run(main) == [(200, "b-2-y chunk"), (200, "b-2-y chunk")]
