@@ -312,3 +312,18 @@ def test_cache_du_and_ls_from_another_replica_show_the_fleets_hosted_content(rep
     held = len(EMPTY_CONFIG) + len(layer) + len(image_manifest(layer))  # pushed through A
     assert line.startswith(f"hosted      {format_size(held)} of"), line
     assert "acme/app:v1" in run("cache", "ls")
+
+
+def test_a_forwarded_patch_over_the_quota_gets_the_owners_403_and_keeps_the_upload_as_it_was(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas(max_size="1MiB")
+    with httpx.Client(base_url=a.url, timeout=60) as on_a, httpx.Client(base_url=b.url, timeout=60) as on_b:
+        location = on_a.post("/v2/acme/app/blobs/uploads/").headers["Location"]
+        assert on_b.patch(location, content=b"k" * 1000).status_code == 202
+        chunks = (b"x" * 65536 for _ in range(64))  # 4 MiB, refused part way by A
+        refused = on_b.patch(location, content=chunks, headers={"Content-Range": "1000-4195303"})
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["errors"][0]["detail"]["quota"] == "max_size"
+        status = on_b.get(location)
+        assert (status.status_code, status.headers["Range"]) == (204, "0-999")
