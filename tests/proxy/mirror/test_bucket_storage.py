@@ -45,12 +45,14 @@ def replica(
     redis_server: RedisServer,
     access: Any = (),
     args: tuple[str, ...] = (),
+    pins: tuple[str, ...] = (),
     **storage: Any,
 ) -> Proxy:
     """A replica with an empty local directory of its own, on the shared bucket and Redis."""
     return Proxy(
         {
             "access": list(access) or None,
+            "pin": [{"image": image} for image in pins] or None,
             "cache": {"local_max_size": "256MiB"},
             "upstream": [{"name": "docker.io", "url": upstream.url, "default": True}],
             "storage": {
@@ -256,3 +258,18 @@ def test_the_cache_commands_work_from_any_replica(upstream: FaultyRegistry, monk
             _restart(weed, f"cache/manifests/sha256/{kept_manifest[7:]}")
             assert pullproxy(other, "cache", "verify").returncode == 0
             assert pullproxy(other, "cache", "du").stdout.splitlines()[1].split()[-2:] == ["in", "2"]
+
+
+def test_pins_set_by_one_replica_keep_the_content_in_the_bucket_for_all(
+    upstream: FaultyRegistry, weed: SeaweedFS, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in weed.environment().items():
+        monkeypatch.setenv(name, value)
+    manifest, blobs = upstream.add_image("acme/pinned", "1", layer_sizes=[30 << 10])
+    pinner = replica(upstream, weed, redis_server, pins=("docker.io/acme/pinned:1",))
+    with pinner, replica(upstream, weed, redis_server) as other:
+        pullproxy(pinner, "prefetch")
+        entries = {line.split()[0]: line for line in pullproxy(other, "cache", "du").stdout.splitlines()}
+        assert entries["pinned"].split()[-2:] == ["in", "3"]
+        assert pull(other, "acme/pinned", manifest, blobs)[blobs[1]] == upstream.blob(blobs[1])
+    assert upstream.gets(blobs[1]) == 1  # fetched by the prefetch, served to the other from the bucket
