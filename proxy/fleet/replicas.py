@@ -132,7 +132,10 @@ class ReplicaRegistry:
     async def run(self) -> None:
         """Beat every `HEARTBEAT` seconds until cancelled."""
         while True:
-            await self.beat()
+            try:
+                await self.beat()
+            except Exception:  # e.g. a Redis answering errors: keep beating, the next one may do
+                log.exception("heartbeat failed")
             await asyncio.sleep(HEARTBEAT)
 
     async def leave(self) -> None:

@@ -186,7 +186,8 @@ def _fleet(
 
     async def write_pending() -> None:  # links learnt while Redis was away
         if meta.pending:
-            await to_thread.run_sync(meta.write_pending)
+            with contextlib.suppress(MetadataUnavailable):  # away again: the next heartbeat retries
+                await to_thread.run_sync(meta.write_pending)
 
     return replicas.ReplicaRegistry(client, replica, meta.health, write_pending)
 
