@@ -60,8 +60,12 @@ EVICTOR_WAIT = 10.0  # how long a process waits for another's eviction before it
 FLIGHT_TTL = 60.0  # a host's published downloads in flight count for this long (it republishes every flush)
 TOUCH_BATCH = 1000  # keys per touch script call
 FETCH_CHUNK = 1 << 20  # bytes per read of an object streamed into the local tier
+REQUEST_TIMEOUT = timedelta(hours=1)  # a whole request, body included
+READ_TIMEOUT = timedelta(seconds=30)  # no byte for this long: the transfer has stalled
 UPLOAD_CONCURRENCY = 4  # parts of one multipart upload in flight (5 MiB each)
 WARN_EVERY = 30.0  # seconds between warnings about the same unreachable service
+LISTING_TTL = 30.0  # how long a listing of the bucket stands in for the index (Redis down)
+REBUILD_TTL_MS = 600_000  # the lock of the replica rebuilding a lost index
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -145,7 +149,8 @@ return 0
 
 def open_bucket(endpoint: str, bucket: str, region: str, access_key: str | None, secret_key: str | None) -> S3Store:
     """The S3 client for `[storage]`: an outage fails a request in a fraction of a second (a few quick
-    retries), not after obstore's default three minutes, so callers answer 503 while it lasts."""
+    retries), not after obstore's default three minutes, so callers answer 503 while it lasts; a
+    transfer may take long, but not stall."""
     credentials: dict[str, Any] = {}
     if access_key is not None and secret_key is not None:
         credentials = {"access_key_id": access_key, "secret_access_key": secret_key}
@@ -154,7 +159,14 @@ def open_bucket(endpoint: str, bucket: str, region: str, access_key: str | None,
         endpoint=endpoint,
         region=region,
         virtual_hosted_style_request=False,
-        client_options={"allow_http": endpoint.startswith("http://"), "connect_timeout": timedelta(seconds=2)},
+        client_options={
+            "allow_http": endpoint.startswith("http://"),
+            "connect_timeout": timedelta(seconds=2),
+            # obstore's default bounds a whole request by 30 s, body included: a large layer's GET
+            # takes longer. A stalled transfer is caught by the read timeout instead.
+            "timeout": REQUEST_TIMEOUT,
+            "read_timeout": READ_TIMEOUT,
+        },
         retry_config={
             "max_retries": 2,
             "retry_timeout": timedelta(seconds=5),
@@ -219,6 +231,7 @@ class BucketContentStore:
         base = f"pullproxy:{prefix}"
         self._sizes, self._used, self._pins = base + "sizes", base + "used", base + "pins"
         self._volume, self._evictor, self._flight = base + "volume", base + "evictor", base + "flight"
+        self._indexed = base + "indexed"  # set once the index holds every object of the bucket
         self._host = _host_id(local_dir)
         self._add = redis.register_script(_ADD)
         self._remove = redis.register_script(_REMOVE)
@@ -232,6 +245,7 @@ class BucketContentStore:
         self._lock = threading.Lock()
         self._fetches: dict[str, threading.Lock] = {}  # digest -> the lock of its fetch into the local tier
         self._warned: dict[str, float] = {}
+        self._listed: tuple[float, list[tuple[str, int, float]]] | None = None  # (when, what)
 
     @property
     def max_size(self) -> int:
@@ -356,6 +370,7 @@ class BucketContentStore:
             keys, self._touched = self._touched, set()
         try:
             self._publish_in_flight(self.in_flight())
+            self._rebuild_if_lost()
             missing: list[str] = []
             ordered = sorted(keys)
             now = time.time()
@@ -373,6 +388,32 @@ class BucketContentStore:
                 else:  # stored but not indexed (Redis lost it): indexed again
                     self._reindex(key)
         return len(keys)
+
+    def _rebuild_if_lost(self) -> None:
+        """Blocking: without the marker a complete index leaves (Redis lost its data, or never held this
+        store's), index every object of the bucket, by one replica: an object missing from the index
+        would never be evicted.
+
+        Last uses are the objects' upload times. Entries added meanwhile are counted once (`_ADD`).
+        """
+        if self.redis.exists(self._indexed):
+            return
+        token = secrets.token_hex(8)
+        lock = self._indexed + ":rebuilding"
+        if not self.redis.set(lock, token, nx=True, px=REBUILD_TTL_MS):
+            return
+        try:
+            listed = self._listing(fresh=True)
+            log.info("indexing the bucket's content again", prefix=self.prefix, entries=len(listed))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, size, modified in listed:
+                    self._add(keys=[self._sizes, self._used, self._volume], args=[key, size, modified], client=pipe)
+                pipe.set(self._indexed, time.time())
+                pipe.execute()
+        except StoreUnavailable:
+            pass  # tried again on the next flush
+        finally:
+            self._release(keys=[lock], args=[token])
 
     def make_room(self, in_flight: int) -> int:
         """Blocking: evict fleet-wide until the bucket's content and every host's downloads fit in max_size;
@@ -401,6 +442,9 @@ class BucketContentStore:
         if self._limit is None:
             return UNBOUNDED
         demand = in_flight + self._publish_in_flight(in_flight)
+        left = self._limit - int(self.redis.get(self._volume) or 0) - demand
+        if left >= 0:  # the common case: no lock, no eviction
+            return left
         pinned = int(self._pinned_volume(keys=[self._sizes, self._pins]))
         if self._limit - pinned - demand < 0:
             return self._limit - pinned - demand
@@ -624,8 +668,13 @@ class BucketContentStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
 
-    def _listing(self) -> list[tuple[str, int, float]]:
-        """Blocking: (key, size, last modified) of every object under the prefix."""
+    def _listing(self, fresh: bool = False) -> list[tuple[str, int, float]]:
+        """Blocking: (key, size, last modified) of every object under the prefix; a listing up to
+        `LISTING_TTL` old unless `fresh` (while Redis is down, the metrics ask every few seconds)."""
+        with self._lock:
+            kept = self._listed
+        if not fresh and kept is not None and time.monotonic() - kept[0] < LISTING_TTL:
+            return kept[1]
 
         def listed() -> list[tuple[str, int, float]]:
             found = []
@@ -636,7 +685,10 @@ class BucketContentStore:
                         found.append((key, int(meta["size"]), meta["last_modified"].timestamp()))
             return found
 
-        return self._call(Operation.LIST, listed)
+        found = self._call(Operation.LIST, listed)
+        with self._lock:
+            self._listed = (time.monotonic(), found)
+        return found
 
     def _call(self, operation: Operation, request: Callable[[], T]) -> T:
         """One object store request, timed; an unreachable or refusing store raises `StoreUnavailable`.

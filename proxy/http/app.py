@@ -19,7 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache import flight
-from cache.storage import ContentStore, StoreUnavailable
+from cache.redis_meta import RedisMetadata
+from cache.storage import ContentStore, MetadataUnavailable, StoreUnavailable
 from proxy import config as configuration
 from proxy import errors
 from proxy.access.gate import Gate
@@ -27,7 +28,7 @@ from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
-from proxy.fleet import peers
+from proxy.fleet import peers, replicas
 from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
@@ -60,6 +61,11 @@ async def _download_failed(request: Request, exc: Exception) -> Response:
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
     """The shared object store is unreachable ([storage] backend = "s3"): 503, retry later; nothing was lost."""
     return await _registry_error(request, errors.unavailable(f"the cache's object store is unavailable: {exc}"))
+
+
+async def _metadata_unavailable(request: Request, exc: Exception) -> Response:
+    """The fleet's Redis is away where no fallback exists (most paths have one): 503."""
+    return await _registry_error(request, errors.unavailable(str(exc)))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -113,6 +119,9 @@ def create_app(
                 tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
             if hosted is not None:
                 tasks.append(asyncio.create_task(_collect_garbage(hosted)))
+            app.state.fleet = fleet = _fleet(config, mirror.meta)
+            if fleet is not None:
+                tasks.append(asyncio.create_task(fleet.run()))
             log.info(
                 "serving",
                 cache=str(config.cache_dir),
@@ -126,6 +135,8 @@ def create_app(
                     task.cancel()
                 if forwarder is not None:
                     await forwarder.aclose()
+                if fleet is not None:
+                    await fleet.leave()
                 if hosted is not None:
                     await to_thread.run_sync(hosted.close)
                 metrics.worker_stopped()
@@ -137,11 +148,27 @@ def create_app(
             errors.RegistryError: _registry_error,
             flight.DownloadFailed: _download_failed,
             StoreUnavailable: _store_unavailable,
+            MetadataUnavailable: _metadata_unavailable,
             HTTPException: _http_error,
             Exception: _unexpected,
         },
         lifespan=lifespan,
     )
+
+
+def _fleet(config: configuration.Config, meta: object) -> replicas.ReplicaRegistry | None:
+    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis."""
+    if config.coordination is None:
+        return None
+    client = replicas.connect(config.coordination.redis)
+    if not isinstance(meta, RedisMetadata):
+        return replicas.ReplicaRegistry(client, peers.this_replica(config))
+
+    async def write_pending() -> None:  # links learnt while Redis was away
+        if meta.pending:
+            await to_thread.run_sync(meta.write_pending)
+
+    return replicas.ReplicaRegistry(client, peers.this_replica(config), meta.health, write_pending)
 
 
 async def _open_hosted(

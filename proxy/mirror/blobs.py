@@ -17,10 +17,12 @@ import contextlib
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from anyio import to_thread
 
+from cache.bucket import BucketContentStore
 from cache.flight import DownloadFailed, DownloadReader, Downloads, Source
 from cache.readers import BlobReader, FileReader
 from cache.storage import ContentStore
@@ -38,6 +40,7 @@ log = structlog.get_logger("pullproxy")
 # so no client can make the mirror open connections to an upstream without bound.
 MAX_RANGE_FETCHES = 8  # in this process
 MAX_RANGE_FETCHES_PER_BLOB = 2
+REDIRECT_EXPIRY = timedelta(minutes=5)  # `[storage] redirect`: how long a presigned URL handed out works
 
 
 class ColdRange:
@@ -66,11 +69,14 @@ class Blob:
 
 
 class Blobs:
-    def __init__(self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links) -> None:
+    def __init__(
+        self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links, redirect: bool = False
+    ) -> None:
         self.store = store
         self.upstreams = upstreams
         self.downloads = downloads
         self.links = links
+        self._presigning = store if redirect and isinstance(store, BucketContentStore) else None
         self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
 
     async def open(self, route: Route, digest: str) -> Blob:
@@ -90,6 +96,18 @@ class Blobs:
             await self._ensure_held(route, digest, found.reader)  # the download may be another repository's
             return Blob(found.reader, found.size, Outcome.JOINED if found.joined else Outcome.MISS)
         raise errors.unavailable(f"blob {digest} could not be read from the cache")
+
+    async def redirect(self, route: Route, digest: str) -> str | None:
+        """`[storage] redirect`: a presigned URL of the blob's object in the bucket, valid for
+        `REDIRECT_EXPIRY`, once `route`'s repository is known to hold it; None: serve it here (not in
+        the bucket, the bucket unreachable, or no redirects)."""
+        if self._presigning is None:
+            return None
+        parsed(digest)
+        url = await to_thread.run_sync(self._presigning.presigned_url, digest, REDIRECT_EXPIRY)
+        if url is not None:
+            await self.links.ensure(route, digest, blob=True)
+        return url
 
     @staticmethod
     def at_hand(blob: Blob, end: int) -> bool:

@@ -21,6 +21,7 @@ from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 from proxy.config import Backend, Config
+from proxy.fleet.metadata import open_metadata
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
@@ -45,7 +46,13 @@ class Mirror:
 
     @classmethod
     def build(
-        cls, store: ContentStore, meta: Metadata, upstreams: Upstreams, tag_ttl: float, offline: bool = False
+        cls,
+        store: ContentStore,
+        meta: Metadata,
+        upstreams: Upstreams,
+        tag_ttl: float,
+        offline: bool = False,
+        redirect: bool = False,
     ) -> Mirror:
         links = Links(meta, upstreams)
         downloads = Downloads(store)
@@ -57,7 +64,7 @@ class Mirror:
             downloads=downloads,
             links=links,
             manifests=manifests,
-            blobs=Blobs(store, upstreams, downloads, links),
+            blobs=Blobs(store, upstreams, downloads, links, redirect),
             tags=Tags(meta, upstreams, offline),
             referrers=Referrers(meta, upstreams, manifests, links, tag_ttl),
         )
@@ -71,7 +78,7 @@ def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     else:
         store = DiskContentStore(config.cache_dir, config.max_size)
     try:
-        return store, DiskMetadata(config.cache_dir)  # TODO(issue 14): RedisMetadata (h14-meta) with backend = "s3"
+        return store, open_metadata(config) or DiskMetadata(config.cache_dir)
     except BaseException:
         store.close()
         raise
@@ -113,7 +120,10 @@ async def open_mirror(
     store, meta = await to_thread.run_sync(open_storage, config)
     upstreams = Upstreams(config.upstreams, offline=config.offline, transports=transports)
     try:
-        yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)
+        mirror = Mirror.build(
+            store, meta, upstreams, config.tag_ttl, offline=config.offline, redirect=config.storage.redirect
+        )
+        yield Router(config.upstreams), mirror
     finally:
         await upstreams.aclose()
         await to_thread.run_sync(store.flush_touches)

@@ -116,6 +116,19 @@ def test_a_blob_stored_by_one_replica_is_found_by_another_from_the_bucket(stores
     assert two.has_blob(digest) and one.volume() == two.volume() == 1100 and two.count() == 1
 
 
+def test_a_blob_larger_than_one_upload_part_is_stored_whole(stores: Factory) -> None:
+    one, two = stores(), stores()
+    data = os.urandom(12 << 20)  # a multipart upload of three parts
+    digest = put(one, data)
+    assert read(two.find_blob(digest)) == data
+
+
+def test_a_transfer_is_bounded_by_stalls_not_by_obstores_30_second_request_timeout(weed: SeaweedFS) -> None:
+    options = open_bucket(weed.endpoint, weed.bucket, "us-east-1", "k", "s").client_options
+    assert options is not None  # as obstore reports them back
+    assert (options.get("timeout"), options.get("read_timeout")) == ("1h", "30s")
+
+
 def test_the_replica_that_stored_a_blob_keeps_the_verified_file_as_its_local_copy(stores: Factory) -> None:
     store = stores()
     digest, staged = blob(store, b"abc" * 10)
@@ -279,9 +292,25 @@ def test_what_is_stored_while_redis_is_unreachable_is_indexed_when_next_found(st
 def test_a_lost_index_is_rebuilt_from_the_bucket_as_entries_are_found(stores: Factory) -> None:
     one = stores()
     digest = put(one, b"l" * 40)
-    one.redis.delete(one._sizes, one._used, one._volume)  # Redis restarted without its data
+    one.flush_touches()
+    one.redis.delete(one._sizes, one._used, one._volume)  # lost, but not the marker: nothing listed
     two = stores()
+    assert two.flush_touches() == 0 and two.volume() == 0
     assert read(two.find_blob(digest)) == b"l" * 40 and two.volume() == 40
+
+
+def test_an_index_redis_lost_is_rebuilt_from_a_listing_so_everything_stays_evictable(stores: Factory) -> None:
+    one = stores(max_size=1000)
+    first, second = put(one, b"1" * 300), put(one, b"2" * 300)
+    one.flush_touches()
+    for key in one.redis.scan_iter(f"pullproxy:{one.prefix}*"):  # Redis restarted without its data
+        one.redis.delete(key)
+    third = put(one, b"3" * 300)  # stored before any replica noticed
+    assert one.count() == 1
+    stores().flush_touches()  # another replica notices and lists the bucket
+    assert one.count() == 3 and one.volume() == 900
+    put(one, b"4" * 300)  # over max_size: an old upload goes (times of a second), though nobody used it since
+    assert [in_bucket(one, digest) for digest in (first, second)].count(False) == 1 and in_bucket(one, third)
 
 
 def test_with_the_bucket_unreachable_local_copies_serve_and_the_rest_is_unavailable(

@@ -12,6 +12,7 @@ import pytest
 
 from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.meta import DiskMetadata
+from cache.redis_meta import RedisMetadata, connect
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 from tests.support.ports import free_port
@@ -27,6 +28,7 @@ from obstore.store import S3Store
 
 from cache.bucket import BucketContentStore
 from cache.meta import DiskMetadata
+from cache.redis_meta import RedisMetadata, connect
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 
@@ -41,6 +43,10 @@ def bucket_content(bucket: S3Store, index: redis.Redis, directory: Path) -> Cont
 
 def metadata(directory: Path) -> Metadata:
     return DiskMetadata(directory)
+
+
+def shared_metadata(url: str) -> Metadata:
+    return RedisMetadata(connect(url))
 """
 
 
@@ -74,9 +80,20 @@ def test_the_bucket_store_has_every_member_of_the_content_protocol(tmp_path: Pat
         store.close()
 
 
+def test_redis_metadata_is_metadata() -> None:
+    meta = RedisMetadata(connect("redis://127.0.0.1:1/0"))  # no connection is made before a call
+    assert isinstance(meta, Metadata) and not isinstance(meta, ContentStore)
+    meta.close()
+
+
 @pytest.mark.parametrize(
     ("protocol", "concrete"),
-    [(ContentStore, DiskContentStore), (ContentStore, BucketContentStore), (Metadata, DiskMetadata)],
+    [
+        (ContentStore, DiskContentStore),
+        (ContentStore, BucketContentStore),
+        (Metadata, DiskMetadata),
+        (Metadata, RedisMetadata),
+    ],
 )
 def test_each_method_takes_the_parameters_its_protocol_names(protocol: type, concrete: type) -> None:
     for name in members(protocol):
