@@ -22,6 +22,7 @@ from typing import BinaryIO
 from urllib.parse import urlencode
 
 import httpx
+import structlog
 from anyio import to_thread
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
@@ -43,6 +44,7 @@ from proxy.mirror import Mirror
 from proxy.ops import metrics
 from proxy.routing import Router, valid_name
 
+log = structlog.get_logger("pullproxy")
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_PAGE = 10000
 PEER_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a PUT's answer waits for the digest check and the store
@@ -103,6 +105,11 @@ class Forwarder:
     def __init__(self, coordination: Coordination, replica: peers.Replica) -> None:
         self.credentials = peers.PeerCredentials(coordination.peer_secret, replica)
         self._client = httpx.AsyncClient(timeout=PEER_TIMEOUT, follow_redirects=False, trust_env=False)
+        if not self.credentials.enabled:
+            log.warning(
+                "no [coordination] peer_secret: a hosted upload's requests that reach another replica"
+                " than the one staging it are answered 503"
+            )
 
     def trusts(self, request: Request) -> bool:
         """Whether the request carries a valid peer credential made for its method and path."""

@@ -218,6 +218,7 @@ def test_without_a_peer_secret_an_upload_on_another_replica_is_503_and_kept(repl
         refused = on_b.patch(location, content=b"x")
         assert refused.status_code == 503 and "peer_secret" in refused.text
         assert on_a.patch(location, content=b"x").status_code == 202
+    assert "no [coordination] peer_secret" in b.log_text()  # said at start, once per process
 
 
 def test_quotas_count_what_both_replicas_hold(replicas: Replicas) -> None:
