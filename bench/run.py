@@ -32,6 +32,7 @@ import httpx
 
 from bench import client as blob_client
 from bench import loadgen, profile
+from bench.fleet import FleetBench
 from bench.system import (
     AccessEntry,
     RssSampler,
@@ -50,6 +51,7 @@ from tests.support.registry import REGISTRY_BIN, Registry
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 SCENARIOS = ("cold-herd", "cold-single", "cold-range", "warm", "rps")
+FLEET_SCENARIOS = ("fleet-herd", "fleet-warm")  # bench/fleet.py: only when asked (SeaweedFS, Redis, haproxy)
 PP, ANCHOR, PP_W = "pullproxy", "anchor", "pullproxy_workers"
 ACCEPT = ", ".join(MANIFEST_ACCEPT)
 
@@ -73,6 +75,8 @@ class Options:
     profile_native: bool = False
     keep: bool = False
     quick: bool = False
+    fleet_clients: int = 48
+    fleet_blob_size: int = 64 * MiB
 
 
 def parse_size(text: str) -> int:
@@ -115,12 +119,14 @@ def parse_args(argv: list[str] | None) -> Options:
         help="after the measured runs, profile pullproxy with py-spy during an extra warm/rps run",
     )
     p.add_argument("--profile-native", action="store_true", help="with --profile: include C frames (py-spy --native)")
+    p.add_argument("--fleet-clients", type=int, default=48, help="clients of the fleet cold herd (default 48)")
+    p.add_argument("--fleet-blob-size", default="64MiB", help="blob size of the fleet scenarios (default 64MiB)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, caches) for inspection")
     a = p.parse_args(argv)
     scenarios = tuple(s.strip() for s in a.scenarios.split(",") if s.strip())
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in (*SCENARIOS, *FLEET_SCENARIOS)]
     if unknown:
-        p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join((*SCENARIOS, *FLEET_SCENARIOS))}")
     repeats = a.repeats if a.repeats is not None else (1 if a.quick else 3)
     if repeats < 1 or a.clients < 1 or a.rps_connections < 1:
         p.error("--repeats, --clients and --rps-connections must be positive")
@@ -139,6 +145,8 @@ def parse_args(argv: list[str] | None) -> Options:
         profile_native=a.profile_native,
         keep=a.keep,
         quick=a.quick,
+        fleet_clients=a.fleet_clients,
+        fleet_blob_size=parse_size(a.fleet_blob_size),
     )
 
 
@@ -980,7 +988,9 @@ def main(argv: list[str] | None = None) -> int:
                 "warm": bench.warm,
                 "rps": bench.rps,
             }
-            for name in SCENARIOS:
+            fleet = FleetBench(bench)
+            steps.update({"fleet-herd": fleet.cold_herd, "fleet-warm": fleet.warm})
+            for name in (*SCENARIOS, *FLEET_SCENARIOS):
                 if name in opts.scenarios:
                     bench.measure_foreign(name, steps[name])
             say("stopping servers")

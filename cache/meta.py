@@ -130,6 +130,10 @@ class DiskMetadata:
                 with self._lock:
                     self._links[(upstream, repo, digest)] = max(level, stored)
 
+    def claim_tag_check(self, upstream: str, repo: str, tag: str, checked_at: float, seconds: float) -> bool:
+        """Always: one host's workers each check (one request per worker), as before."""
+        return True
+
     def known_tags(self, upstream: str, repo: str) -> list[str]:
         """Blocking: tags this cache has seen, for answering `tags/list` while offline."""
         return list(self._tag_list(upstream, repo))

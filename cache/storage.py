@@ -2,10 +2,10 @@
 
 The mirror, the downloads, pins, archive import, the inventory and the commands use storage
 only through these two Protocols; `proxy.mirror.mirror.open_storage` is the one place that
-chooses and builds an implementation. Today that is `cache.store.DiskContentStore` and
+chooses and builds an implementation: `cache.store.DiskContentStore` and
 `cache.meta.DiskMetadata` over diskcache's SQLite (whose internals only `cache.diskcache_sql`
-touches). A store on shared object storage (S3 for content, Redis for the index and the
-records) implements the same methods; each docstring below says how.
+touches), or with `[storage] backend = "s3"` `cache.bucket.BucketContentStore` (content in a
+shared bucket, its index in Redis); each docstring below says how a shared store fits.
 
 Conventions every implementation keeps:
 
@@ -35,6 +35,14 @@ EXPANDED = 2  # a manifest whose referenced digests are recorded as linked too
 
 class IncompleteFile(Exception):
     """A staged file does not hold the bytes that were verified: it is not stored."""
+
+
+class StoreUnavailable(Exception):
+    """The shared object store cannot be reached now: nothing was stored or removed, retrying later may help."""
+
+
+class MetadataUnavailable(Exception):
+    """The shared metadata (Redis) cannot be reached now: callers fall back to the upstream or to memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,11 @@ class ContentStore(Protocol):
         """
         ...
 
+    def stored_path(self, digest: str) -> str | None:
+        """Blocking: the stored file of `digest` as it is, for a verification that reports damage
+        rather than repairing it (never removed here, whatever its size)."""
+        ...
+
     def forget_path(self, digest: str) -> None:
         """Memory only: the remembered file is gone (evicted by another process); drop it."""
         ...
@@ -256,6 +269,15 @@ class Metadata(Protocol):
 
     def remove_tag(self, upstream: str, repo: str, tag: str) -> None:
         """Blocking. A running server may still answer from its memory until `tag_ttl` has passed."""
+        ...
+
+    def claim_tag_check(self, upstream: str, repo: str, tag: str, checked_at: float, seconds: float) -> bool:
+        """Blocking: whether this process asks the upstream about `tag`, whose record of `checked_at` is stale.
+
+        False while another process (a replica of the fleet) asks it, for at most `seconds`:
+        its answer then shows in `find_tag`. So a tag is checked once per `tag_ttl` for the
+        whole fleet. Claims are per record, so none needs releasing. On disk: always True.
+        """
         ...
 
     def known_tags(self, upstream: str, repo: str) -> list[str]:

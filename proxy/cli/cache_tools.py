@@ -21,6 +21,7 @@ from proxy import references
 from proxy.cli.progress import Progress
 from proxy.config import Config
 from proxy.hosted.names import HostedNames
+from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import Damaged, HostedRepositories
 from proxy.mirror.mirror import open_storage
 from proxy.routing import Router, canonical
@@ -68,9 +69,10 @@ def ls(config: Config) -> int:
 def _hosted_rows(config: Config) -> list[tuple[str, str, str, str, str]]:
     """The tags of hosted repositories, named as pushed and marked `hosted`."""
     directory = config.cache_dir / "hosted"
-    if config.hosted is None or not directory.is_dir():
+    if config.hosted is None or (config.coordination is None and not directory.is_dir()):
         return []
-    hosted = HostedRepositories(config.hosted, directory)
+    hosted = open_hosted(config)
+    assert hosted is not None
     try:
         images = hosted.images()
     finally:
@@ -98,6 +100,13 @@ def du(config: Config) -> int:
     if config.hosted is not None:
         hosted = config.cache_dir / "hosted"
         used = inventory.directory_size(hosted) if hosted.exists() else 0
+        if config.coordination is not None:  # the fleet's, as [hosted] max_size counts it
+            repositories = open_hosted(config)
+            assert repositories is not None
+            try:
+                used = repositories.in_use()
+            finally:
+                repositories.close()
         print(f"hosted      {format_size(used)} of {format_size(config.hosted.max_size)} (pushed, never evicted)")
     return 0
 

@@ -21,6 +21,7 @@ from proxy.cli.progress import Progress
 from proxy.config import Config
 from proxy.hosted import transfer
 from proxy.hosted.names import HostedNames
+from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import HostedRepositories
 from proxy.images import pinning, pull
 from proxy.mirror import Blob, Mirror, open_mirror
@@ -92,10 +93,9 @@ class _Hosted:
     async def open(self) -> HostedRepositories:
         if self._opened is None:
             assert self._config.hosted is not None
-            directory = self._config.cache_dir / "hosted"
-            self._opened = await to_thread.run_sync(
-                HostedRepositories, self._config.hosted, directory, self._mirror.store.find_blob
-            )
+            opened = await to_thread.run_sync(open_hosted, self._config, self._mirror.store.find_blob)
+            assert opened is not None
+            self._opened = opened
         return self._opened
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
+from cache.storage import MetadataUnavailable, StoreUnavailable
 from proxy import config as configuration
 from proxy import errors, references, tls
 from proxy.cli import cache_tools as cli_cache
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(args.run(args, config))
     except errors.RegistryError as exc:  # e.g. an image of a registry that is not configured
         sys.exit(f"pullproxy: {exc.message}")
+    except (StoreUnavailable, MetadataUnavailable) as exc:  # the fleet's bucket or Redis is down
+        sys.exit(f"pullproxy: {exc}")
     except OSError as exc:  # e.g. an archive in a folder that does not exist
         where = f"{exc.filename}: " if exc.filename else ""
         sys.exit(f"pullproxy: {where}{exc.strerror or exc}")

@@ -1,7 +1,8 @@
 """`pullproxy gc [--dry-run]`: garbage collection of hosted repositories, beside the server's automatic one.
 
 Safe while the server runs: `HostedRepositories.collect` holds the index's write lock, which
-every worker's upload completion and manifest push take too.
+every worker's upload completion and manifest push take too (with `[coordination]`, every
+replica's: the lock is in Redis).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from proxy.config import Config
-from proxy.hosted.repository import HostedRepositories
+from proxy.hosted.opening import open_hosted
 from proxy.units import format_size
 
 
@@ -17,7 +18,8 @@ def command(config: Config, dry_run: bool) -> int:
     if config.hosted is None:
         print("pullproxy: there are no hosted repositories ([hosted] is not configured)", file=sys.stderr)
         return 2
-    hosted = HostedRepositories(config.hosted, config.cache_dir / "hosted")
+    hosted = open_hosted(config)
+    assert hosted is not None
     try:
         collected = hosted.collect(dry_run)
     finally:

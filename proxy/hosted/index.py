@@ -1,6 +1,9 @@
 """What each hosted repository holds: blobs, manifests (bodies included), tags, referrers, uploads.
 
-One SQLite file in WAL mode with `synchronous=FULL`, shared by the server's workers and the
+`HostedIndex` is what `HostedRepositories` asks of it; `Index` (here) keeps it in SQLite for
+one host, `proxy.hosted.redis_index.RedisIndex` in Redis for a fleet of replicas.
+
+`Index`: one SQLite file in WAL mode with `synchronous=FULL`, shared by the server's workers and the
 commands: a push is acknowledged only after its transaction is on disk, so `kill -9` or a
 power loss loses nothing acknowledged, and what was not committed is not visible. Writes that
 must not interleave with garbage collection (a blob moved into the store and linked, a
@@ -20,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos(name TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -36,6 +40,7 @@ CREATE INDEX IF NOT EXISTS refs_by_manifest ON refs(repo, manifest);
 CREATE INDEX IF NOT EXISTS refs_by_digest ON refs(repo, digest);
 CREATE TABLE IF NOT EXISTS tags(repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(repo, tag));
 CREATE TABLE IF NOT EXISTS uploads(id TEXT PRIMARY KEY, repo TEXT NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS holds(upload TEXT PRIMARY KEY, digest TEXT NOT NULL);
 """
 
 
@@ -45,6 +50,125 @@ class StoredManifest:
     media_type: str
     body: bytes
     artifact_type: str | None = None
+
+
+@runtime_checkable
+class HostedIndex(Protocol):
+    """Blobs linked per repository, manifests, tags, referrers and uploads; every method blocks.
+
+    `write()` is the lock garbage collection and pushes share: across processes (SQLite's write
+    lock) or across replicas (a Redis lock). Writes outside it are each atomic on their own.
+    """
+
+    def write(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the write lock for a block; nests (inner ones join the outer)."""
+        ...
+
+    def repositories(self) -> list[str]: ...
+
+    def has_repository(self, repo: str) -> bool: ...
+
+    def repository_count(self) -> int: ...
+
+    def add_repository(self, repo: str) -> None: ...
+
+    def repository_sizes(self) -> list[tuple[str, int, int, int]]:
+        """(name, bytes of its blobs and manifests, tags, manifests) of every repository, by name."""
+        ...
+
+    def blob_size(self, repo: str, digest: str) -> int | None: ...
+
+    def link_blob(self, repo: str, digest: str, size: int) -> None: ...
+
+    def needed_blob(self, repo: str, digest: str, fresh: float) -> int | None:
+        """The size of `digest` if `repo` holds it, its link refreshed unless it was needed since `fresh`."""
+        ...
+
+    def unlink_blob(self, repo: str, digest: str) -> bool: ...
+
+    def linked_digests(self) -> set[str]: ...
+
+    def linking(self, digest: str) -> list[str]:
+        """The repositories that link `digest`, by name."""
+        ...
+
+    def manifest_bodies(self) -> Iterator[tuple[str, str, bytes]]:
+        """(repo, digest, body) of every manifest, for verification."""
+        ...
+
+    def unreferenced_links(self, before: float) -> list[tuple[str, str]]:
+        """(repo, digest) of blobs linked before `before` that no manifest of their repository names."""
+        ...
+
+    def referenced_links(self) -> list[tuple[str, str]]: ...
+
+    def manifest(self, repo: str, reference: str) -> StoredManifest | None:
+        """By digest, or by tag."""
+        ...
+
+    def has_manifest(self, repo: str, digest: str) -> bool: ...
+
+    def manifest_count(self, repo: str) -> int: ...
+
+    def blob_volume(self) -> int:
+        """Bytes of the distinct blobs some repository links."""
+        ...
+
+    def manifest_volume(self) -> int: ...
+
+    def put_manifest(
+        self, repo: str, manifest: StoredManifest, subject: str | None, references: list[str], tag: str | None
+    ) -> None: ...
+
+    def delete_manifest(self, repo: str, digest: str) -> bool:
+        """The manifest, the tags on it and what it references (the blobs stay linked until gc)."""
+        ...
+
+    def tagged(self) -> list[tuple[str, str, str]]:
+        """(repo, tag, manifest digest) of every tag, by repository and tag."""
+        ...
+
+    def delete_tag(self, repo: str, tag: str) -> bool: ...
+
+    def tags(self, repo: str) -> list[str]: ...
+
+    def referrers(self, repo: str, subject: str) -> list[StoredManifest]: ...
+
+    def add_upload(self, upload: str, repo: str, owner: str | None = None) -> None:
+        """An upload started; `owner`: the URL of the replica staging its bytes (None: this host)."""
+        ...
+
+    def upload_repository(self, upload: str) -> str | None: ...
+
+    def upload_owner(self, upload: str) -> str | None:
+        """The URL of the replica staging the upload; None for this host's (or an unknown) upload."""
+        ...
+
+    def set_upload_size(self, upload: str, size: int) -> None:
+        """How many bytes the upload holds now, for `upload_volume`."""
+        ...
+
+    def upload_volume(self) -> int | None:
+        """Bytes of every upload in progress; None: not recorded (count this host's staged files)."""
+        ...
+
+    def hold_blob(self, upload: str, digest: str) -> None:
+        """The upload is storing `digest` (outside `write()`): gc keeps it until the upload is removed."""
+        ...
+
+    def held_digests(self) -> set[str]:
+        """Digests uploads in progress are storing (`hold_blob`)."""
+        ...
+
+    def remove_upload(self, upload: str) -> None:
+        """The upload's record, its size and its hold."""
+        ...
+
+    def uploads(self) -> list[tuple[str, float]]:
+        """(id, start time) of every upload in progress."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Index:
@@ -277,15 +401,33 @@ class Index:
 
     # -- uploads -----------------------------------------------------------------------
 
-    def add_upload(self, upload: str, repo: str) -> None:
+    def add_upload(self, upload: str, repo: str, owner: str | None = None) -> None:
+        """`owner` is not kept: one host stages every upload of its index."""
         self._run("INSERT INTO uploads VALUES (?, ?, ?)", upload, repo, time.time())
 
     def upload_repository(self, upload: str) -> str | None:
         row = self._one("SELECT repo FROM uploads WHERE id = ?", upload)
         return None if row is None else str(row[0])
 
+    def upload_owner(self, upload: str) -> str | None:
+        return None
+
+    def set_upload_size(self, upload: str, size: int) -> None:
+        """Not kept: the staged files are on this host, `upload_volume` says to count them."""
+
+    def upload_volume(self) -> int | None:
+        return None
+
+    def hold_blob(self, upload: str, digest: str) -> None:
+        self._run("INSERT OR REPLACE INTO holds VALUES (?, ?)", upload, digest)
+
+    def held_digests(self) -> set[str]:
+        return {str(row[0]) for row in self._all("SELECT DISTINCT digest FROM holds")}
+
     def remove_upload(self, upload: str) -> None:
-        self._run("DELETE FROM uploads WHERE id = ?", upload)
+        with self.write():
+            self._run("DELETE FROM uploads WHERE id = ?", upload)
+            self._run("DELETE FROM holds WHERE upload = ?", upload)
 
     def uploads(self) -> list[tuple[str, float]]:
         return [(str(i), float(s)) for i, s in self._all("SELECT id, started FROM uploads")]  # type: ignore[arg-type]

@@ -1,6 +1,12 @@
-"""`HostedRepositories`: what clients push, kept in a content store of its own and an `Index`.
+"""`HostedRepositories`: what clients push, kept in a content store of its own and a `HostedIndex`.
 
-The blobs live in a `DiskContentStore` of their own (`<cache dir>/hosted/content`) whose size
+`proxy.hosted.opening.open_hosted` builds both from the configuration: on one host a
+`DiskContentStore` and the SQLite `Index`; in a fleet (`[coordination]`) the `RedisIndex`, and
+with `[storage] backend = "s3"` a bucket store under `hosted/` that never evicts. Uploads are
+staged in this host's `uploads/` either way; in a fleet each upload's record names the replica
+that stages it (`replica_url`), so the others forward its requests there.
+
+On one host the blobs live in a `DiskContentStore` of their own (`<cache dir>/hosted/content`) whose size
 limit is never reached, so nothing hosted is ever evicted: the cache's store could pin them,
 but its pins are replaced wholesale by `[[pin]]` refreshes and count against `[cache]
 max_size`, while hosted content has its own limit (`[hosted] max_size`). Manifests, tags and
@@ -32,11 +38,11 @@ from typing import Any
 from cache import digests, inventory
 from cache import manifests as walker
 from cache.mediatypes import OCI_INDEX
-from cache.storage import BlobFile
+from cache.storage import BlobFile, ContentStore
 from cache.store import DiskContentStore, hard_link
 from proxy import errors, references
 from proxy.config import Hosted
-from proxy.hosted.index import Index, StoredManifest
+from proxy.hosted.index import HostedIndex, Index, StoredManifest
 from proxy.hosted.names import HostedNames
 
 MAX_MANIFEST = 4 << 20
@@ -126,18 +132,33 @@ def upload_unknown(upload: str) -> errors.BlobUploadUnknown:
 
 
 class HostedRepositories:
-    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once."""
+    """`cached`: the cache's file of a digest, if it holds one (`ContentStore.find_blob`), to store a blob once.
 
-    def __init__(self, config: Hosted, directory: Path, cached: Callable[[str], BlobFile | None] | None = None) -> None:
+    `content` and `index` default to one host's (a `DiskContentStore` and the SQLite `Index` in
+    `directory`); given, they are this object's to close. `replica_url`: this replica's URL in a
+    fleet, recorded on the uploads it stages; None on one host.
+    """
+
+    def __init__(
+        self,
+        config: Hosted,
+        directory: Path,
+        cached: Callable[[str], BlobFile | None] | None = None,
+        *,
+        content: ContentStore | None = None,
+        index: HostedIndex | None = None,
+        replica_url: str | None = None,
+    ) -> None:
         self.config = config
         self._cached = cached
+        self.replica_url = replica_url
         self.names = HostedNames(config.repositories)
         directory.mkdir(parents=True, exist_ok=True)
         self.uploads_dir = directory / "uploads"
         self.uploads_dir.mkdir(exist_ok=True)
-        self.content = DiskContentStore(directory, _UNBOUNDED)
+        self.content: ContentStore = DiskContentStore(directory, _UNBOUNDED) if content is None else content
         try:
-            self.index = Index(directory / "index.sqlite")
+            self.index: HostedIndex = Index(directory / "index.sqlite") if index is None else index
         except BaseException:
             self.content.close()
             raise
@@ -150,12 +171,14 @@ class HostedRepositories:
 
     def in_use(self) -> int:
         """Bytes of hosted blobs, manifests and uploads in progress (not the index's own pages)."""
-        uploading = 0
-        for entry in os.scandir(self.uploads_dir):
-            try:
-                uploading += entry.stat().st_size
-            except OSError:
-                continue
+        uploading = self.index.upload_volume()  # a fleet's, recorded as they grow
+        if uploading is None:  # this host's, as staged
+            uploading = 0
+            for entry in os.scandir(self.uploads_dir):
+                try:
+                    uploading += entry.stat().st_size
+                except OSError:
+                    continue
         return self.index.blob_volume() + self.index.manifest_volume() + uploading
 
     def usage(self) -> Usage:
@@ -184,8 +207,19 @@ class HostedRepositories:
         self.check_repository(repo)
         upload = uuid.uuid4().hex
         (self.uploads_dir / upload).touch()
-        self.index.add_upload(upload, repo)
+        self.index.add_upload(upload, repo, self.replica_url)
         return upload
+
+    def upload_owner(self, upload: str) -> str | None:
+        """The URL of the replica staging `upload` if that is another one; None if it is this one or unknown."""
+        if not _UPLOAD_ID.fullmatch(upload):
+            return None
+        owner = self.index.upload_owner(upload)
+        return None if owner is None or owner == self.replica_url else owner
+
+    def grew(self, upload: str, size: int) -> None:
+        """The upload holds `size` bytes now (counted against `max_size` fleet-wide)."""
+        self.index.set_upload_size(upload, size)
 
     def upload_path(self, repo: str, upload: str) -> Path:
         """The file of an upload to `repo` in progress; BLOB_UPLOAD_UNKNOWN otherwise."""
@@ -222,23 +256,40 @@ class HostedRepositories:
             raise errors.DigestInvalid(
                 f"the uploaded bytes have digest {check.actual}, not {digest}", {"digest": digest}
             )
-        with self.index.write():  # no garbage collection between storing and linking
+        try:
+            self.check_repository(repo)
+        except errors.Denied:
+            self._drop_upload(upload, path)
+            raise
+        # Stored outside the write lock (an object store upload may take a while, and the lock is the
+        # fleet's), held meanwhile: gc keeps a held digest, and lists what is stored before the holds.
+        self.index.hold_blob(upload, digest)
+        if not self.content.has_blob(digest):
+            self.content.put_blob(digest, self._shared(digest, size, path), size)
+        with self.index.write():  # no garbage collection between checking and linking
             try:
                 self.check_repository(repo)  # again: another upload may have made the last repository meanwhile
             except errors.Denied:
                 self._drop_upload(upload, path)
                 raise
-            if self.content.has_blob(digest):
-                path.unlink()  # stored once
-            else:
+            if not self.content.has_blob(digest):  # a gc that had not seen the hold removed the copy found
+                if not path.exists():
+                    self._drop_upload(upload, path)
+                    raise errors.unavailable(f"blob {digest} was removed while it was stored: push it again")
                 self.content.put_blob(digest, self._shared(digest, size, path), size)
             self.index.link_blob(repo, digest, size)
             self.index.remove_upload(upload)
+        path.unlink(missing_ok=True)  # stored once
         return size
 
     def _shared(self, digest: str, size: int, uploaded: Path) -> Path:
-        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`."""
-        found = self._cached(digest) if self._cached is not None else None
+        """A hard link to the cache's file of `digest` in place of `uploaded` (removed), else `uploaded`.
+
+        Only when the hosted content is on this disk: in a bucket the two are separate objects
+        anyway, and asking the cache might fetch its object just to link it.
+        """
+        local = isinstance(self.content, DiskContentStore)
+        found = self._cached(digest) if self._cached is not None and local else None
         if found is None or found.size != size:
             return uploaded
         link = uploaded.with_name(uploaded.name + ".cached")
@@ -451,7 +502,7 @@ class HostedRepositories:
         """Drop abandoned uploads, links no manifest needs (older than `upload_ttl`), and unlinked blobs.
 
         Online and safe: it holds the index's write lock, so no upload is linked and no
-        manifest checked against its blobs meanwhile.
+        manifest checked against its blobs meanwhile; a blob an upload is storing (held) stays.
         """
         uploads = self.sweep_uploads(dry_run)
         with self.index.write():
@@ -460,12 +511,15 @@ class HostedRepositories:
             if not dry_run:
                 for repo, digest in stale:
                     self.index.unlink_blob(repo, digest)
+            entries = self.content.entries()  # before the holds: a blob stored after this is not listed
+            if not dry_run:
                 linked = self.index.linked_digests()
             else:
                 still = {(r, d) for r, d in stale}
                 linked = {d for r, d in self._all_links() if (r, d) not in still}
+            linked |= self.index.held_digests()  # uploads storing them outside the lock
             removed = freed = 0
-            for entry in self.content.entries():
+            for entry in entries:
                 if entry.is_manifest or entry.digest in linked:
                     continue
                 if dry_run or self.content.remove(entry.key):

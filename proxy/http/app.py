@@ -19,7 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache import flight
-from cache.storage import ContentStore
+from cache.redis_meta import RedisMetadata
+from cache.storage import ContentStore, MetadataUnavailable, StoreUnavailable
 from proxy import config as configuration
 from proxy import errors
 from proxy.access.gate import Gate
@@ -27,8 +28,11 @@ from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
+from proxy.fleet import peer, peers, replicas
+from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
+from proxy.http.push import Forwarder
 from proxy.http.registry import routes
 from proxy.images import pinning
 from proxy.mirror import open_mirror
@@ -51,6 +55,16 @@ async def _download_failed(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, flight.DownloadFailed)
     if isinstance(exc, flight.NoRoom) and exc.shortage is flight.Shortage.BLOB_TOO_LARGE:
         return await _registry_error(request, errors.bad_upstream(str(exc)))
+    return await _registry_error(request, errors.unavailable(str(exc)))
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """The shared object store is unreachable ([storage] backend = "s3"): 503, retry later; nothing was lost."""
+    return await _registry_error(request, errors.unavailable(f"the cache's object store is unavailable: {exc}"))
+
+
+async def _metadata_unavailable(request: Request, exc: Exception) -> Response:
+    """The fleet's Redis is away where no fallback exists (most paths have one): 503."""
     return await _registry_error(request, errors.unavailable(str(exc)))
 
 
@@ -89,12 +103,21 @@ def create_app(
             app.state.activity = activity
             app.state.probe = health.CacheProbe(store.partial_dir)
             app.state.sampler = metrics.Sampler(store, mirror.downloads, config.max_size)
-            hosted = await _open_hosted(config, store)
+            replica = peers.this_replica(config) if config.coordination is not None else None
+            hosted = await _open_hosted(config, store, replica)
             app.state.hosted = hosted
+            forwarder = None
+            if hosted is not None and replica is not None and config.coordination is not None:
+                forwarder = Forwarder(config.coordination, replica)
+            app.state.forwarder = forwarder
             app.state.sampler.hosted = hosted
             if hosted is not None:
                 mirror.blobs.hosted_blob = hosted.content.find_blob  # a blob both pushed and mirrored is stored once
             app.state.gate = await _gate(config, hosted)
+            # One identity for this process in the fleet: its leases, uploads and heartbeat name the same replica.
+            app.state.peer_fleet = peer_fleet = peer.open_fleet(config, replica)  # None without [coordination]
+            if peer_fleet is not None and peer_fleet.flight is not None:
+                mirror.blobs.fleet = peer_fleet.flight.origin
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
             metrics.worker_started()
             tasks = [asyncio.create_task(_flush_touches(store)), asyncio.create_task(app.state.sampler.run())]
@@ -102,6 +125,9 @@ def create_app(
                 tasks.append(asyncio.create_task(pinning.keep_refreshed(config, router, mirror)))
             if hosted is not None:
                 tasks.append(asyncio.create_task(_collect_garbage(hosted)))
+            app.state.fleet = fleet = _fleet(config, mirror.meta, replica)
+            if fleet is not None:
+                tasks.append(asyncio.create_task(fleet.run()))
             log.info(
                 "serving",
                 cache=str(config.cache_dir),
@@ -113,16 +139,24 @@ def create_app(
             finally:
                 for task in tasks:
                     task.cancel()
+                if forwarder is not None:
+                    await forwarder.aclose()
+                if fleet is not None:
+                    await fleet.leave()
                 if hosted is not None:
                     await to_thread.run_sync(hosted.close)
+                if peer_fleet is not None:
+                    await peer_fleet.aclose()
                 metrics.worker_stopped()
 
     return Starlette(
-        routes=[*routes, *OPERATING],
+        routes=[*routes, *peer.routes, *OPERATING],
         middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
         exception_handlers={
             errors.RegistryError: _registry_error,
             flight.DownloadFailed: _download_failed,
+            StoreUnavailable: _store_unavailable,
+            MetadataUnavailable: _metadata_unavailable,
             HTTPException: _http_error,
             Exception: _unexpected,
         },
@@ -130,11 +164,34 @@ def create_app(
     )
 
 
-async def _open_hosted(config: configuration.Config, store: ContentStore) -> HostedRepositories | None:
-    """`[hosted]`'s repositories in `<cache dir>/hosted`; None without `[hosted]` (the mirror stays read-only)."""
-    if config.hosted is None:
+async def _open_hosted(
+    config: configuration.Config, store: ContentStore, replica: peers.Replica | None = None
+) -> HostedRepositories | None:
+    """`[hosted]`'s repositories (`proxy.hosted.opening`); None without `[hosted]` (the mirror stays read-only)."""
+    return await to_thread.run_sync(open_hosted, config, store.find_blob, None if replica is None else replica.url)
+
+
+def _fleet(
+    config: configuration.Config, meta: object, replica: peers.Replica | None = None
+) -> replicas.ReplicaRegistry | None:
+    """With `[coordination]`: this replica's heartbeat, sharing the metadata's view of Redis.
+
+    `replica`: this process's identity, when other parts (leases, uploads) hold one already,
+    so the fleet knows it by one id.
+    """
+    if config.coordination is None:
         return None
-    return await to_thread.run_sync(HostedRepositories, config.hosted, config.cache_dir / "hosted", store.find_blob)
+    client = replicas.connect(config.coordination.redis)
+    replica = replica or peers.this_replica(config)
+    if not isinstance(meta, RedisMetadata):
+        return replicas.ReplicaRegistry(client, replica)
+
+    async def write_pending() -> None:  # links learnt while Redis was away
+        if meta.pending:
+            with contextlib.suppress(MetadataUnavailable):  # away again: the next heartbeat retries
+                await to_thread.run_sync(meta.write_pending)
+
+    return replicas.ReplicaRegistry(client, replica, meta.health, write_pending)
 
 
 async def _collect_garbage(hosted: HostedRepositories) -> None:

@@ -4,6 +4,12 @@ A name matching `[hosted] repositories` is answered here and never routed to an 
 `hosted_or` puts these read handlers in front of the mirror's. Without `[hosted]` every write
 is refused as before (405). Handlers translate HTTP to `proxy.hosted` and back; bodies are
 streamed to disk chunk by chunk, so memory stays flat however large a layer is.
+
+In a fleet (`[coordination]`) an upload is staged on the replica that took its `POST`; a
+later request of it that a load balancer sends to another replica is authorized there and
+forwarded (`Forwarder`), streamed both ways, to the replica staging it, with a peer
+credential bound to its method and path; that one trusts the credential instead of checking
+access again, and refuses a forwarded request whose credential is not valid.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 from urllib.parse import urlencode
 
+import httpx
+import structlog
 from anyio import to_thread
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from cache import digests
 from cache.mediatypes import OCI_INDEX
@@ -25,6 +34,8 @@ from cache.readers import FileReader
 from proxy import errors
 from proxy.access.gate import Gate
 from proxy.access.policy import Action, Address, User
+from proxy.config import Coordination
+from proxy.fleet import peers
 from proxy.hosted.repository import MAX_MANIFEST, HostedRepositories, Quota, quota_exceeded
 from proxy.http.edge import API_VERSION
 from proxy.http.multipart import file_answer
@@ -33,8 +44,20 @@ from proxy.mirror import Mirror
 from proxy.ops import metrics
 from proxy.routing import Router, valid_name
 
+log = structlog.get_logger("pullproxy")
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_PAGE = 10000
+PEER_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a PUT's answer waits for the digest check and the store
+_FORWARDED = ("content-type", "content-length", "content-range", "range", "user-agent")  # and the credential
+_ANSWERED = (
+    "content-type",
+    "content-length",
+    "location",
+    "range",
+    "docker-upload-uuid",
+    "docker-content-digest",
+    "docker-distribution-api-version",
+)
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,18})-([0-9]{1,18})")  # fullmatch
 
 
@@ -74,6 +97,59 @@ async def _allowed(request: Request, action: Action) -> tuple[HostedRepositories
         raise errors.name_invalid(name)
     await _gate(request).authorize_hosted(request, name, action)
     return hosted, name
+
+
+class Forwarder:
+    """Sends an upload's requests to the replica staging it, streamed both ways, with a peer credential."""
+
+    def __init__(self, coordination: Coordination, replica: peers.Replica) -> None:
+        self.credentials = peers.PeerCredentials(coordination.peer_secret, replica)
+        self._client = httpx.AsyncClient(timeout=PEER_TIMEOUT, follow_redirects=False, trust_env=False)
+        if not self.credentials.enabled:
+            log.warning(
+                "no [coordination] peer_secret: a hosted upload's requests that reach another replica"
+                " than the one staging it are answered 503"
+            )
+
+    def trusts(self, request: Request) -> bool:
+        """Whether the request carries a valid peer credential made for its method and path."""
+        value = request.headers.get(peers.HEADER)
+        return self.credentials.check(value, request.method, _target(request)) is not None
+
+    async def forward(self, request: Request, owner: str) -> Response:
+        """The answer of `owner` (the staging replica's URL) to this request, its body streamed back as it comes."""
+        if not self.credentials.enabled:
+            raise errors.unavailable(
+                f"the upload is staged on the replica {owner}, and without [coordination] peer_secret"
+                " replicas do not forward requests to each other"
+            )
+        target = _target(request)
+        headers = {name: value for name in _FORWARDED if (value := request.headers.get(name)) is not None}
+        headers[peers.HEADER] = self.credentials.issue(request.method, target)
+        body = request.stream() if request.method in ("PATCH", "PUT") else None
+        outgoing = self._client.build_request(request.method, owner.rstrip("/") + target, headers=headers, content=body)
+        try:
+            answer = await self._client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            raise errors.unavailable(f"the replica {owner} staging the upload did not answer: {exc}") from None
+        kept = {name: value for name in _ANSWERED if (value := answer.headers.get(name)) is not None}
+        return StreamingResponse(
+            answer.aiter_raw(), answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _target(request: Request) -> str:
+    """The path and query a peer credential is bound to, the same on both replicas."""
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _forwarder(request: Request) -> Forwarder | None:
+    forwarder: Forwarder | None = getattr(request.app.state, "forwarder", None)
+    return forwarder
 
 
 def _digest(text: str) -> str:
@@ -200,7 +276,9 @@ def _open_append(path: str) -> BinaryIO:
     return out
 
 
-async def _append(hosted: HostedRepositories, path: str, request: Request, start: int | None) -> int:
+async def _append(
+    hosted: HostedRepositories, path: str, request: Request, start: int | None, upload: str | None = None
+) -> int:
     """Stream the request body onto the upload's file; the upload's size after it.
 
     A chunk that does not start where the upload stands is refused (416); one that would go
@@ -227,6 +305,8 @@ async def _append(hosted: HostedRepositories, path: str, request: Request, start
         await to_thread.run_sync(_truncate, path, size)
         raise
     await to_thread.run_sync(out.close)
+    if upload is not None and written:
+        await to_thread.run_sync(hosted.grew, upload, size + written)
     return size + written
 
 
@@ -291,8 +371,24 @@ def _content_range(request: Request) -> int | None:
 
 
 async def upload(request: Request) -> Response:
-    """`/v2/<name>/blobs/uploads/<id>`: GET its status, PATCH a chunk, PUT the last one, DELETE it."""
-    hosted, name = await _allowed(request, Action.PUSH)
+    """`/v2/<name>/blobs/uploads/<id>`: GET its status, PATCH a chunk, PUT the last one, DELETE it.
+
+    One another replica stages is forwarded to it once the caller may push here; one a replica
+    forwarded here is served on its peer credential.
+    """
+    forwarder = _forwarder(request)
+    if forwarder is not None and request.headers.get(peers.HEADER) is not None:
+        if not forwarder.trusts(request):
+            raise errors.Denied("the peer credential is not valid for this request")
+        hosted = _hosted(request)
+        name = request.path_params["name"]
+        if hosted is None or not hosted.names.matches(name) or not valid_name(name):
+            raise errors.name_invalid(name)
+    else:
+        hosted, name = await _allowed(request, Action.PUSH)
+        owner = await to_thread.run_sync(hosted.upload_owner, request.path_params["upload"])
+        if owner is not None and forwarder is not None:
+            return await forwarder.forward(request, owner)
     upload = request.path_params["upload"]
     path = str(await to_thread.run_sync(hosted.upload_path, name, upload))
     if request.method in ("GET", "HEAD"):
@@ -302,7 +398,7 @@ async def upload(request: Request) -> Response:
         await to_thread.run_sync(hosted.cancel_upload, name, upload)
         return Response(b"", 204, dict(API_VERSION))
     if request.method == "PATCH":
-        size = await _append(hosted, path, request, _content_range(request))
+        size = await _append(hosted, path, request, _content_range(request), upload)
         return Response(b"", 202, _upload_headers(name, upload, size))
     digest = request.query_params.get("digest")  # PUT
     if digest is None:

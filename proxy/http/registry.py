@@ -82,6 +82,11 @@ async def blob(request: Request) -> Response:
         else:
             response.headers["Content-Length"] = str(size)
         return response
+    location = await mirror.blobs.redirect(route, digest)  # `[storage] redirect`, after the access checks
+    if location is not None:
+        _outcome(request, Outcome.HIT)
+        # Not cacheable, unlike the blob: the URL expires in minutes.
+        return Response(b"", 307, {**API_VERSION, "Docker-Content-Digest": digest, "Location": location})
     one = one_range(request.headers.get("range"))
     cold = None if one is None else await mirror.blobs.cold_range(route, digest, *one)
     if cold is not None:  # not cached: the upstream's range now, the full download in the background

@@ -18,11 +18,13 @@ import os
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from anyio import to_thread
 
-from cache.flight import BlockingSource, DownloadFailed, DownloadReader, Downloads, Source
+from cache.bucket import BucketContentStore
+from cache.flight import BlockingSource, DownloadFailed, DownloadReader, Downloads, Origin, Source
 from cache.readers import BlobReader, FileReader
 from cache.storage import BlobFile, ContentStore
 from cache.store import hard_link
@@ -40,6 +42,11 @@ log = structlog.get_logger("pullproxy")
 # so no client can make the mirror open connections to an upstream without bound.
 MAX_RANGE_FETCHES = 8  # in this process
 MAX_RANGE_FETCHES_PER_BLOB = 2
+REDIRECT_EXPIRY = timedelta(minutes=5)  # `[storage] redirect`: how long a presigned URL handed out works
+
+# A fleet's download origin (`proxy.fleet.peer.PeerFlight.origin`): given the digest and this
+# replica's own upstream origin, the source of the download (the upstream's, or another replica's).
+FleetOrigin = Callable[[str, Origin], Awaitable[Source | BlockingSource]]
 
 
 class ColdRange:
@@ -68,14 +75,18 @@ class Blob:
 
 
 class Blobs:
-    def __init__(self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links) -> None:
+    def __init__(
+        self, store: ContentStore, upstreams: Upstreams, downloads: Downloads, links: Links, redirect: bool = False
+    ) -> None:
         self.store = store
         self.upstreams = upstreams
         self.downloads = downloads
         self.links = links
+        self._presigning = store if redirect and isinstance(store, BucketContentStore) else None
         self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
         # With [hosted]: the hosted store's verified file of a digest, taken instead of a download.
         self.hosted_blob: Callable[[str], BlobFile | None] | None = None
+        self.fleet: FleetOrigin | None = None  # set by the app with [coordination]: replicas fetch once between them
 
     async def open(self, route: Route, digest: str) -> Blob:
         """A reader for the blob, which the caller must close."""
@@ -96,6 +107,18 @@ class Blobs:
             await self._ensure_held(route, digest, found.reader)  # the download may be another repository's
             return Blob(found.reader, found.size, Outcome.JOINED if found.joined else Outcome.MISS)
         raise errors.unavailable(f"blob {digest} could not be read from the cache")
+
+    async def redirect(self, route: Route, digest: str) -> str | None:
+        """`[storage] redirect`: a presigned URL of the blob's object in the bucket, valid for
+        `REDIRECT_EXPIRY`, once `route`'s repository is known to hold it; None: serve it here (not in
+        the bucket, the bucket unreachable, or no redirects)."""
+        if self._presigning is None:
+            return None
+        parsed(digest)
+        url = await to_thread.run_sync(self._presigning.presigned_url, digest, REDIRECT_EXPIRY)
+        if url is not None:
+            await self.links.ensure(route, digest, blob=True)
+        return url
 
     @staticmethod
     def at_hand(blob: Blob, end: int) -> bool:
@@ -223,9 +246,12 @@ class Blobs:
         await self.links.ensure(route, digest, blob=True)
         return size, outcome
 
-    async def _open_upstream(self, route: Route, digest: str) -> Source | BlockingSource:
+    async def _open_upstream(self, route: Route, digest: str, fleet: bool = True) -> Source | BlockingSource:
         """The download's origin: the upstream's answer, which also proves `route`'s repository
-        holds the blob (recorded before any reader starts, so none of them asks again)."""
+        holds the blob (recorded before any reader starts, so none of them asks again).
+        In a fleet, another replica's download of it may be the origin instead (see `proxy.fleet.peer`)."""
+        if fleet and self.fleet is not None:
+            return await self.fleet(digest, lambda: self._open_upstream(route, digest, fleet=False))
         source = await self.upstreams.of(route).open_blob(route.repo, digest)
         await self.links.record(route, [digest])
         return source

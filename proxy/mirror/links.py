@@ -11,17 +11,21 @@ and what a referrers answer lists merely name a digest, which anyone can do. Lin
 also recorded whenever that repository's upstream answered for the digest.
 Cached content is served by digest only where a link exists; otherwise `ensure` asks
 the upstream first (one `HEAD`, shared by concurrent callers). Links are looked up in
-memory, then SQLite; they are written only when new, so a repeated pull writes nothing.
+memory, then the metadata (SQLite, or the fleet's Redis); they are written only when new, so a
+repeated pull writes nothing. While the metadata cannot be reached (`MetadataUnavailable`) a
+link not in memory is asked of the upstream, and what is learnt is not lost (the metadata
+keeps it in memory) but not waited for either.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from anyio import to_thread
 
 from cache.manifests import referenced_digests
-from cache.storage import EXPANDED, LINKED, Manifest, Metadata
+from cache.storage import EXPANDED, LINKED, Manifest, Metadata, MetadataUnavailable
 from proxy.mirror.failures import registry_error
 from proxy.mirror.flights import SingleFlight
 from proxy.routing import Route
@@ -37,7 +41,14 @@ class Links:
 
     async def _level(self, route: Route, digest: str) -> int:
         key = (route.upstream.name, route.repo, digest)
-        return self.meta.cached_link(*key) or await to_thread.run_sync(self.meta.find_link, *key)
+        try:
+            return self.meta.cached_link(*key) or await to_thread.run_sync(self.meta.find_link, *key)
+        except MetadataUnavailable:
+            return 0  # not known here: the upstream is asked
+
+    async def _add(self, route: Route, levels: dict[str, int]) -> None:
+        with contextlib.suppress(MetadataUnavailable):  # kept in memory by the metadata, written when it is back
+            await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
 
     async def holds(self, route: Route, digest: str) -> bool:
         return await self._level(route, digest) >= LINKED
@@ -46,7 +57,7 @@ class Links:
         """`route`'s repository holds these digests."""
         new = {d: LINKED for d in found if not self.meta.cached_link(route.upstream.name, route.repo, d)}
         if new:
-            await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, new)
+            await self._add(route, new)
 
     async def record_manifest(self, route: Route, manifest: Manifest) -> None:
         """`manifest` was served from `route`'s repository: it and all it references are there."""
@@ -54,7 +65,7 @@ class Links:
             return
         levels = dict.fromkeys(referenced_digests(manifest.body, manifest.media_type), LINKED)
         levels[manifest.digest] = EXPANDED
-        await to_thread.run_sync(self.meta.add_links, route.upstream.name, route.repo, levels)
+        await self._add(route, levels)
 
     async def ensure(self, route: Route, digest: str, blob: bool) -> None:
         """Before serving cached content: `route`'s repository holds it, or its upstream confirms it."""

@@ -10,20 +10,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from anyio import to_thread
 
+from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.flight import Downloads
 from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
-from proxy.config import Config
+from proxy.config import Backend, Config
+from proxy.fleet.metadata import open_metadata
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
 from proxy.mirror.referrers import Referrers
 from proxy.mirror.tags import Tags
+from proxy.ops import metrics
 from proxy.routing import Router
 from proxy.upstream.pool import Upstreams
 
@@ -42,7 +46,13 @@ class Mirror:
 
     @classmethod
     def build(
-        cls, store: ContentStore, meta: Metadata, upstreams: Upstreams, tag_ttl: float, offline: bool = False
+        cls,
+        store: ContentStore,
+        meta: Metadata,
+        upstreams: Upstreams,
+        tag_ttl: float,
+        offline: bool = False,
+        redirect: bool = False,
     ) -> Mirror:
         links = Links(meta, upstreams)
         downloads = Downloads(store)
@@ -54,7 +64,7 @@ class Mirror:
             downloads=downloads,
             links=links,
             manifests=manifests,
-            blobs=Blobs(store, upstreams, downloads, links),
+            blobs=Blobs(store, upstreams, downloads, links, redirect),
             tags=Tags(meta, upstreams, offline),
             referrers=Referrers(meta, upstreams, manifests, links, tag_ttl),
         )
@@ -62,12 +72,40 @@ class Mirror:
 
 def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     """Blocking: the content store and the metadata for `config`, the one place that chooses their kind."""
-    store = DiskContentStore(config.cache_dir, config.max_size)
+    store: ContentStore
+    if config.storage.backend is Backend.S3:
+        store = open_bucket_store(config)
+    else:
+        store = DiskContentStore(config.cache_dir, config.max_size)
     try:
-        return store, DiskMetadata(config.cache_dir)
+        return store, open_metadata(config) or DiskMetadata(config.cache_dir)
     except BaseException:
         store.close()
         raise
+
+
+def open_bucket_store(
+    config: Config, prefix: str = "cache/", bounded: bool = True, local_dir: Path | None = None
+) -> BucketContentStore:
+    """Blocking: `[storage]`'s bucket with `[coordination]`'s Redis as its index; the local tier in
+    `local_dir` (default `[cache] dir`), bounded by `[cache] local_max_size`.
+
+    `bounded=False`: a store that never evicts (hosted content, under a prefix of its own).
+    """
+    storage, coordination = config.storage, config.coordination
+    assert storage.endpoint is not None and storage.bucket is not None and coordination is not None  # config checks
+    bucket = open_bucket(storage.endpoint, storage.bucket, storage.region, storage.access_key, storage.secret_key)
+    local_max_size = config.max_size if config.local_max_size is None else config.local_max_size
+    store = BucketContentStore(
+        bucket,
+        open_redis(coordination.redis),
+        config.cache_dir if local_dir is None else local_dir,
+        config.max_size if bounded else None,
+        local_max_size,
+        prefix=prefix,
+    )
+    store.observe = metrics.object_store_request
+    return store
 
 
 @contextlib.asynccontextmanager
@@ -82,7 +120,10 @@ async def open_mirror(
     store, meta = await to_thread.run_sync(open_storage, config)
     upstreams = Upstreams(config.upstreams, offline=config.offline, transports=transports)
     try:
-        yield Router(config.upstreams), Mirror.build(store, meta, upstreams, config.tag_ttl, offline=config.offline)
+        mirror = Mirror.build(
+            store, meta, upstreams, config.tag_ttl, offline=config.offline, redirect=config.storage.redirect
+        )
+        yield Router(config.upstreams), mirror
     finally:
         await upstreams.aclose()
         await to_thread.run_sync(store.flush_touches)

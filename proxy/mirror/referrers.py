@@ -17,7 +17,7 @@ import structlog
 from anyio import to_thread
 
 from cache.mediatypes import OCI_INDEX
-from cache.storage import Metadata
+from cache.storage import Metadata, MetadataUnavailable, ReferrersRecord
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
 from proxy.mirror.flights import SingleFlight
@@ -46,7 +46,7 @@ class Referrers:
     async def index(self, route: Route, digest: str) -> tuple[bytes, Outcome]:
         algorithm, hex_ = parsed(digest)
         upstream = self.upstreams.of(route)
-        known = await to_thread.run_sync(self.meta.referrers, upstream.name, route.repo, digest)
+        known = await self._known(upstream.name, route.repo, digest)
         if known is not None and time.time() - known.checked_at < self.tag_ttl:
             return known.body or EMPTY_INDEX, Outcome.HIT
 
@@ -72,10 +72,13 @@ class Referrers:
                         raise
                     index = None
             found = index if index is not None and entries(index) else None
-            if found is None and not await self.links.holds(route, digest):
-                await to_thread.run_sync(self.meta.remember_no_referrers, upstream.name, route.repo, digest)
-            else:
-                await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
+            try:
+                if found is None and not await self.links.holds(route, digest):
+                    await to_thread.run_sync(self.meta.remember_no_referrers, upstream.name, route.repo, digest)
+                else:
+                    await to_thread.run_sync(self.meta.set_referrers, upstream.name, route.repo, digest, found)
+            except MetadataUnavailable:
+                pass  # answered, not kept: asked again next time
             return found
 
         try:
@@ -89,3 +92,9 @@ class Referrers:
             raise error
         log.warning("stale referrers", upstream=upstream.name, repo=route.repo, digest=digest, why=error.message)
         return known.body or EMPTY_INDEX, Outcome.STALE
+
+    async def _known(self, upstream: str, repo: str, digest: str) -> ReferrersRecord | None:
+        try:
+            return await to_thread.run_sync(self.meta.referrers, upstream, repo, digest)
+        except MetadataUnavailable:
+            return None  # the upstream is asked

@@ -1,11 +1,11 @@
-"""Tag lists (`tags/list`): the upstream's, else the tags this cache has seen."""
+"""Tag lists (`tags/list`): the upstream's, else the tags this cache has seen (none while the metadata is away)."""
 
 from __future__ import annotations
 
 import structlog
 from anyio import to_thread
 
-from cache.storage import Metadata
+from cache.storage import Metadata, MetadataUnavailable
 from proxy import errors, units
 from proxy.mirror.failures import registry_error
 from proxy.mirror.outcome import Outcome
@@ -26,7 +26,10 @@ class Tags:
         try:
             page = await self.upstreams.of(route).tags(route.repo, n, last)
         except UpstreamUnavailable as exc:
-            known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
+            try:
+                known = await to_thread.run_sync(self.meta.known_tags, route.upstream.name, route.repo)
+            except MetadataUnavailable:
+                known = []
             if not known:
                 if self.offline:
                     raise errors.offline(f"the tag list of {route.prefix + route.repo}") from None
@@ -45,7 +48,10 @@ class Tags:
 
     async def repositories(self) -> list[tuple[str, str]]:
         """Every (upstream, repository) with a cached tag, for `_catalog`."""
-        return await to_thread.run_sync(self.meta.repositories)
+        try:
+            return await to_thread.run_sync(self.meta.repositories)
+        except MetadataUnavailable as exc:
+            raise errors.unavailable(f"the catalog cannot be listed now: {exc}") from None
 
 
 def paginate(name: str, tags: list[str], n: str | None, last: str | None) -> TagPage:

@@ -5,6 +5,9 @@ content, by writing a file where downloads land (at most every few seconds, as p
 are frequent), and reports each upstream's last known state (and whether it is being
 backed off from, see `proxy.upstream`) without making it a condition: the mirror serves
 its cache while an upstream is down, so that is no reason to take it out of rotation.
+With `[coordination]` it also reports the fleet's Redis and the live replicas: Redis
+unreachable makes the answer `degraded` (still 200: the replica serves by digest, and asks
+tags upstream, so every replica of the fleet would otherwise be taken out at once).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import tls
+from proxy.fleet.replicas import ReplicaRegistry
 from proxy.upstream.client import Upstream
 
 PROBE_INTERVAL = 2.0
@@ -75,12 +79,25 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def degraded(fleet: ReplicaRegistry | None) -> list[str]:
+    """What works less well than it should without taking the replica out: Redis unreachable."""
+    if fleet is None or fleet.health.problem is None:
+        return []
+    return [f"redis unreachable ({fleet.health.problem}): tags are asked upstream, the fleet is not coordinated"]
+
+
 async def readyz(request: Request) -> Response:
     problem = await request.app.state.probe.check()
+    fleet: ReplicaRegistry | None = getattr(request.app.state, "fleet", None)
+    reasons = degraded(fleet)
     body = {
         "ready": problem is None,
+        "status": "unready" if problem is not None else "degraded" if reasons else "ok",
+        "degraded": reasons,
         "cache": {"writable": problem is None, "problem": problem},
         "upstreams": [upstream_state(upstream) for upstream in request.app.state.mirror.upstreams],
         "tls": tls.describe_server(),  # whether the listener speaks HTTPS, and until when its certificate holds
     }
+    if fleet is not None:
+        body["coordination"] = fleet.state()
     return JSONResponse(body, status_code=200 if problem is None else 503)

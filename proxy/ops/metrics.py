@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cache.bucket import Operation
 from cache.flight import Downloads
 from cache.storage import ContentStore
 from proxy.paths import Endpoint
@@ -108,6 +109,18 @@ UPSTREAM_ERRORS = Counter(
 UPSTREAM_BYTES = Counter(
     "pullproxy_upstream_fetched_bytes", "Body bytes received from an upstream.", ["upstream"], registry=REGISTRY
 )
+REDIS_UP = Gauge(
+    "pullproxy_redis_up",
+    "With [coordination]: 1 when the last heartbeat reached the fleet's Redis, 0 when it did not.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+FLEET_REPLICAS = Gauge(
+    "pullproxy_fleet_replicas",
+    "With [coordination]: replicas whose heartbeat is live, as of the last one that reached Redis.",
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
 HOSTED_BYTES = Gauge(
     "pullproxy_hosted_bytes",
     "Disk used by hosted repositories as [hosted] max_size counts it (blobs once, manifests, uploads in progress).",
@@ -143,6 +156,67 @@ HOSTED_PUSHES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+
+
+OBJECT_STORE_SECONDS = Histogram(
+    "pullproxy_object_store_request_duration_seconds",
+    'Time object store requests took ([storage] backend = "s3"), by operation: head, get (until the answer'
+    " started), put (the whole upload), delete, list.",
+    ["operation"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+OBJECT_STORE_ERRORS = Counter(
+    "pullproxy_object_store_errors",
+    "Object store requests that failed (unreachable, refused), by operation.",
+    ["operation"],
+    registry=REGISTRY,
+)
+FLEET_FETCHES = Counter(
+    "pullproxy_fleet_fetches",
+    "Cold blob downloads of a replica in a fleet, by where the bytes came from: self (it held the lease and"
+    " fetched from the upstream), peer (the lease holder's download), alone (no lease: Redis unreachable, no"
+    " holder reachable in time, or peer requests refused).",
+    ["by"],
+    registry=REGISTRY,
+)
+FLEET_PEER_BYTES = Counter(
+    "pullproxy_fleet_peer_received_bytes", "Blob bytes received from other replicas' downloads.", registry=REGISTRY
+)
+FLEET_PEER_SERVED = Counter(
+    "pullproxy_fleet_peer_served",
+    "Peer blob requests this replica answered, by source: download (in flight), cache, none (it had neither).",
+    ["source"],
+    registry=REGISTRY,
+)
+FLEET_LEASE_WAITS = Counter(
+    "pullproxy_fleet_lease_waits",
+    "Downloads that waited for a blob's lease to be released or to expire (its holder unreachable or done).",
+    registry=REGISTRY,
+)
+
+
+def object_store_request(operation: Operation, seconds: float, failed: bool) -> None:
+    """A `BucketContentStore` request done (its `observe` hook)."""
+    OBJECT_STORE_SECONDS.labels(operation.value).observe(seconds)
+    if failed:
+        OBJECT_STORE_ERRORS.labels(operation.value).inc()
+
+
+class FetchedBy(StrEnum):
+    """Where the bytes of a fleet replica's cold blob download come from."""
+
+    SELF = "self"
+    PEER = "peer"
+    ALONE = "alone"
+
+
+class PeerSource(StrEnum):
+    """What a replica answered a peer's blob request from."""
+
+    DOWNLOAD = "download"
+    CACHE = "cache"
+    NONE = "none"
 
 
 class PushKind(StrEnum):
@@ -309,6 +383,12 @@ class Snapshot:
 
     def upstream_errors(self, upstream: str) -> int:
         return self._count("pullproxy_upstream_errors_total", upstream=upstream)
+
+    def fleet_fetches(self, by: FetchedBy) -> int:
+        return self._count("pullproxy_fleet_fetches_total", by=by)
+
+    def peer_received_bytes(self) -> int:
+        return self._count("pullproxy_fleet_peer_received_bytes_total")
 
     def hosted_quota(self, quota: str) -> tuple[int, int]:
         """(use, limit) of a `[hosted]` quota; (0, 0) without hosted repositories."""

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from proxy import tls
 from proxy.access.gate import Gate
 from proxy.errors import RegistryError
+from proxy.fleet.replicas import ReplicaRegistry
 from proxy.hosted.repository import HostedRepositories, Quota, Usage
 from proxy.mirror.outcome import Outcome
 from proxy.ops import metrics
@@ -181,6 +182,25 @@ class HostedView:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    id: str
+    url: str
+    started: str  # "5 min ago"
+    last_seen: str
+    this: bool  # the replica that answered the page
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    """`[coordination]`: the fleet's Redis as this replica sees it, and the live replicas."""
+
+    redis: str  # ok, failing or unknown: also its badge's CSS class
+    problem: str | None  # why Redis is taken as unreachable, and what that means
+    last_ok: str
+    replicas: tuple[ReplicaRow, ...]  # as of this replica's last heartbeat
+
+
+@dataclass(frozen=True, slots=True)
 class StatusView:
     clock: str
     refresh_seconds: int
@@ -193,6 +213,7 @@ class StatusView:
     note: str
     server: tuple[Fact, ...] = ()  # a "Server" section, shown only when there are facts
     hosted: HostedView | None = None  # a "Hosted repositories" section, with [hosted] only
+    fleet: FleetView | None = None  # a "Fleet" section, with [coordination] only
 
 
 # -- the page -----------------------------------------------------------------------------
@@ -210,6 +231,9 @@ async def page(request: Request) -> Response:
         usage = await to_thread.run_sync(repositories.usage)
         shown = hosted_view(usage, repositories.quota_limits(), await _hosted_visibility(request))
         view = dataclasses.replace(view, hosted=shown)
+    fleet: ReplicaRegistry | None = getattr(state, "fleet", None)
+    if fleet is not None:
+        view = dataclasses.replace(view, fleet=fleet_view(fleet.state(), time.time()))
     return templates().TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
@@ -259,6 +283,31 @@ def hosted_view(usage: Usage, limits: Mapping[Quota, int], visible: Callable[[st
         for repo in seen[:HOSTED_SHOWN]
     )
     return HostedView(tuple(quotas), listed, max(0, len(seen) - HOSTED_SHOWN))
+
+
+def fleet_view(state: Mapping[str, object], now: float) -> FleetView:
+    """From `ReplicaRegistry.state()`, as `/readyz` shows it."""
+    redis = state["redis"]
+    assert isinstance(redis, Mapping)
+    problem = redis["problem"]
+    listed = state["replicas"]
+    assert isinstance(listed, list)
+    rows = tuple(
+        ReplicaRow(
+            id=str(replica["id"]),
+            url=str(replica["url"]),
+            started=format_ago(replica["started"], now),
+            last_seen=format_ago(replica["last_seen"], now),
+            this=replica["id"] == state["replica"],
+        )
+        for replica in listed
+    )
+    return FleetView(
+        redis=str(redis["state"]),
+        problem=f"{problem}: tags are asked upstream, links confirmed upstream" if problem else None,
+        last_ok=format_ago(redis["last_ok"], now),
+        replicas=rows,
+    )
 
 
 def _percent(use: int, limit: int) -> float:

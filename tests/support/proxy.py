@@ -7,10 +7,12 @@ covered too, not just the ASGI app.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -92,7 +94,9 @@ class Proxy(Closing):
     given. ``upstream_url`` is a shortcut for a single default ``docker.io``
     upstream. ``args`` are extra CLI arguments (e.g. ``["--workers", "2"]``) and
     ``env`` extra environment variables. Port and cache survive ``stop()``/
-    ``start()`` so restarts can be tested.
+    ``start()`` so restarts can be tested. ``config_text`` is TOML appended as is
+    (tables such as ``SeaweedFS.storage_toml()``); ``port`` picks the listening port
+    (default: a free one), known as ``.url`` before ``start()``.
     """
 
     def __init__(
@@ -106,6 +110,8 @@ class Proxy(Closing):
         start: bool = True,
         start_timeout: float = 30.0,
         verify: ssl.SSLContext | None = None,
+        config_text: str = "",
+        port: int | None = None,
     ) -> None:
         self._owns_dir = workdir is None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pp-proxy-"))
@@ -116,9 +122,10 @@ class Proxy(Closing):
         self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.config: dict[str, Any] = {k: _copy(v) for k, v in (config or {}).items()}
+        self.config_text = config_text
         server = self.config.setdefault("server", {})
         if "listen" not in server:
-            server["listen"] = f"127.0.0.1:{free_port()}"
+            server["listen"] = f"127.0.0.1:{port or free_port()}"
         self.host = str(server["listen"])
         self.port = int(self.host.rsplit(":", 1)[1])
         # With server.tls_cert the mirror speaks HTTPS; ``verify`` trusts its CA (and may hold a client pair).
@@ -143,7 +150,7 @@ class Proxy(Closing):
 
     def write_config(self) -> None:
         """(Re)write the TOML file from ``self.config``; call before a restart to change it."""
-        self.config_path.write_text(to_toml(self.config))
+        self.config_path.write_text(to_toml(self.config) + ("\n" + self.config_text if self.config_text else ""))
 
     @property
     def running(self) -> bool:
@@ -174,6 +181,15 @@ class Proxy(Closing):
 
     def stop(self, timeout: float = 15.0) -> None:
         stop(self._proc, timeout=timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, connections broken off, nothing released."""
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(timeout=10)
+        stop(self._proc)
         self._proc = None
 
     def close(self) -> None:

@@ -92,7 +92,24 @@ class SeaweedFS(Closing):
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
-        """Start (or restart) on the same ports and data; wait until S3 answers (about 3 s)."""
+        """Start (or restart) on the same S3 port and data; wait until S3 answers (about 3 s).
+
+        While it was down another process may have taken one of its internal ports (free ports
+        come from the range outgoing connections use too): then those are chosen again, the S3
+        port clients know stays.
+        """
+        for attempt in range(3):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                taken = "address already in use" in self.log_path.read_bytes()[offset:].decode(errors="replace")
+                if not taken or attempt == 2:
+                    raise
+                self.ports = {name: port if name == "s3.port" else free_port() for name, port in self.ports.items()}
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> SeaweedFS:
         if self.running:
             return self
         argv = [

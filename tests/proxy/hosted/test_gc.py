@@ -7,13 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cache.mediatypes import OCI_MANIFEST
+from cache.store import DiskContentStore
 from proxy.config import Hosted
 from proxy.hosted import repository
 from proxy.hosted.repository import HostedRepositories
@@ -207,3 +210,87 @@ def test_cache_ls_lists_hosted_tags_marked_hosted(tmp_path: Path) -> None:
     assert pushed.digest[:19] in line
     assert format_size(5000 + 2 + len(manifest_of(b"x" * 5000))) in line, line  # layer, config, manifest
     assert line.endswith("hosted"), line
+
+
+class Interleaved(DiskContentStore):
+    """A hosted store that runs `during_put` after storing a blob, before the upload links it."""
+
+    during_put: Callable[[], None] = staticmethod(lambda: None)
+
+    def put_blob(self, digest: str, staged: Path, size: int | None = None) -> None:
+        super().put_blob(digest, staged, size)
+        self.during_put()
+
+
+def test_gc_between_storing_an_uploaded_blob_and_linking_it_keeps_the_blob(tmp_path: Path) -> None:
+    content = Interleaved(tmp_path / "hosted", 1 << 40)
+    hosted = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "hosted", content=content)
+    collected: list[repository.Collected] = []
+    content.during_put = lambda: collected.append(hosted.collect())
+    try:
+        digest = upload(hosted, "acme/app", b"stored, not linked yet")
+        assert collected[0].blobs == 0
+        assert hosted.blob_file("acme/app", digest) is not None
+        assert hosted.index.held_digests() == set()  # the hold went with the upload
+    finally:
+        hosted.close()
+
+
+def test_storing_an_uploaded_blob_does_not_hold_the_write_lock(tmp_path: Path) -> None:
+    """Another writer (gc, another push) is not kept waiting while an object store upload runs."""
+    content = Interleaved(tmp_path / "hosted", 1 << 40)
+    hosted = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "hosted", content=content)
+    other = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "hosted")  # another process's index
+    wrote: list[str] = []
+    during_put: list[list[str]] = []
+
+    def another_writer() -> None:
+        with other.index.write():
+            wrote.append("other")
+
+    def meanwhile() -> None:
+        thread = threading.Thread(target=another_writer)
+        thread.start()
+        thread.join(5)
+        during_put.append(list(wrote))
+
+    content.during_put = meanwhile
+    try:
+        upload(hosted, "acme/app", b"a big layer")
+        assert during_put == [["other"]]
+    finally:
+        other.close()
+        hosted.close()
+
+
+class Elsewhere:
+    """A content store that is not on this disk (as a bucket is): every call goes to a disk store inside."""
+
+    def __init__(self, directory: Path) -> None:
+        self._inner = DiskContentStore(directory, 1 << 40)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_a_pushed_blob_is_not_looked_up_in_the_cache_when_hosted_content_is_not_on_this_disk(tmp_path: Path) -> None:
+    """A hard link saves space only on one disk; asking a bucket-backed cache could fetch the object."""
+    asked: list[str] = []
+
+    def cached(digest: str) -> None:
+        asked.append(digest)
+
+    content: Any = Elsewhere(tmp_path / "hosted")
+    hosted = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "hosted", cached, content=content)
+    try:
+        digest = upload(hosted, "acme/app", b"layer")
+        assert hosted.blob_file("acme/app", digest) is not None
+        assert asked == []
+    finally:
+        hosted.close()
+    on_disk = HostedRepositories(Hosted(repositories=("acme/**",)), tmp_path / "disk", cached)
+    try:
+        upload(on_disk, "acme/app", b"layer")
+        assert asked == [sha(b"layer")]  # on one disk the cache is asked, to store the bytes once
+    finally:
+        on_disk.close()

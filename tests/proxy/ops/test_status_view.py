@@ -178,6 +178,7 @@ def test_template_escapes_every_string_in_titles_headers_and_cells() -> None:
         view,
         upstreams=(upstream, *view.upstreams[1:]),
         server=(status.Fact("TLS", "on"), status.Fact("Certificate expires", "in 3 d", warning=True)),
+        fleet=status.fleet_view(_fleet_state(problem="refused"), NOW),
     )
 
     page = status.render_view(_hostile(view))
@@ -217,3 +218,38 @@ def test_template_lays_out_the_view_as_the_page_did() -> None:
     assert '60 s ago: <code title="GET blobs: 503">GET blobs: 503</code>' in page
     assert '<tr><td><code>acme/app:1</code></td><td class="num">1</td></tr>' in page
     assert '<p class="sub">no errors</p>' in page
+
+
+def _fleet_state(problem: str | None = None) -> dict[str, object]:
+    """As `ReplicaRegistry.state()` answers it: two live replicas, this one second."""
+    return {
+        "redis": {"state": "failing" if problem else "ok", "problem": problem, "last_ok": NOW - 30, "last_error": None},
+        "replica": "host-b-2-bbbb",
+        "replicas": [
+            {"id": "host-a-1-aaaa", "url": "http://10.0.0.5:5000", "started": NOW - 600, "last_seen": NOW - 2},
+            {"id": "host-b-2-bbbb", "url": "http://10.0.0.6:5000", "started": NOW - 60, "last_seen": NOW - 1},
+        ],
+    }
+
+
+def test_fleet_section_shows_redis_and_the_live_replicas_only_with_coordination() -> None:
+    view = status.build(_snapshot(), _upstreams(), Activity(), NOW)
+    assert 'id="fleet"' not in status.render_view(view)
+
+    fleet = status.fleet_view(_fleet_state(), NOW)
+    assert fleet.redis == "ok" and fleet.problem is None and fleet.last_ok == "30 s ago"
+    assert [(r.id, r.started, r.last_seen, r.this) for r in fleet.replicas] == [
+        ("host-a-1-aaaa", "10 min ago", "2 s ago", False),
+        ("host-b-2-bbbb", "60 s ago", "1 s ago", True),
+    ]
+    page = status.render_view(dataclasses.replace(view, fleet=fleet))
+    assert '<section id="fleet"><h2>Fleet</h2>' in page
+    assert 'Redis <span class="state ok">ok</span> · last answered 30 s ago' in page
+    assert "degraded" not in page
+    assert '<code>host-b-2-bbbb</code> <span class="sub">(this one)</span>' in page
+    assert '<code class="nowrap">http://10.0.0.5:5000</code>' in page
+
+    down = status.fleet_view(_fleet_state(problem="ConnectionError: refused"), NOW)
+    page = status.render_view(dataclasses.replace(view, fleet=down))
+    assert '<span class="state failing">failing</span>' in page
+    assert '<span class="state failing">degraded</span> ConnectionError: refused: tags are asked upstream' in page
