@@ -22,7 +22,6 @@ Bucket unreachable: what the local tier holds still serves, the rest raises `Sto
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import os
 import secrets
@@ -43,6 +42,7 @@ from cache.storage import (
     Entry,
     IncompleteFile,
     Manifest,
+    Operation,
     StoreUnavailable,
     is_manifest_key,
     key_digest,
@@ -67,16 +67,6 @@ WARN_EVERY = 30.0  # seconds between warnings about the same unreachable service
 LISTING_TTL = 30.0  # how long a listing of the bucket stands in for the index (Redis down)
 REBUILD_TTL_MS = 600_000  # the lock of the replica rebuilding a lost index
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-
-
-class Operation(enum.Enum):
-    """Requests to the object store, for the latency metric."""
-
-    HEAD = "head"
-    GET = "get"
-    PUT = "put"
-    DELETE = "delete"
-    LIST = "list"
 
 
 # Scripts keep the index whole: each changes sizes, uses, pins and the volume together.

@@ -21,8 +21,10 @@ Conventions every implementation keeps:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -103,6 +105,25 @@ def is_manifest_key(key: str) -> bool:
 def key_digest(key: str) -> str:
     """The digest a content key names."""
     return key.removeprefix(_MANIFEST)
+
+
+class Operation(enum.Enum):
+    """Requests to an object store (`cache.bucket`), for the latency metric."""
+
+    HEAD = "head"
+    GET = "get"
+    PUT = "put"
+    DELETE = "delete"
+    LIST = "list"
+
+
+@runtime_checkable
+class Presigning(Protocol):
+    """A store whose blobs a client can fetch from the object store itself (`[storage] redirect`)."""
+
+    def presigned_url(self, digest: str, expires: timedelta) -> str | None:
+        """Blocking: a URL that serves the blob (Range too) until `expires` has passed; None if not stored."""
+        ...
 
 
 @runtime_checkable

@@ -17,8 +17,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import jwt
-
 from proxy.config import Config
 
 HEADER = "X-Pullproxy-Peer"
@@ -63,6 +61,8 @@ class PeerCredentials:
         """The header value for a request of `method` on `path` (the path only, query included)."""
         if self._key is None:
             raise PermissionError("no [coordination] peer_secret: peer requests are off")
+        import jwt  # PyJWT loads cryptography: only once a peer request is made
+
         now = time.time()
         claims = {"aud": _AUDIENCE, "iss": self.replica.id, "iat": int(now), "exp": int(now + LIFETIME)}
         return jwt.encode({**claims, "req": f"{method.upper()} {path}"}, self._key, algorithm=_ALGORITHM)
@@ -71,6 +71,8 @@ class PeerCredentials:
         """The id of the replica that made this request, or None if the credential is missing or wrong."""
         if self._key is None or not value:
             return None
+        import jwt
+
         try:
             claims = jwt.decode(
                 value,

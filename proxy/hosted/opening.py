@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cache.bucket import open_redis
 from cache.storage import BlobFile, ContentStore
 from proxy.config import Backend, Config
 from proxy.hosted.index import HostedIndex
-from proxy.hosted.redis_index import RedisIndex
 from proxy.hosted.repository import HostedRepositories
 from proxy.mirror.mirror import open_bucket_store
 
@@ -34,6 +32,9 @@ def open_hosted(
     index: HostedIndex | None = None
     content: ContentStore | None = None
     if config.coordination is not None:
+        from cache.bucket import open_redis  # redis-py, loaded only with [coordination]
+        from proxy.hosted.redis_index import RedisIndex
+
         index = RedisIndex(open_redis(config.coordination.redis))
     try:
         if config.storage.backend is Backend.S3:

@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -19,7 +20,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache import flight
-from cache.redis_meta import RedisMetadata
 from cache.storage import ContentStore, MetadataUnavailable, StoreUnavailable
 from proxy import config as configuration
 from proxy import errors
@@ -28,7 +28,7 @@ from proxy.access.policy import ANYONE, Policy
 from proxy.access.throttle import LoginThrottle
 from proxy.access.tokens import Tokens, load_or_create_key
 from proxy.access.users import Users
-from proxy.fleet import peer, peers, replicas
+from proxy.fleet import peers
 from proxy.hosted.opening import open_hosted
 from proxy.hosted.repository import HostedRepositories
 from proxy.http.edge import error_response
@@ -38,6 +38,9 @@ from proxy.images import pinning
 from proxy.mirror import open_mirror
 from proxy.ops import health, logs, metrics, observe, status
 from proxy.record import record_of
+
+if TYPE_CHECKING:  # redis-py and the fleet are loaded only with [coordination]
+    from proxy.fleet import peer, replicas
 
 log = structlog.get_logger("pullproxy")
 TOUCH_INTERVAL = 2.0
@@ -115,7 +118,7 @@ def create_app(
                 mirror.blobs.hosted_blob = hosted.content.find_blob  # a blob both pushed and mirrored is stored once
             app.state.gate = await _gate(config, hosted)
             # One identity for this process in the fleet: its leases, uploads and heartbeat name the same replica.
-            app.state.peer_fleet = peer_fleet = peer.open_fleet(config, replica)  # None without [coordination]
+            app.state.peer_fleet = peer_fleet = _peer_fleet(config, replica)
             if peer_fleet is not None and peer_fleet.flight is not None:
                 mirror.blobs.fleet = peer_fleet.flight.origin
             await to_thread.run_sync(_remove_stale_partials, store.partial_dir)
@@ -150,7 +153,7 @@ def create_app(
                 metrics.worker_stopped()
 
     return Starlette(
-        routes=[*routes, *peer.routes, *OPERATING],
+        routes=[*routes, *_peer_routes(config), *OPERATING],
         middleware=[Middleware(logs.AccessLog, listeners=[observe.Observe(activity)])],
         exception_handlers={
             errors.RegistryError: _registry_error,
@@ -171,6 +174,24 @@ async def _open_hosted(
     return await to_thread.run_sync(open_hosted, config, store.find_blob, None if replica is None else replica.url)
 
 
+def _peer_routes(config: configuration.Config) -> list[Route]:
+    """The endpoint other replicas fetch in-flight downloads from; none without `[coordination]`."""
+    if config.coordination is None:
+        return []
+    from proxy.fleet import peer
+
+    return list(peer.routes)
+
+
+def _peer_fleet(config: configuration.Config, replica: peers.Replica | None) -> peer.Fleet | None:
+    """With `[coordination]`: leases and peer transfers, one upstream fetch per blob for the fleet."""
+    if config.coordination is None:
+        return None
+    from proxy.fleet import peer
+
+    return peer.open_fleet(config, replica)
+
+
 def _fleet(
     config: configuration.Config, meta: object, replica: peers.Replica | None = None
 ) -> replicas.ReplicaRegistry | None:
@@ -181,6 +202,9 @@ def _fleet(
     """
     if config.coordination is None:
         return None
+    from cache.redis_meta import RedisMetadata
+    from proxy.fleet import replicas
+
     client = replicas.connect(config.coordination.redis)
     replica = replica or peers.this_replica(config)
     if not isinstance(meta, RedisMetadata):

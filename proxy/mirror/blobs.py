@@ -23,10 +23,9 @@ from datetime import timedelta
 import structlog
 from anyio import to_thread
 
-from cache.bucket import BucketContentStore
 from cache.flight import BlockingSource, DownloadFailed, DownloadReader, Downloads, Origin, Source
 from cache.readers import BlobReader, FileReader
-from cache.storage import BlobFile, ContentStore
+from cache.storage import BlobFile, ContentStore, Presigning
 from cache.store import hard_link
 from proxy import errors
 from proxy.mirror.failures import parsed, registry_error
@@ -82,7 +81,7 @@ class Blobs:
         self.upstreams = upstreams
         self.downloads = downloads
         self.links = links
-        self._presigning = store if redirect and isinstance(store, BucketContentStore) else None
+        self._presigning = store if redirect and isinstance(store, Presigning) else None
         self._range_fetches: collections.Counter[str] = collections.Counter()  # digest -> upstream ranges open
         # With [hosted]: the hosted store's verified file of a digest, taken instead of a download.
         self.hosted_blob: Callable[[str], BlobFile | None] | None = None

@@ -15,13 +15,11 @@ from pathlib import Path
 import httpx
 from anyio import to_thread
 
-from cache.bucket import BucketContentStore, open_bucket, open_redis
 from cache.flight import Downloads
 from cache.meta import DiskMetadata
 from cache.storage import ContentStore, Metadata
 from cache.store import DiskContentStore
 from proxy.config import Backend, Config
-from proxy.fleet.metadata import open_metadata
 from proxy.mirror.blobs import Blobs
 from proxy.mirror.links import Links
 from proxy.mirror.manifests import Manifests
@@ -78,6 +76,10 @@ def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
     else:
         store = DiskContentStore(config.cache_dir, config.max_size)
     try:
+        if config.coordination is None:
+            return store, DiskMetadata(config.cache_dir)
+        from proxy.fleet.metadata import open_metadata  # redis-py, loaded only with [coordination]
+
         return store, open_metadata(config) or DiskMetadata(config.cache_dir)
     except BaseException:
         store.close()
@@ -86,12 +88,14 @@ def open_storage(config: Config) -> tuple[ContentStore, Metadata]:
 
 def open_bucket_store(
     config: Config, prefix: str = "cache/", bounded: bool = True, local_dir: Path | None = None
-) -> BucketContentStore:
+) -> ContentStore:
     """Blocking: `[storage]`'s bucket with `[coordination]`'s Redis as its index; the local tier in
     `local_dir` (default `[cache] dir`), bounded by `[cache] local_max_size`.
 
     `bounded=False`: a store that never evicts (hosted content, under a prefix of its own).
     """
+    from cache.bucket import BucketContentStore, open_bucket, open_redis  # obstore and redis-py: only for s3
+
     storage, coordination = config.storage, config.coordination
     assert storage.endpoint is not None and storage.bucket is not None and coordination is not None  # config checks
     bucket = open_bucket(storage.endpoint, storage.bucket, storage.region, storage.access_key, storage.secret_key)

@@ -16,14 +16,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import tls
-from proxy.fleet.replicas import ReplicaRegistry
 from proxy.upstream.client import Upstream
+
+if TYPE_CHECKING:  # redis-py: loaded only with [coordination]
+    from proxy.fleet.replicas import ReplicaRegistry
 
 PROBE_INTERVAL = 2.0
 

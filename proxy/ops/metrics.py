@@ -32,9 +32,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cache.bucket import Operation
 from cache.flight import Downloads
-from cache.storage import ContentStore
+from cache.storage import ContentStore, Operation
 from proxy.paths import Endpoint
 
 if TYPE_CHECKING:  # at run time the import would cycle back here through the upstream client

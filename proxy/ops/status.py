@@ -28,7 +28,6 @@ from starlette.responses import Response
 from proxy import tls
 from proxy.access.gate import Gate
 from proxy.errors import RegistryError
-from proxy.fleet.replicas import ReplicaRegistry
 from proxy.hosted.repository import HostedRepositories, Quota, Usage
 from proxy.mirror.outcome import Outcome
 from proxy.ops import metrics
@@ -37,6 +36,9 @@ from proxy.ops.observe import Activity
 from proxy.paths import classify
 from proxy.routing import Router, route_name
 from proxy.units import format_ago, format_size
+
+if TYPE_CHECKING:  # redis-py: loaded only with [coordination]
+    from proxy.fleet.replicas import ReplicaRegistry
 
 if TYPE_CHECKING:
     from starlette.templating import Jinja2Templates

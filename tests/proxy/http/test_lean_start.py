@@ -1,8 +1,9 @@
 """What a mirror holds in memory before and while it serves: libraries it has no use for stay unloaded.
 
 cryptography (about 10 MiB resident) is needed only for TLS files, client certificates and
-token auth (PyJWT loads it), jinja2 only for the status page: a mirror configured without
-them never imports them, and the page still renders once someone asks for it.
+token auth (PyJWT loads it), jinja2 only for the status page, obstore and redis-py (about
+9 MiB) only for a fleet: a mirror configured without them never imports them, and the page
+still renders once someone asks for it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json, sys, tempfile
 from pathlib import Path
 from tests.support.inprocess import MemoryRegistry, mirror_client
 
-HEAVY = ("cryptography", "jwt", "jinja2")
+HEAVY = ("cryptography", "jwt", "jinja2", "obstore", "redis")
 upstream = MemoryRegistry()
 digest = upstream.add_blob("acme/app", b"x" * 1000)
 loaded = {}
