@@ -18,7 +18,9 @@ import pytest
 from tests.support.clients import Containerd
 from tests.support.images import PushedImage, seed_all
 from tests.support.proxy import Proxy
+from tests.support.redis_server import RedisServer
 from tests.support.registry import Registry
+from tests.support.seaweed import SeaweedFS
 
 #: Per-test wall-clock cap (seconds) when pytest-timeout is not active; every
 #: subprocess and HTTP call has its own, shorter timeout as the first line of defence.
@@ -114,3 +116,16 @@ def containerd() -> Iterator[Containerd]:
     """A fresh private containerd (empty content store) for one test."""
     with Containerd() as ctd:
         yield ctd
+
+
+# The fleet's servers, one of each per test module (a module that stops them defines its own).
+@pytest.fixture(scope="module")
+def weed() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server

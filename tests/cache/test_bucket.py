@@ -25,18 +25,6 @@ from tests.support.seaweed import SeaweedFS
 _prefixes = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def weed() -> Iterator[SeaweedFS]:
-    with SeaweedFS() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 Factory = Callable[..., BucketContentStore]
 
 

@@ -33,18 +33,6 @@ SECRET_ENV = "PP_TEST_PEER_SECRET"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def weed() -> Iterator[SeaweedFS]:
-    with SeaweedFS() as server:
-        yield server
-
-
 def storage(weed: SeaweedFS) -> dict[str, str]:
     """The `[storage]` table for the bucket (its secrets in `weed.environment()`)."""
     return {

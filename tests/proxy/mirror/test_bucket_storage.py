@@ -21,18 +21,6 @@ from tests.support.redis_server import RedisServer
 from tests.support.seaweed import SeaweedFS
 
 
-@pytest.fixture(scope="module")
-def weed() -> Iterator[SeaweedFS]:
-    with SeaweedFS() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
 def upstream() -> Iterator[FaultyRegistry]:
     with FaultyRegistry() as registry:
