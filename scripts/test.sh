@@ -17,8 +17,9 @@ done
 if ((${#missing[@]})); then
     echo "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}"
+    sudo=$([ "$(id -u)" = 0 ] || echo "sudo -E")  # as a user, through sudo
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
