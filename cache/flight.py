@@ -555,6 +555,13 @@ class _Follow(Download):
         else:
             self._fail(DownloadFailed(f"the download of {self.digest} in another worker failed"))
 
+    async def _until_owner_done(self) -> None:
+        """Wait (bounded) until the owner has released its lock: its outcome is then in the store."""
+        for _ in range(int(HEADERS_WAIT / FOLLOW_POLL)):
+            if not await self._owner_active():
+                return
+            await asyncio.sleep(FOLLOW_POLL)
+
     async def _owner_active(self) -> bool:
         """Whether the owner still holds its lock. The probe works on a duplicate descriptor: ours may be
         closed meanwhile (the outcome settled by another reader), and its number reused."""
@@ -594,9 +601,16 @@ class _Follow(Download):
         """Wait for the owner's upstream to answer, then open its partial file."""
         try:
             for _ in range(int(HEADERS_WAIT / FOLLOW_POLL)):
-                info = await threads.run(_read_info, self.paths.info)
+                try:
+                    info = await threads.run(_read_info, self.paths.info)
+                    if info is not None:
+                        self._fd = await threads.run(os.open, self.paths.data, os.O_RDONLY)
+                except (FileNotFoundError, ValueError):
+                    # The owner finished between our looks: its file is in the store, but the store's
+                    # index may not have it until the owner releases its lock.
+                    await self._until_owner_done()
+                    raise AlreadyCached(self.digest) from None
                 if info is not None:
-                    self._fd = await threads.run(os.open, self.paths.data, os.O_RDONLY)
                     self._start(None if info < 0 else info)
                     return
                 if not await self._owner_active():
@@ -604,8 +618,6 @@ class _Follow(Download):
                     raise AlreadyCached(self.digest)
                 await asyncio.sleep(FOLLOW_POLL)
             raise DownloadFailed(f"the download of {self.digest} in another worker did not start")
-        except (FileNotFoundError, ValueError):  # the owner finished between our looks
-            self._fail(AlreadyCached(self.digest))
         except BaseException as exc:
             self._fail(exc)
             if isinstance(exc, asyncio.CancelledError):

@@ -399,6 +399,44 @@ def test_cleaning_up_spares_a_download_another_process_runs(tmp_path: Path) -> N
         os.close(owner)
 
 
+def test_a_follower_that_finds_the_owner_committing_waits_for_the_store_to_have_the_blob(tmp_path: Path) -> None:
+    # Another worker's download at its very end: its file renamed into the store, its lock and
+    # info file not yet gone, the store's index not yet written. A follower that took "the data
+    # file is gone" for "stored" looked in the store too soon, three times in a row (a 503).
+    store = DiskContentStore(tmp_path / "cache", 1 << 30)
+    data = b"a layer" * 1000
+    digest = digests.of(data)
+    stem = store.partial_dir / digest.replace(":", "-")
+    owner = os.open(stem.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(owner, fcntl.LOCK_EX)  # another open file description: as good as another process
+    stem.with_suffix(".json").write_text(json.dumps({"size": len(data)}))
+
+    async def owner_commits() -> None:
+        await asyncio.sleep(0.3)
+        staged = store.partial_dir / "staged"
+        staged.write_bytes(data)
+        await asyncio.to_thread(store.put_blob, digest, staged, len(data))
+        stem.with_suffix(".json").unlink()
+        stem.with_suffix(".lock").unlink()
+        os.close(owner)
+
+    async def follow() -> bool:
+        async def not_here() -> Source:
+            raise AssertionError("the follower fetched")
+
+        committing = asyncio.create_task(owner_commits())
+        found = await Downloads(store).read(digest, not_here)
+        assert found is None  # the owner stored it: read the store
+        stored = store.has_blob(digest)
+        await committing
+        return stored
+
+    try:
+        assert asyncio.run(follow()), "the follower was told the blob is stored before the store had it"
+    finally:
+        store.close()
+
+
 def _open_files_naming(path: Path) -> int:
     count = 0
     for fd in os.listdir("/proc/self/fd"):
