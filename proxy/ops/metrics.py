@@ -389,6 +389,23 @@ class Snapshot:
     def peer_received_bytes(self) -> int:
         return self._count("pullproxy_fleet_peer_received_bytes_total")
 
+    def peer_served(self) -> int:
+        """Peer blob requests answered with bytes (from a download in flight or the cache)."""
+        served = (PeerSource.DOWNLOAD, PeerSource.CACHE)
+        return sum(self._count("pullproxy_fleet_peer_served_total", source=source) for source in served)
+
+    def lease_waits(self) -> int:
+        return self._count("pullproxy_fleet_lease_waits_total")
+
+    def object_store(self) -> tuple[int, float, int]:
+        """(requests, their seconds in all, failures) of the object store."""
+        requests = self._count("pullproxy_object_store_request_duration_seconds_count")
+        return (
+            requests,
+            self.total("pullproxy_object_store_request_duration_seconds_sum"),
+            self._count("pullproxy_object_store_errors_total"),
+        )
+
     def hosted_quota(self, quota: str) -> tuple[int, int]:
         """(use, limit) of a `[hosted]` quota; (0, 0) without hosted repositories."""
         return self._count("pullproxy_hosted_quota_use", quota=quota), self._count(

@@ -200,6 +200,7 @@ class FleetView:
     problem: str | None  # why Redis is taken as unreachable, and what that means
     last_ok: str
     replicas: tuple[ReplicaRow, ...]  # as of this replica's last heartbeat
+    traffic: str = ""  # this replica's share: who fetched its cold blobs, peer transfers, the object store
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +236,8 @@ async def page(request: Request) -> Response:
         view = dataclasses.replace(view, hosted=shown)
     fleet: ReplicaRegistry | None = getattr(state, "fleet", None)
     if fleet is not None:
-        view = dataclasses.replace(view, fleet=fleet_view(fleet.state(), time.time()))
+        shown_fleet = dataclasses.replace(fleet_view(fleet.state(), time.time()), traffic=fleet_traffic(snapshot))
+        view = dataclasses.replace(view, fleet=shown_fleet)
     return templates().TemplateResponse(request, TEMPLATE, {"view": view}, headers={"Cache-Control": "no-store"})
 
 
@@ -310,6 +312,24 @@ def fleet_view(state: Mapping[str, object], now: float) -> FleetView:
         last_ok=format_ago(redis["last_ok"], now),
         replicas=rows,
     )
+
+
+def fleet_traffic(snapshot: metrics.Snapshot) -> str:
+    """One line on what this replica did for the fleet since it started."""
+    self_, peer, alone = (snapshot.fleet_fetches(by) for by in metrics.FetchedBy)
+    parts = [
+        f"cold blobs: {_count(self_)} fetched from the upstream for the fleet, {_count(peer)} followed from"
+        f" a peer ({format_size(snapshot.peer_received_bytes())}), {_count(alone)} fetched alone",
+        f"{_count(snapshot.peer_served())} served to peers",
+        f"{_count(snapshot.lease_waits())} lease waits",
+    ]
+    requests, seconds, failures = snapshot.object_store()
+    if requests:
+        parts.append(
+            f"object store: {_count(requests)} requests, {1000 * seconds / requests:.0f} ms on average,"
+            f" {_count(failures)} failed"
+        )
+    return " · ".join(parts)
 
 
 def _percent(use: int, limit: int) -> float:

@@ -253,3 +253,28 @@ def test_fleet_section_shows_redis_and_the_live_replicas_only_with_coordination(
     page = status.render_view(dataclasses.replace(view, fleet=down))
     assert '<span class="state failing">failing</span>' in page
     assert '<span class="state failing">degraded</span> ConnectionError: refused: tags are asked upstream' in page
+
+
+def test_fleet_section_says_who_fetched_peer_transfers_lease_waits_and_object_store_latency() -> None:
+    registry = CollectorRegistry()
+    fetches = Counter("pullproxy_fleet_fetches", "", ["by"], registry=registry)
+    fetches.labels("self").inc(3)
+    fetches.labels("peer").inc(5)
+    Counter("pullproxy_fleet_peer_received_bytes", "", registry=registry).inc(2 << 20)
+    served = Counter("pullproxy_fleet_peer_served", "", ["source"], registry=registry)
+    served.labels("download").inc(4)
+    served.labels("cache").inc(1)
+    served.labels("none").inc(7)  # it had neither: nothing served
+    Counter("pullproxy_fleet_lease_waits", "", registry=registry).inc(2)
+    latency = Histogram("pullproxy_object_store_request_duration_seconds", "", ["operation"], registry=registry)
+    latency.labels("get").observe(0.010)
+    latency.labels("put").observe(0.030)
+    Counter("pullproxy_object_store_errors", "", ["operation"], registry=registry).labels("get").inc()
+    traffic = status.fleet_traffic(metrics.Snapshot(registry))
+    assert traffic == (
+        "cold blobs: 3 fetched from the upstream for the fleet, 5 followed from a peer (2.0 MiB), 0 fetched alone"
+        " · 5 served to peers · 2 lease waits · object store: 2 requests, 20 ms on average, 1 failed"
+    )
+    view = status.build(_snapshot(), _upstreams(), Activity(), NOW)
+    fleet = dataclasses.replace(status.fleet_view(_fleet_state(), NOW), traffic=traffic)
+    assert f'<p class="sub">This replica: {traffic}</p>' in status.render_view(dataclasses.replace(view, fleet=fleet))
