@@ -380,6 +380,15 @@ class _Fetch(Download):
             self.reserved = min(wanted, free, store.max_size)
             _write_info(self.paths.info, self.size, self.reserved)
 
+    def _too_much(self, limit: int) -> DownloadFailed:
+        """The failure of a body that went past `limit`: its announced size, or the whole cache."""
+        if self.size is not None:
+            return DownloadFailed(f"upstream sent more than {self.size} bytes")
+        return NoRoom(
+            Shortage.BLOB_TOO_LARGE,
+            f"blob {self.digest} (no size announced) is larger than the whole cache ([cache] max_size = {limit} bytes)",
+        )
+
     async def _receive_in_thread(self, source: BlockingSource, write: Callable[[int, bytes], None], limit: int) -> None:
         """Receive, write and hash on a thread of this download's own, until the body ends.
 
@@ -407,13 +416,7 @@ class _Fetch(Download):
                         raise DownloadFailed(f"the download of {self.digest} was stopped")
                     received += len(chunk)
                     if received > limit:
-                        if self.size is not None:
-                            raise DownloadFailed(f"upstream sent more than {self.size} bytes")
-                        raise NoRoom(
-                            Shortage.BLOB_TOO_LARGE,
-                            f"blob {self.digest} (no size announced) is larger than the whole cache"
-                            f" ([cache] max_size = {limit} bytes)",
-                        )
+                        raise self._too_much(limit)
                     write(fd, chunk)
                     kept = chunk if self._copying and self._queued_kept - self._taken_kept < RECENT else None
                     if kept is not None:
@@ -492,13 +495,7 @@ class _Fetch(Download):
             async for chunk in chunks:
                 received += len(chunk)
                 if received > limit:
-                    if self.size is not None:
-                        raise DownloadFailed(f"upstream sent more than {self.size} bytes")
-                    raise NoRoom(
-                        Shortage.BLOB_TOO_LARGE,
-                        f"blob {self.digest} (no size announced) is larger than the whole cache"
-                        f" ([cache] max_size = {limit} bytes)",
-                    )
+                    raise self._too_much(limit)
                 pending.append(chunk)
                 pending_size += len(chunk)
                 ready.set()
